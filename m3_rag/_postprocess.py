@@ -1,0 +1,77 @@
+"""Batched, vectorised post-processing of the backbone's last hidden state.
+
+Shapes: ``hidden [b, L, h]``, ``input_ids [b, L]``, ``mask [b, L]`` (1 for real tokens,
+right-padded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence pooling -> ``[b, h]``: ``cls`` (first token), ``mean`` or ``max`` (real tokens)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def sparse_weights(
+    token_weights: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    unused_ids: torch.Tensor,
+) -> list[dict[int, float]]:
+    """Per text, ``{token_id: max weight}`` over its tokens, weights > 0 only.
+
+    Args:
+        token_weights: ``[b, L]`` ``relu(sparse_linear(hidden))``.
+        input_ids: ``[b, L]`` token ids.
+        mask: ``[b, L]`` attention mask.
+        unused_ids: ``[k]`` ids never kept (cls, eos, pad, unk).
+
+    Returns:
+        ``b`` dicts; the reduction runs in one scatter, no loop over tokens.
+    """
+    b = token_weights.shape[0]
+    w = token_weights.float()
+    keep = (mask > 0) & (w > 0) & ~torch.isin(input_ids, unused_ids)
+    rows, cols = keep.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return [{} for _ in range(b)]
+    ids = input_ids[rows, cols].long()
+    vals = w[rows, cols]
+    span = int(ids.max()) + 1
+    key = rows.long() * span + ids
+    uniq, inverse = torch.unique(key, return_inverse=True)  # sorted: grouped by row
+    best = torch.full((uniq.numel(),), float("-inf"), dtype=vals.dtype, device=vals.device)
+    best = best.scatter_reduce(0, inverse, vals, reduce="amax")
+    u_rows = (uniq // span).cpu().numpy()
+    u_ids = (uniq % span).cpu().numpy().tolist()
+    u_vals = best.cpu().numpy().tolist()
+    bounds = np.searchsorted(u_rows, np.arange(b + 1)).tolist()
+    return [
+        dict(zip(u_ids[bounds[i] : bounds[i + 1]], u_vals[bounds[i] : bounds[i + 1]], strict=True))
+        for i in range(b)
+    ]
+
+
+def colbert_vectors(colbert_hidden: torch.Tensor, lengths: np.ndarray) -> list[np.ndarray]:
+    """L2-normalise ColBERT vectors and trim each text to ``n_tokens - 1`` rows.
+
+    Args:
+        colbert_hidden: ``[b, L-1, d]`` ``colbert_linear(hidden[:, 1:])``.
+        lengths: ``[b]`` number of real tokens of each text (CLS included).
+
+    Returns:
+        ``b`` float32 arrays ``[n_tokens - 1, d]`` (CLS dropped, ``</s>`` kept).
+    """
+    vecs = F.normalize(colbert_hidden.float(), dim=-1).cpu().numpy()
+    return [vecs[i, : int(n) - 1].copy() for i, n in enumerate(lengths)]

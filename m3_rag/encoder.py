@@ -1,0 +1,380 @@
+"""The M3 encoder: one forward pass, dense + sparse + ColBERT outputs.
+
+Numerically identical to FlagEmbedding's ``BGEM3FlagModel`` (see ``DESIGN.md``): dense is the
+L2-normalised CLS state, sparse is ``relu(sparse_linear(h))`` reduced by max per token id, ColBERT
+is ``colbert_linear(h[:, 1:])`` L2-normalised and trimmed to ``n_tokens - 1`` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from m3_rag import scoring
+from m3_rag._device import resolve_device, resolve_dtype
+from m3_rag._inputs import check_pairs, check_texts
+from m3_rag._postprocess import colbert_vectors, pool, sparse_weights
+from m3_rag.loading import (
+    HEAD_FILES,
+    check_checkpoint,
+    load_backbone,
+    load_linear_head,
+    load_tokenizer,
+    model_max_positions,
+    read_pooling,
+    resolve_model_dir,
+)
+
+__all__ = ["EncodeOutput", "M3Encoder"]
+
+logger = logging.getLogger(__name__)
+
+Weights3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class EncodeOutput:
+    """What one :meth:`M3Encoder.encode` call returns, in input order.
+
+    Attributes:
+        dense: ``[n, d]`` float32, L2-normalised; ``None`` when not requested.
+        sparse: ``n`` dicts ``{token_id: weight}`` (weights > 0); ``None`` when not requested.
+        colbert: ``n`` float32 arrays ``[t_i, d_c]`` (unit rows); ``None`` when not requested.
+        lengths: ``[n]`` number of tokens of each text after truncation (special tokens included).
+    """
+
+    dense: np.ndarray | None
+    sparse: list[dict[int, float]] | None
+    colbert: list[np.ndarray] | None
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+class M3Encoder:
+    """BGE-M3 (or any BERT/XLM-R sentence encoder) with all its output heads.
+
+    Args:
+        model_name_or_path: Hub id (``"BAAI/bge-m3"``) or local checkpoint directory in the
+            official layout. Without ``colbert_linear.pt``/``sparse_linear.pt`` the model is
+            dense-only (pooling from ``1_Pooling/config.json``, CLS otherwise).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+        dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch.dtype``; default
+            float16 on CUDA, float32 on CPU.
+        max_length: Token limit for :meth:`encode` and :meth:`encode_documents` (capped by
+            the model's own limit).
+        batch_size: Texts per forward pass.
+        query_max_length: Token limit for :meth:`encode_queries` (default ``max_length``).
+        query_instruction: Prefix added to queries by :meth:`encode_queries` (BGE v1.5 style).
+        normalize: L2-normalise dense vectors (BGE-M3 does).
+        cache_dir, revision, local_files_only: Hugging Face Hub options for hub ids.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike[str] = "BAAI/bge-m3",
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_length: int = 512,
+        batch_size: int = 32,
+        query_max_length: int | None = None,
+        query_instruction: str | None = None,
+        normalize: bool = True,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        _check_positive_int(max_length, "max_length")
+        _check_positive_int(batch_size, "batch_size")
+        if query_max_length is not None:
+            _check_positive_int(query_max_length, "query_max_length")
+        path = resolve_model_dir(
+            model_name_or_path,
+            cache_dir=cache_dir,
+            revision=revision,
+            local_files_only=local_files_only,
+        )
+        weights = check_checkpoint(path)
+        self.model_name = os.fspath(model_name_or_path)
+        self.path = path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_backbone(path, weights, self.dtype).to(self.device)
+        hidden = int(self.model.config.hidden_size)
+        self.pooling = read_pooling(path)
+
+        heads = [path / f for f in HEAD_FILES]
+        present = [h.is_file() for h in heads]
+        self.colbert_linear: torch.nn.Linear | None = None
+        self.sparse_linear: torch.nn.Linear | None = None
+        if all(present):
+            self.colbert_linear = load_linear_head(heads[0], hidden).to(self.device, self.dtype)
+            self.sparse_linear = load_linear_head(heads[1], hidden, 1).to(self.device, self.dtype)
+        elif any(present):
+            missing = heads[present.index(False)]
+            raise FileNotFoundError(
+                f"checkpoint {path} has {heads[present.index(True)].name} but is missing "
+                f"{missing.name}; an M3 checkpoint needs both heads"
+            )
+
+        limits = [
+            x for x in (model_max_positions(self.model.config), self.pooling.max_seq_length) if x
+        ]
+        self.model_max_length: int | None = min(limits) if limits else None
+        self.max_length = self._cap(max_length)
+        self.query_max_length = self._cap(query_max_length or max_length)
+        self.batch_size = batch_size
+        self.query_instruction = query_instruction
+        self.normalize = normalize
+        special = ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+        ids = sorted(
+            {i for i in (getattr(self.tokenizer, s, None) for s in special) if i is not None}
+        )
+        self._unused_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def has_sparse(self) -> bool:
+        """Whether the checkpoint has the lexical (sparse) head."""
+        return self.sparse_linear is not None
+
+    @property
+    def has_colbert(self) -> bool:
+        """Whether the checkpoint has the ColBERT head."""
+        return self.colbert_linear is not None
+
+    @property
+    def dense_dim(self) -> int:
+        """Size of dense vectors."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def colbert_dim(self) -> int | None:
+        """Size of ColBERT vectors, ``None`` for a dense-only model."""
+        return None if self.colbert_linear is None else int(self.colbert_linear.out_features)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (columns of the lexical space)."""
+        return max(int(self.model.config.vocab_size), len(self.tokenizer))
+
+    def __repr__(self) -> str:
+        modes = ["dense"] + ["sparse"] * self.has_sparse + ["colbert"] * self.has_colbert
+        return (
+            f"M3Encoder({self.model_name!r}, device={self.device}, dtype={self.dtype}, "
+            f"modes={modes}, max_length={self.max_length})"
+        )
+
+    # ------------------------------------------------------------------ encoding
+    def encode(
+        self,
+        texts: str | list[str],
+        *,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool | None = None,
+        return_colbert: bool | None = None,
+        show_progress: bool | None = None,
+    ) -> EncodeOutput:
+        """Encode texts in one forward pass per batch.
+
+        Args:
+            texts: Texts to encode (a single ``str`` counts as one text).
+            batch_size: Texts per forward pass (default: the encoder's).
+            max_length: Token limit; longer texts are truncated (default: the encoder's).
+            return_dense: Compute dense vectors.
+            return_sparse: Compute lexical weights; ``None`` means "if the model has them".
+            return_colbert: Compute ColBERT vectors; ``None`` means "if the model has them".
+            show_progress: Progress bar; ``None`` shows it for more than 256 texts.
+
+        Returns:
+            An :class:`EncodeOutput` in input order.
+
+        Raises:
+            TypeError: an item is not a ``str`` (the message names its index).
+            ValueError: sparse/ColBERT asked of a dense-only model, or bad sizes.
+        """
+        items = check_texts(texts)
+        want_sparse = self._want("sparse", return_sparse, self.has_sparse)
+        want_colbert = self._want("colbert", return_colbert, self.has_colbert)
+        bs = (
+            self.batch_size if batch_size is None else _check_positive_int(batch_size, "batch_size")
+        )
+        ml = (
+            self.max_length if max_length is None else _check_positive_int(max_length, "max_length")
+        )
+        ml = self._cap(ml)
+        n = len(items)
+        dense = np.zeros((n, self.dense_dim), dtype=np.float32) if return_dense else None
+        sparse: list[dict[int, float]] | None = [{}] * n if want_sparse else None
+        colbert: list[np.ndarray] | None = (
+            [np.zeros((0, 0), np.float32)] * n if want_colbert else None
+        )
+        if n == 0:
+            if colbert is not None:
+                colbert = []
+            return EncodeOutput(dense, sparse, colbert, np.zeros(0, dtype=np.int64))
+
+        ids = self.tokenizer(
+            items,
+            truncation=True,
+            max_length=ml,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")
+        batches = [order[i : i + bs] for i in range(0, n, bs)]
+        progress = n > 256 if show_progress is None else show_progress
+        for idx in tqdm(batches, desc="Encoding", unit="batch", disable=not progress):
+            out = self._forward(
+                [ids[i] for i in idx], lengths[idx], return_dense, want_sparse, want_colbert
+            )
+            if dense is not None:
+                dense[idx] = out["dense"]
+            if sparse is not None:
+                for j, i in enumerate(idx.tolist()):
+                    sparse[i] = out["sparse"][j]
+            if colbert is not None:
+                for j, i in enumerate(idx.tolist()):
+                    colbert[i] = out["colbert"][j]
+        return EncodeOutput(dense, sparse, colbert, lengths)
+
+    def encode_queries(self, texts: str | list[str], **kwargs: Any) -> EncodeOutput:
+        """:meth:`encode` with the query instruction prefix and ``query_max_length``."""
+        items = check_texts(texts)
+        if self.query_instruction:
+            items = [self.query_instruction + t for t in items]
+        kwargs.setdefault("max_length", self.query_max_length)
+        return self.encode(items, **kwargs)
+
+    def encode_documents(self, texts: str | list[str], **kwargs: Any) -> EncodeOutput:
+        """:meth:`encode` with the document ``max_length``."""
+        return self.encode(texts, **kwargs)
+
+    @torch.inference_mode()
+    def _forward(
+        self, ids: list[list[int]], lengths: np.ndarray, dense: bool, sparse: bool, colbert: bool
+    ) -> dict[str, Any]:
+        width = int(lengths.max())
+        arr = np.full((len(ids), width), self._pad_id, dtype=np.int64)
+        for row, seq in enumerate(ids):
+            arr[row, : len(seq)] = seq
+        input_ids = torch.from_numpy(arr).to(self.device)
+        mask = (
+            (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None])
+            .long()
+            .to(self.device)
+        )
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        out: dict[str, Any] = {}
+        if dense:
+            vec = pool(hidden, mask, self.pooling.mode)
+            if self.normalize:
+                vec = F.normalize(vec.float(), dim=-1)
+            out["dense"] = vec.float().cpu().numpy()
+        if sparse:
+            assert self.sparse_linear is not None
+            weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)
+            out["sparse"] = sparse_weights(weights, input_ids, mask, self._unused_ids)
+        if colbert:
+            assert self.colbert_linear is not None
+            vecs = self.colbert_linear(hidden[:, 1:]) * mask[:, 1:, None].to(hidden.dtype)
+            out["colbert"] = colbert_vectors(vecs, lengths)
+        return out
+
+    def _cap(self, length: int) -> int:
+        return min(length, self.model_max_length) if self.model_max_length else length
+
+    def _want(self, mode: str, asked: bool | None, available: bool) -> bool:
+        if asked is None:
+            return available
+        if asked and not available:
+            raise ValueError(
+                f"{self.model_name!r} is a dense-only model (no {mode} head: colbert_linear.pt / "
+                f"sparse_linear.pt); pass return_{mode}=False or load a BGE-M3 checkpoint"
+            )
+        return bool(asked)
+
+    # ------------------------------------------------------------------ scoring
+    def compute_score(
+        self,
+        pairs: list[tuple[str, str]] | tuple[str, str],
+        weights: Weights3 | list[float] = (1.0, 1.0, 1.0),
+        *,
+        batch_size: int | None = None,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+    ) -> dict[str, list[float]]:
+        """Score (query, passage) pairs with every mode, as ``BGEM3FlagModel.compute_score``.
+
+        Args:
+            pairs: ``(query, passage)`` pairs (a single pair is accepted).
+            weights: ``(dense, sparse, colbert)`` weights of the fused scores.
+            batch_size, max_query_length, max_passage_length: encoding options.
+
+        Returns:
+            ``{'dense', 'sparse', 'colbert', 'sparse+dense', 'colbert+sparse+dense'}`` -> one
+            score per pair; a dense-only model returns ``{'dense'}`` only.
+        """
+        items = check_pairs(pairs)
+        w = _check_weights(weights)
+        q = self.encode_queries(
+            [p[0] for p in items],
+            batch_size=batch_size,
+            max_length=max_query_length or self.query_max_length,
+        )
+        d = self.encode_documents(
+            [p[1] for p in items],
+            batch_size=batch_size,
+            max_length=max_passage_length or self.max_length,
+        )
+        assert q.dense is not None and d.dense is not None
+        dense = scoring.pairwise_dense(q.dense, d.dense)
+        result: dict[str, list[float]] = {"dense": dense.tolist()}
+        if q.sparse is None or d.sparse is None or q.colbert is None or d.colbert is None:
+            return result
+        sparse = scoring.pairwise_sparse(q.sparse, d.sparse)
+        colbert = scoring.pairwise_colbert(q.colbert, d.colbert)
+        result["sparse"] = sparse.tolist()
+        result["colbert"] = colbert.tolist()
+        result["sparse+dense"] = ((w[1] * sparse + w[0] * dense) / (w[0] + w[1])).tolist()
+        result["colbert+sparse+dense"] = (
+            (w[0] * dense + w[1] * sparse + w[2] * colbert) / sum(w)
+        ).tolist()
+        return result
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _check_weights(weights: Any) -> Weights3:
+    try:
+        w = tuple(float(x) for x in weights)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"
+        ) from e
+    if len(w) != 3:
+        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {len(w)}")
+    if any(x < 0 for x in w) or w[0] + w[1] <= 0 or sum(w) <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {w}")
+    return (w[0], w[1], w[2])

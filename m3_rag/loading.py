@@ -1,0 +1,260 @@
+"""Locating and loading checkpoints in the official BAAI / sentence-transformers layouts.
+
+A BGE-M3 checkpoint directory holds::
+
+    config.json                              XLM-RoBERTa config
+    model.safetensors | pytorch_model.bin    backbone weights
+    colbert_linear.pt                        ColBERT head  (Linear(hidden, d_colbert))
+    sparse_linear.pt                         lexical head  (Linear(hidden, 1))
+    tokenizer.json | sentencepiece.bpe.model tokenizer (+ tokenizer_config.json ...)
+    1_Pooling/config.json                    optional sentence-transformers pooling
+
+A dense-only model (BGE v1.5, all-MiniLM-L6-v2...) is the same without the two heads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt")
+HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+_HUB_PATTERNS = [
+    "*.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "*.pt",
+    "*.model",
+    "*.txt",
+    "1_Pooling/*",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_OFFLINE_HINT = (
+    "If this machine is offline, download the model on a connected machine "
+    "(e.g. `huggingface-cli download {name} --local-dir DIR`) and pass DIR instead, "
+    "or set HF_HUB_OFFLINE=1 if it is already in the Hugging Face cache."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory exists but one of its files is unreadable or inconsistent."""
+
+
+def resolve_model_dir(
+    name_or_path: str | os.PathLike[str],
+    *,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Return a local directory for a hub id or a local path.
+
+    Args:
+        name_or_path: A local checkpoint directory, or a Hugging Face Hub id
+            such as ``"BAAI/bge-m3"``.
+        cache_dir: Hub cache directory (default: the Hugging Face default).
+        revision: Hub revision (branch, tag or commit).
+        local_files_only: Never touch the network; use the hub cache only.
+
+    Raises:
+        TypeError: ``name_or_path`` is not a string or path.
+        FileNotFoundError: a local path that does not exist.
+        OSError: the hub id could not be downloaded (message carries an offline hint).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be a hub id or a local directory, got {type(name_or_path).__name__}"
+        )
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds it")
+    if not _HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"model directory {path} does not exist "
+            f"(and {name!r} is not a hub id like 'BAAI/bge-m3')"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=name,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=_HUB_PATTERNS,
+            local_files_only=local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1",
+        )
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        raise OSError(
+            f"could not load {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            + _OFFLINE_HINT.format(name=name)
+        ) from e
+    return Path(local)
+
+
+def check_checkpoint(path: Path) -> Path:
+    """Check the files every checkpoint needs; return the weights file found.
+
+    Raises:
+        FileNotFoundError: naming the missing file (config, weights or tokenizer).
+    """
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} is missing config.json")
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(
+            f"checkpoint {path} is missing its weights: expected {' or '.join(WEIGHT_FILES)}"
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"checkpoint {path} is missing its tokenizer: "
+            f"expected one of {', '.join(TOKENIZER_FILES)}"
+        )
+    return weights
+
+
+def load_tokenizer(path: Path) -> Any:
+    """Load the checkpoint's tokenizer (a fast tokenizer is required)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"could not load the tokenizer of {path}: {e}") from e
+    if not getattr(tok, "is_fast", False):
+        raise CheckpointError(f"{path}: a fast (tokenizers) tokenizer is required")
+    return tok
+
+
+def load_backbone(
+    path: Path, weights: Path, dtype: torch.dtype, *, sequence_classification: bool = False
+) -> Any:
+    """Load the transformer from ``path``; refuse a checkpoint whose weights do not fit it.
+
+    Raises:
+        CheckpointError: unreadable weights, or weights missing tensors the
+            architecture needs (names the weights file).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"could not read {path / 'config.json'}: {e}") from e
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    if not sequence_classification and config.model_type in ("xlm-roberta", "bert", "roberta"):
+        kwargs["add_pooling_layer"] = False  # the pooler is never used
+    cls = AutoModelForSequenceClassification if sequence_classification else AutoModel
+    try:
+        model, info = cls.from_pretrained(str(path), **kwargs)
+    except Exception as e:
+        raise CheckpointError(f"could not load weights from {weights}: {e}") from e
+    missing = [k for k in info.get("missing_keys", []) if ".pooler." not in f".{k}"]
+    if missing:
+        raise CheckpointError(
+            f"{weights} does not match {path / 'config.json'}: {len(missing)} tensors missing "
+            f"(e.g. {missing[0]!r}); the file is corrupt or belongs to another model"
+        )
+    model.eval()
+    return model
+
+
+def load_linear_head(
+    file: Path, in_features: int, out_features: int | None = None
+) -> torch.nn.Linear:
+    """Load a ``torch.nn.Linear`` state dict saved by FlagEmbedding (``weights_only=True``).
+
+    Args:
+        file: ``colbert_linear.pt`` or ``sparse_linear.pt``.
+        in_features: The backbone's hidden size.
+        out_features: Expected output size, or ``None`` to take it from the file.
+
+    Raises:
+        CheckpointError: the file is unreadable or its shapes do not fit.
+    """
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"could not read {file}: {e}") from e
+    weight = state.get("weight") if isinstance(state, dict) else None
+    bias = state.get("bias") if isinstance(state, dict) else None
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise CheckpointError(f"{file} holds no Linear state dict (expected 'weight' and 'bias')")
+    out = int(weight.shape[0]) if out_features is None else out_features
+    if tuple(weight.shape) != (out, in_features) or (
+        bias is not None and tuple(bias.shape) != (out,)
+    ):
+        raise CheckpointError(
+            f"{file} has weight shape {tuple(weight.shape)}, expected ({out}, {in_features})"
+        )
+    linear = torch.nn.Linear(in_features, out, bias=bias is not None)
+    linear.load_state_dict(state)
+    return linear.eval()
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """Sentence pooling read from sentence-transformers files (CLS by default)."""
+
+    mode: str = "cls"  # "cls" | "mean" | "max"
+    max_seq_length: int | None = None
+
+
+def read_pooling(path: Path) -> PoolingConfig:
+    """Read ``1_Pooling/config.json`` and ``sentence_bert_config.json`` when present."""
+    mode = "cls"
+    pooling_file = path / "1_Pooling" / "config.json"
+    modules_file = path / "modules.json"
+    if modules_file.is_file():
+        try:
+            for module in json.loads(modules_file.read_text()):
+                if str(module.get("type", "")).endswith("Pooling"):
+                    pooling_file = path / module.get("path", "1_Pooling") / "config.json"
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"could not parse {modules_file}: {e}") from e
+    if pooling_file.is_file():
+        try:
+            cfg = json.loads(pooling_file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"could not parse {pooling_file}: {e}") from e
+        if cfg.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif cfg.get("pooling_mode_mean_tokens"):
+            mode = "mean"
+        elif cfg.get("pooling_mode_max_tokens"):
+            mode = "max"
+        else:
+            raise CheckpointError(
+                f"{pooling_file}: unsupported pooling (supported: cls, mean, max)"
+            )
+    max_seq: int | None = None
+    st_file = path / "sentence_bert_config.json"
+    if st_file.is_file():
+        try:
+            value = json.loads(st_file.read_text()).get("max_seq_length")
+        except ValueError as e:
+            raise CheckpointError(f"could not parse {st_file}: {e}") from e
+        max_seq = int(value) if value else None
+    return PoolingConfig(mode=mode, max_seq_length=max_seq)
+
+
+def model_max_positions(config: Any) -> int | None:
+    """Largest input length the position embeddings allow (RoBERTa reserves pad+1 slots)."""
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    if config.model_type in ("xlm-roberta", "roberta", "camembert"):
+        return int(n) - int(getattr(config, "pad_token_id", 1) or 1) - 1
+    return int(n)

@@ -1,0 +1,199 @@
+"""Pure, vectorised scoring functions (numpy / scipy / torch), the conventions of BGE-M3.
+
+* dense: dot product of L2-normalised vectors.
+* sparse (lexical matching): ``sum_{t in q & p} q_t * p_t``.
+* ColBERT (MaxSim): mean over query vectors of the max dot product with the document's vectors.
+* fusion: weighted mean ``(w_d*d + w_s*s + w_c*c) / (w_d + w_s + w_c)`` or reciprocal-rank fusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+__all__ = [
+    "colbert_scores_packed",
+    "dense_scores",
+    "pairwise_colbert",
+    "pairwise_dense",
+    "pairwise_sparse",
+    "rrf_fusion",
+    "sparse_matrix",
+    "sparse_scores",
+    "weighted_fusion",
+]
+
+
+def dense_scores(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """All-pairs dense scores.
+
+    Args:
+        queries: ``[m, d]`` float array.
+        docs: ``[n, d]`` float array.
+
+    Returns:
+        ``[m, n]`` float32 dot products.
+    """
+    return np.asarray(queries, dtype=np.float32) @ np.asarray(docs, dtype=np.float32).T
+
+
+def pairwise_dense(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """Row-wise dense scores of aligned pairs: ``[n, d] x [n, d] -> [n]``."""
+    return np.einsum("nd,nd->n", np.asarray(queries, np.float32), np.asarray(docs, np.float32))
+
+
+def sparse_matrix(
+    weights: Sequence[Mapping[int, float]], n_cols: int | None = None
+) -> sp.csr_matrix:
+    """Pack lexical weights into a CSR matrix ``[len(weights), n_cols]`` (float32).
+
+    Args:
+        weights: One ``{token_id: weight}`` dict per row.
+        n_cols: Number of columns (vocabulary size); default ``max id + 1``.
+    """
+    lengths = np.fromiter((len(w) for w in weights), dtype=np.int64, count=len(weights))
+    indptr = np.zeros(len(weights) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    cols = np.fromiter((k for w in weights for k in w), dtype=np.int64, count=int(indptr[-1]))
+    vals = np.fromiter(
+        (v for w in weights for v in w.values()), dtype=np.float32, count=int(indptr[-1])
+    )
+    if n_cols is None:
+        n_cols = int(cols.max()) + 1 if cols.size else 1
+    elif cols.size and int(cols.max()) >= n_cols:
+        raise ValueError(f"token id {int(cols.max())} is out of range for {n_cols} columns")
+    if cols.size and int(cols.min()) < 0:
+        raise ValueError("token ids must be >= 0")
+    mat = sp.csr_matrix((vals, cols, indptr), shape=(len(weights), n_cols))
+    mat.sum_duplicates()
+    return mat
+
+
+def sparse_scores(queries: sp.spmatrix, docs: sp.spmatrix) -> np.ndarray:
+    """All-pairs lexical matching scores: ``[m, V] x [n, V] -> [m, n]`` float32 (dense array)."""
+    cols = max(queries.shape[1], docs.shape[1])
+    q = sp.csr_matrix(queries, dtype=np.float32)
+    d = sp.csr_matrix(docs, dtype=np.float32)
+    q.resize((q.shape[0], cols))
+    d.resize((d.shape[0], cols))
+    return np.asarray((q @ d.T).toarray(), dtype=np.float32)
+
+
+def pairwise_sparse(
+    queries: Sequence[Mapping[int, float]], docs: Sequence[Mapping[int, float]]
+) -> np.ndarray:
+    """Row-wise lexical matching scores of aligned pairs -> ``[n]`` float32."""
+    if len(queries) != len(docs):
+        raise ValueError(f"{len(queries)} queries but {len(docs)} documents")
+    q = sparse_matrix(queries)
+    d = sparse_matrix(docs)
+    cols = max(q.shape[1], d.shape[1])
+    q.resize((q.shape[0], cols))
+    d.resize((d.shape[0], cols))
+    return np.asarray(q.multiply(d).sum(axis=1), dtype=np.float32).reshape(-1)
+
+
+def colbert_scores_packed(query: np.ndarray, packed: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """MaxSim of one query against documents whose vectors are packed in one array.
+
+    Args:
+        query: ``[q, d]`` query vectors.
+        packed: ``[T, d]`` the documents' vectors, document ``i`` in rows
+            ``offsets[i]:offsets[i+1]`` (float16 or float32).
+        offsets: ``[n + 1]`` int row offsets, non-decreasing.
+
+    Returns:
+        ``[n]`` float32: mean over query vectors of the max similarity; 0 for a
+        document with no vectors.
+    """
+    n = len(offsets) - 1
+    if n <= 0:
+        return np.zeros(0, dtype=np.float32)
+    q = np.asarray(query, dtype=np.float32)
+    if q.shape[0] == 0:
+        return np.zeros(n, dtype=np.float32)
+    sims = np.asarray(packed, dtype=np.float32) @ q.T  # [T, q]
+    starts = np.asarray(offsets[:-1], dtype=np.int64)
+    lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+    nonempty = lengths > 0
+    out = np.zeros(n, dtype=np.float32)
+    if nonempty.any():
+        # reduceat over the non-empty segments only (empty ones would read the next row)
+        maxes = np.maximum.reduceat(sims, starts[nonempty], axis=0)  # [n_nonempty, q]
+        out[nonempty] = maxes.mean(axis=1)
+    return out
+
+
+def pairwise_colbert(
+    queries: Sequence[np.ndarray], docs: Sequence[np.ndarray], chunk: int = 256
+) -> np.ndarray:
+    """Row-wise MaxSim of aligned pairs (padded batched matmul, chunked) -> ``[n]`` float32."""
+    if len(queries) != len(docs):
+        raise ValueError(f"{len(queries)} queries but {len(docs)} documents")
+    out = np.zeros(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), chunk):
+        qs = [torch.from_numpy(np.asarray(x, np.float32)) for x in queries[start : start + chunk]]
+        ds = [torch.from_numpy(np.asarray(x, np.float32)) for x in docs[start : start + chunk]]
+        q = torch.nn.utils.rnn.pad_sequence(qs, batch_first=True)  # [b, Lq, d]
+        d = torch.nn.utils.rnn.pad_sequence(ds, batch_first=True)  # [b, Lp, d]
+        q_len = torch.tensor([len(x) for x in qs])
+        d_len = torch.tensor([len(x) for x in ds])
+        sims = torch.bmm(q, d.transpose(1, 2))  # [b, Lq, Lp]
+        d_pad = torch.arange(d.shape[1])[None, :] >= d_len[:, None]
+        sims.masked_fill_(d_pad[:, None, :], float("-inf"))
+        best = sims.max(dim=2).values if sims.shape[2] else torch.zeros(q.shape[:2])
+        q_valid = torch.arange(q.shape[1])[None, :] < q_len[:, None]
+        best = torch.where(q_valid & (d_len[:, None] > 0), best, torch.zeros(()))
+        res = best.sum(dim=1) / q_len.clamp(min=1)
+        out[start : start + len(qs)] = res.numpy()
+    return out
+
+
+def weighted_fusion(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """``sum_m w_m * s_m / sum_m w_m`` over the modes present in both mappings.
+
+    Args:
+        scores: mode name -> ``[n]`` scores.
+        weights: mode name -> weight (modes absent from ``scores`` are ignored).
+
+    Raises:
+        ValueError: no mode with a positive total weight.
+    """
+    modes = [m for m in scores if weights.get(m, 0.0) != 0.0]
+    total = float(sum(weights[m] for m in modes))
+    if not modes or total <= 0:
+        raise ValueError(f"weights {dict(weights)} give no positive weight to modes {list(scores)}")
+    fused = sum(np.asarray(scores[m], np.float32) * np.float32(weights[m]) for m in modes)
+    return np.asarray(fused, dtype=np.float32) / np.float32(total)
+
+
+def rrf_fusion(
+    scores: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None, k: int = 60
+) -> np.ndarray:
+    """Reciprocal-rank fusion: ``sum_m w_m / (k + rank_m)`` with ranks from 1 (best).
+
+    Args:
+        scores: mode name -> ``[n]`` scores over the same candidates (higher is better).
+        weights: optional per-mode multipliers (default 1 for every mode).
+        k: the RRF constant (60 in Cormack et al.).
+
+    Returns:
+        ``[n]`` float32 fused scores.
+    """
+    fused: np.ndarray | None = None
+    for mode, s in scores.items():
+        w = 1.0 if weights is None else float(weights.get(mode, 0.0))
+        if w == 0.0:
+            continue
+        s = np.asarray(s, dtype=np.float64)
+        order = np.argsort(-s, kind="stable")
+        ranks = np.empty(len(s), dtype=np.float64)
+        ranks[order] = np.arange(1, len(s) + 1)
+        part = w / (k + ranks)
+        fused = part if fused is None else fused + part
+    if fused is None:
+        raise ValueError("rrf_fusion needs at least one mode with a non-zero weight")
+    return fused.astype(np.float32)

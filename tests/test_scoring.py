@@ -1,0 +1,100 @@
+"""The pure scoring functions against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m3_rag import scoring
+
+
+def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+sparse_dicts = st.lists(
+    st.dictionaries(st.integers(0, 50), st.floats(0.0625, 5, width=32), max_size=12),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(q=sparse_dicts, d=sparse_dicts)
+def test_sparse_scores_equal_dict_intersection(
+    q: list[dict[int, float]], d: list[dict[int, float]]
+) -> None:
+    got = scoring.sparse_scores(scoring.sparse_matrix(q), scoring.sparse_matrix(d))
+    want = np.array([[sum(a[t] * b[t] for t in a if t in b) for b in d] for a in q])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    n = min(len(q), len(d))
+    np.testing.assert_allclose(
+        scoring.pairwise_sparse(q[:n], d[:n]), np.diag(want[:n, :n]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_sparse_matrix_rejects_out_of_range_ids() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        scoring.sparse_matrix([{10: 1.0}], n_cols=5)
+    assert scoring.sparse_matrix([{}, {}]).shape == (2, 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=7),
+    q_len=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_packed_maxsim_equals_loop(lengths: list[int], q_len: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    q = _unit(rng, q_len, 8)
+    docs = [_unit(rng, n, 8) for n in lengths]
+    packed = np.concatenate(docs) if sum(lengths) else np.zeros((0, 8), np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    got = scoring.colbert_scores_packed(q, packed, offsets)
+    want = [float((q @ d.T).max(axis=1).mean()) if len(d) else 0.0 for d in docs]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    nonempty = [d for d in docs if len(d)]
+    if nonempty:
+        pair = scoring.pairwise_colbert([q] * len(nonempty), nonempty)
+        np.testing.assert_allclose(
+            pair, [w for w, d in zip(want, docs, strict=True) if len(d)], atol=1e-5
+        )
+
+
+def test_dense_scores() -> None:
+    rng = np.random.default_rng(0)
+    a, b = _unit(rng, 3, 5), _unit(rng, 4, 5)
+    np.testing.assert_allclose(scoring.dense_scores(a, b), a @ b.T, atol=1e-6)
+    np.testing.assert_allclose(scoring.pairwise_dense(a, b[:3]), (a * b[:3]).sum(1), atol=1e-6)
+
+
+def test_weighted_fusion_is_bgem3_formula() -> None:
+    s = {
+        "dense": np.array([0.5, 0.1]),
+        "sparse": np.array([0.2, 0.4]),
+        "colbert": np.array([0.9, 0.3]),
+    }
+    w = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
+    np.testing.assert_allclose(
+        scoring.weighted_fusion(s, w),
+        (0.4 * s["dense"] + 0.2 * s["sparse"] + 0.4 * s["colbert"]) / 1.0,
+        atol=1e-6,
+    )
+    # a mode without scores is left out of the denominator
+    np.testing.assert_allclose(
+        scoring.weighted_fusion({"dense": s["dense"]}, w), s["dense"], atol=1e-6
+    )
+    with pytest.raises(ValueError, match="no positive weight"):
+        scoring.weighted_fusion(s, {"dense": 0.0})
+
+
+def test_rrf_fusion_hand_computed() -> None:
+    s = {"dense": np.array([3.0, 2.0, 1.0]), "sparse": np.array([1.0, 3.0, 2.0])}
+    got = scoring.rrf_fusion(s, k=60)
+    want = [1 / 61 + 1 / 63, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert int(np.argmax(got)) == 1
