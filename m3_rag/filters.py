@@ -1,0 +1,70 @@
+"""Metadata filters: a dict of equality / any-of matches, or a callable ``metadata -> bool``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Filter", "check_filter", "filter_mask"]
+
+Filter = Mapping[str, Any] | Callable[[dict[str, Any]], bool] | None
+
+_MISSING = object()
+
+
+def check_filter(flt: Any) -> Filter:
+    """Validate a filter; return it unchanged.
+
+    A dict maps metadata keys to a value (equality) or to a list/tuple/set of values (any-of).
+
+    Raises:
+        TypeError: not a dict, a callable or ``None``; or a non-str key.
+        ValueError: an empty any-of list.
+    """
+    if flt is None or callable(flt):
+        return flt
+    if not isinstance(flt, Mapping):
+        raise TypeError(
+            f"filter must be a dict of metadata matches or a callable(metadata) -> bool, "
+            f"got {type(flt).__name__}"
+        )
+    for key, value in flt.items():
+        if not isinstance(key, str):
+            raise TypeError(f"filter keys must be str, got {key!r}")
+        values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        if not values:
+            raise ValueError(f"filter[{key!r}] is an empty list: nothing could match")
+        for v in values:
+            if not isinstance(v, (str, int, float, bool, type(None))):
+                raise TypeError(
+                    f"filter[{key!r}] values must be str, int, float, bool or None "
+                    f"(a list means any-of), got {type(v).__name__}"
+                )
+    return flt
+
+
+def filter_mask(metadatas: Sequence[Mapping[str, Any]], flt: Filter) -> np.ndarray | None:
+    """``[n]`` bool mask of the documents that pass ``flt`` (``None`` when there is no filter).
+
+    A dict filter compares whole metadata columns at once (numpy object arrays); a callable
+    is called once per document with a copy-free read-only view of its metadata.
+    """
+    if flt is None:
+        return None
+    n = len(metadatas)
+    if callable(flt):
+        return np.fromiter((bool(flt(dict(m))) for m in metadatas), dtype=bool, count=n)
+    mask = np.ones(n, dtype=bool)
+    for key, wanted in flt.items():
+        column = np.empty(n, dtype=object)
+        column[:] = [m.get(key, _MISSING) for m in metadatas]
+        values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+        hit = np.zeros(n, dtype=bool)
+        for v in values:
+            hit |= column == v  # elementwise on the object column; _MISSING equals nothing
+        mask &= hit
+        if not mask.any():
+            break
+    return mask

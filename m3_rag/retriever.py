@@ -1,0 +1,413 @@
+"""HybridRetriever: dense + lexical candidates, fusion, ColBERT rescoring, optional rerank."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from m3_rag import scoring
+from m3_rag._inputs import check_texts
+from m3_rag.encoder import M3Encoder
+from m3_rag.filters import Filter, check_filter
+from m3_rag.persist import read_index, write_index
+from m3_rag.rerank import Reranker
+from m3_rag.stores.base import check_ids, top_k
+from m3_rag.stores.lexical import BM25Params
+from m3_rag.stores.memory import MemoryBackend
+
+__all__ = ["HybridRetriever", "SearchHit"]
+
+FUSIONS = ("weighted", "rrf")
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result.
+
+    Attributes:
+        id: Document id.
+        text: Document text.
+        metadata: A copy of the document's metadata.
+        score: The final score (the reranker's when it ran, else the fused score).
+        scores: Per-mode scores: ``dense``, ``sparse`` (M3 lexical) or ``bm25``, ``colbert``,
+            ``fused``, and ``rerank`` when the reranker ran.
+    """
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+class HybridRetriever:
+    """Hybrid retrieval over one M3 encoder pass per document.
+
+    Stage 1: the union of the dense top-``candidates`` and the lexical top-``candidates``.
+    Stage 2: ColBERT MaxSim of the candidates (when the model has ColBERT), fused with the
+    other scores. Stage 3 (optional): the reranker re-scores the top ``rerank_top_n``.
+
+    Args:
+        encoder: The shared :class:`M3Encoder`.
+        reranker: Optional cross-encoder :class:`Reranker`.
+        weights: ``(dense, lexical, colbert)`` fusion weights.
+        fusion: ``"weighted"``: ``(w_d*d + w_s*s + w_c*c) / sum(w)`` on the raw scores, as
+            ``BGEM3FlagModel.compute_score``; with a BM25 leg (unbounded scores) every leg is
+            first min-max normalised over the candidates (a convex combination, Bruch et al.
+            2023). ``"rrf"``: weighted reciprocal rank fusion, ``sum_m w_m / (60 + rank_m)``.
+        candidates: Candidates taken from each stage-1 leg.
+        lexical: ``"auto"`` (M3 sparse when the model has it, else BM25), ``"m3"``, ``"bm25"``
+            or ``"none"``.
+        rerank_top_n: How many fused results the reranker re-scores (at least ``k``).
+        dense_dtype: ``"float32"`` or ``"float16"`` storage for dense vectors.
+        colbert_dtype: ``"float16"`` (default) or ``"float32"`` storage for ColBERT vectors.
+        bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
+    """
+
+    def __init__(
+        self,
+        encoder: M3Encoder,
+        reranker: Reranker | None = None,
+        weights: Sequence[float] = (0.4, 0.2, 0.4),
+        fusion: str = "weighted",
+        candidates: int = 100,
+        lexical: str = "auto",
+        *,
+        rerank_top_n: int = 20,
+        dense_dtype: str = "float32",
+        colbert_dtype: str = "float16",
+        bm25: BM25Params | None = None,
+    ) -> None:
+        if not isinstance(encoder, M3Encoder):
+            raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
+        if reranker is not None and not isinstance(reranker, Reranker):
+            raise TypeError(f"reranker must be a Reranker or None, got {type(reranker).__name__}")
+        self.encoder = encoder
+        self.reranker = reranker
+        self.weights = _check_weights(weights)
+        self.fusion = _check_fusion(fusion)
+        self.candidates = _check_count(candidates, "candidates", minimum=1)
+        self.rerank_top_n = _check_count(rerank_top_n, "rerank_top_n", minimum=1)
+        if lexical == "auto":
+            lexical = "m3" if encoder.has_sparse else "bm25"
+        if lexical not in ("m3", "bm25", "none"):
+            raise ValueError(f"lexical must be 'auto', 'm3', 'bm25' or 'none', got {lexical!r}")
+        if lexical == "m3" and not encoder.has_sparse:
+            raise ValueError(
+                f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only"
+            )
+        self.lexical = None if lexical == "none" else lexical
+        self.backend = MemoryBackend(
+            encoder.dense_dim,
+            encoder.colbert_dim,
+            self.lexical,
+            encoder.vocab_size,
+            dense_dtype=dense_dtype,
+            colbert_dtype=colbert_dtype,
+            bm25=bm25,
+        )
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self.backend)
+
+    def __repr__(self) -> str:
+        return (
+            f"HybridRetriever({len(self)} docs, lexical={self.lexical}, "
+            f"colbert={self.encoder.has_colbert}, fusion={self.fusion}, weights={self.weights})"
+        )
+
+    @property
+    def _lex_key(self) -> str:
+        return "bm25" if self.lexical == "bm25" else "sparse"
+
+    # ---------------------------------------------------------------- indexing
+    def add_texts(
+        self,
+        texts: Sequence[str],
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> list[str]:
+        """Encode texts once and add them to every store; an existing id is replaced.
+
+        Args:
+            texts: Document texts.
+            metadatas: One JSON-serialisable dict (or ``None``) per text.
+            ids: One unique non-empty str per text; default: random UUIDs.
+            batch_size, show_progress: Encoding options.
+
+        Returns:
+            The ids, in input order.
+
+        Raises:
+            TypeError / ValueError: bad texts, metadata or ids; nothing is added.
+        """
+        items = check_texts(texts)
+        doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
+        metas = _check_metadatas(metadatas, len(items))
+        if not items:
+            return []
+        out = self.encoder.encode_documents(
+            items,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            return_sparse=self.lexical == "m3",
+            return_colbert=self.encoder.has_colbert,
+        )
+        assert out.dense is not None
+        lexical: Any = out.sparse if self.lexical == "m3" else None
+        if self.lexical == "bm25":
+            lexical = self._term_counts(items)
+        with self._lock:
+            self.backend.add(doc_ids, items, metas, out.dense, lexical, out.colbert)
+        return doc_ids
+
+    def _term_counts(self, texts: list[str]) -> sp.csr_matrix:
+        """BM25 term counts: the model's tokenizer, no special tokens, no truncation."""
+        tok = self.encoder.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        lengths = np.fromiter((len(t) for t in tok), dtype=np.int64, count=len(tok))
+        cols = np.fromiter((i for t in tok for i in t), dtype=np.int64, count=int(lengths.sum()))
+        rows = np.repeat(np.arange(len(tok)), lengths)
+        counts = sp.csr_matrix(
+            (np.ones(len(cols), np.float32), (rows, cols)),
+            shape=(len(tok), self.encoder.vocab_size),
+        )
+        counts.sum_duplicates()
+        return counts
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete documents by id; an unknown id raises ``KeyError`` and nothing is deleted."""
+        with self._lock:
+            self.backend.delete(check_ids(ids))
+
+    # ---------------------------------------------------------------- search
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        filter: Filter = None,
+        *,
+        weights: Sequence[float] | None = None,
+        fusion: str | None = None,
+        candidates: int | None = None,
+        rerank: bool | None = None,
+    ) -> list[SearchHit]:
+        """Top-``k`` documents for ``query``, best first.
+
+        Args:
+            query: The query text.
+            k: Results wanted (all matching documents when fewer).
+            filter: Metadata equality matches ``{"lang": "en", "year": [2023, 2024]}`` (a list
+                means any-of) or a callable ``metadata -> bool``; applied before top-k.
+            weights, fusion, candidates: Per-call overrides of the constructor's settings.
+            rerank: Use the reranker (default: when one is set).
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        k = _check_count(k, "k", minimum=0)
+        flt = check_filter(filter)
+        w = self.weights if weights is None else _check_weights(weights)
+        how = self.fusion if fusion is None else _check_fusion(fusion)
+        n_cand = (
+            self.candidates if candidates is None else _check_count(candidates, "candidates", 1)
+        )
+        use_rerank = self.reranker is not None if rerank is None else bool(rerank)
+        if use_rerank and self.reranker is None:
+            raise ValueError(
+                "rerank=True needs a reranker: HybridRetriever(..., reranker=Reranker(...))"
+            )
+        if k == 0 or len(self) == 0:
+            return []
+        use_colbert = self.encoder.has_colbert and w[2] > 0
+        q = self.encoder.encode_queries(
+            [query], return_sparse=self.lexical == "m3", return_colbert=use_colbert
+        )
+        assert q.dense is not None
+        lex_query = None
+        if self.lexical == "m3" and q.sparse is not None:
+            lex_query = q.sparse[0]
+        elif self.lexical == "bm25":
+            counts = self._term_counts([query])
+            lex_query = dict(zip(counts.indices.tolist(), counts.data.tolist(), strict=True))
+        with self._lock:
+            mask = self.backend.mask(flt)
+            if mask is not None and not mask.any():
+                return []
+            cands = self.backend.candidates(q.dense[0], lex_query, max(n_cand, k), mask)
+            per_mode: dict[str, np.ndarray] = {"dense": cands.dense}
+            if cands.lexical is not None and w[1] > 0:
+                per_mode[self._lex_key] = cands.lexical
+            if use_colbert and q.colbert is not None:
+                per_mode["colbert"] = self.backend.colbert_scores(q.colbert[0], cands)
+            fused = self._fuse(per_mode, w, how)
+            n_keep = max(k, self.rerank_top_n) if use_rerank else k
+            order = top_k(fused, n_keep)
+            docs = self.backend.get(cands.rows[order])
+        scores = [
+            {m: float(s[i]) for m, s in per_mode.items()} | {"fused": float(fused[i])}
+            for i in order
+        ]
+        final = [float(fused[i]) for i in order]
+        if use_rerank and self.reranker is not None:
+            rr = self.reranker.compute_score([(query, text) for _, text, _ in docs])
+            for s, r in zip(scores, rr, strict=True):
+                s["rerank"] = r
+            best = np.argsort(-np.asarray(rr), kind="stable")[:k]
+            docs, scores, final = (
+                [docs[i] for i in best],
+                [scores[i] for i in best],
+                [rr[i] for i in best],
+            )
+        return [
+            SearchHit(id=i, text=t, metadata=m, score=f, scores=s)
+            for (i, t, m), s, f in zip(docs[:k], scores[:k], final[:k], strict=True)
+        ]
+
+    def _fuse(
+        self, per_mode: dict[str, np.ndarray], w: tuple[float, float, float], how: str
+    ) -> np.ndarray:
+        weight = {"dense": w[0], self._lex_key: w[1], "colbert": w[2]}
+        if how == "rrf":
+            return scoring.rrf_fusion(per_mode, weight)
+        modes = per_mode
+        if "bm25" in modes:  # BM25 is unbounded: min-max every leg over the candidates
+            modes = {m: _minmax(s) for m, s in per_mode.items()}
+        return scoring.weighted_fusion(modes, weight)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index to a directory (JSON manifest + ``.npy``; atomic, no pickle)."""
+        with self._lock:
+            manifest = {
+                "model": self.encoder.model_name,
+                "backend": "memory",
+                **self.backend.config(),
+                "retriever": {
+                    "weights": list(self.weights),
+                    "fusion": self.fusion,
+                    "candidates": self.candidates,
+                    "rerank_top_n": self.rerank_top_n,
+                    "lexical": self.lexical or "none",
+                },
+            }
+            write_index(path, manifest, self.backend.state(), self.backend.docs())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        encoder: M3Encoder,
+        reranker: Reranker | None = None,
+        *,
+        allow_model_mismatch: bool = False,
+    ) -> HybridRetriever:
+        """Load an index saved by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no index at ``path``.
+            ValueError: the index was built with another model (pass
+                ``allow_model_mismatch=True`` to accept a same-shaped one, e.g. the same model
+                from another path) or its dimensions do not fit ``encoder``.
+        """
+        manifest, arrays, docs = read_index(path)
+        if manifest["model"] != encoder.model_name and not allow_model_mismatch:
+            raise ValueError(
+                f"index {path} was built with model {manifest['model']!r}, the encoder is "
+                f"{encoder.model_name!r}; pass allow_model_mismatch=True if they are the same model"
+            )
+        if (
+            manifest["dense_dim"] != encoder.dense_dim
+            or manifest["colbert_dim"] != encoder.colbert_dim
+        ):
+            raise ValueError(
+                f"index {path} has dense/ColBERT dims "
+                f"{manifest['dense_dim']}/{manifest['colbert_dim']}, "
+                f"the encoder {encoder.dense_dim}/{encoder.colbert_dim}"
+            )
+        cfg = manifest["retriever"]
+        self = cls(
+            encoder,
+            reranker,
+            cfg["weights"],
+            cfg["fusion"],
+            cfg["candidates"],
+            cfg["lexical"],
+            rerank_top_n=cfg["rerank_top_n"],
+            dense_dtype=manifest["dense_dtype"],
+            colbert_dtype=manifest["colbert_dtype"] or "float16",
+            bm25=BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None,
+        )
+        if manifest["vocab_size"] is not None and manifest["vocab_size"] != encoder.vocab_size:
+            raise ValueError(
+                f"index {path} has vocabulary size {manifest['vocab_size']}, "
+                f"the encoder {encoder.vocab_size}"
+            )
+        self.backend = MemoryBackend.from_state(manifest, arrays, docs)
+        return self
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = (float(x.min()), float(x.max())) if len(x) else (0.0, 0.0)
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def _check_weights(weights: Any) -> tuple[float, float, float]:
+    try:
+        w = tuple(float(x) for x in weights)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"weights must be three numbers (dense, lexical, colbert), got {weights!r}"
+        ) from e
+    if len(w) != 3 or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(
+            f"weights must be three finite numbers >= 0 with a positive sum, got {weights!r}"
+        )
+    return (w[0], w[1], w[2])
+
+
+def _check_fusion(fusion: Any) -> str:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return str(fusion)
+
+
+def _check_count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_metadatas(metadatas: Any, n: int) -> list[dict[str, Any]]:
+    if metadatas is None:
+        return [{} for _ in range(n)]
+    if isinstance(metadatas, (str, bytes, Mapping)) or not isinstance(metadatas, Sequence):
+        raise TypeError(f"metadatas must be a list of dicts, got {type(metadatas).__name__}")
+    if len(metadatas) != n:
+        raise ValueError(f"got {len(metadatas)} metadatas for {n} texts")
+    out = []
+    for i, m in enumerate(metadatas):
+        if m is None:
+            m = {}
+        if not isinstance(m, Mapping) or not all(isinstance(key, str) for key in m):
+            raise TypeError(f"metadatas[{i}] must be a dict with str keys, got {type(m).__name__}")
+        try:
+            json.dumps(m)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"metadatas[{i}] is not JSON-serialisable ({e}); store plain values"
+            ) from e
+        out.append(dict(m))
+    return out

@@ -1,0 +1,21 @@
+"""In-memory stores (dense, lexical, ColBERT) and the backend that keeps them aligned."""
+
+from __future__ import annotations
+
+from m3_rag.stores.base import IdRows, check_ids, top_k
+from m3_rag.stores.colbert import ColbertStore
+from m3_rag.stores.dense import DenseStore
+from m3_rag.stores.lexical import BM25Params, LexicalStore
+from m3_rag.stores.memory import Candidates, MemoryBackend
+
+__all__ = [
+    "BM25Params",
+    "Candidates",
+    "ColbertStore",
+    "DenseStore",
+    "IdRows",
+    "LexicalStore",
+    "MemoryBackend",
+    "check_ids",
+    "top_k",
+]

@@ -1,0 +1,129 @@
+"""ColBERT store: every document's token vectors packed in one array, with row offsets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from m3_rag.scoring import colbert_scores_packed
+from m3_rag.stores.base import IdRows, check_ids
+
+__all__ = ["ColbertStore"]
+
+
+class ColbertStore(IdRows):
+    """Multi-vector store; scores a candidate set by MaxSim.
+
+    Document ``i`` owns rows ``offsets[i]:offsets[i+1]`` of the packed ``[T, dim]`` array.
+
+    Args:
+        dim: Vector size.
+        dtype: ``"float16"`` (default, 2 bytes per dimension) or ``"float32"``.
+    """
+
+    def __init__(self, dim: int, dtype: str = "float16") -> None:
+        super().__init__()
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self._data = np.zeros((0, self.dim), dtype=self.dtype)
+        self._n_rows = 0
+        self._offsets = np.zeros(1, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._n_rows * self.dim * self.dtype.itemsize + self._offsets.nbytes)
+
+    @property
+    def n_vectors(self) -> int:
+        return self._n_rows
+
+    def add(self, ids: Sequence[str], vectors: Sequence[np.ndarray]) -> None:
+        """Add one ``[t_i, dim]`` array per document; known ids are replaced."""
+        ids, block, lengths = self._prepare(ids, vectors)
+        old = self._existing_rows(ids)
+        if len(old):
+            self._delete_rows(old)
+        self._insert(ids, block, lengths)
+
+    def _prepare(
+        self, ids: Sequence[str], vectors: Sequence[np.ndarray]
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Validate and pack without changing anything."""
+        ids = check_ids(ids, len(vectors))
+        mats = [np.asarray(v) for v in vectors]
+        for i, m in enumerate(mats):
+            if m.ndim != 2 or m.shape[1] != self.dim:
+                raise ValueError(f"vectors[{i}] must have shape [t, {self.dim}], got {m.shape}")
+        lengths = np.fromiter((len(m) for m in mats), dtype=np.int64, count=len(mats))
+        if lengths.sum():
+            block = np.concatenate(mats).astype(self.dtype)
+        else:
+            block = np.zeros((0, self.dim), self.dtype)
+        if not np.isfinite(block).all():
+            raise ValueError("vectors contain NaN or inf (or overflow float16)")
+        return ids, block, lengths
+
+    def _insert(self, ids: list[str], block: np.ndarray, lengths: np.ndarray) -> None:
+        need = self._n_rows + len(block)
+        if need > len(self._data):
+            grown = np.zeros((max(need, 2 * len(self._data), 1024), self.dim), self.dtype)
+            grown[: self._n_rows] = self._data[: self._n_rows]
+            self._data = grown
+        self._data[self._n_rows : need] = block
+        self._offsets = np.concatenate([self._offsets, self._offsets[-1] + np.cumsum(lengths)])
+        self._n_rows = need
+        self._append_ids(ids)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove ids (all known, else ``KeyError`` and nothing removed)."""
+        self._delete_rows(self.rows(list(ids)))
+
+    def _delete_rows(self, rows: np.ndarray) -> None:
+        keep = self._keep_mask(rows)
+        lengths = np.diff(self._offsets)
+        token_keep = np.repeat(keep, lengths)
+        self._data = np.ascontiguousarray(self._data[: self._n_rows][token_keep])
+        self._n_rows = len(self._data)
+        self._offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
+        self._drop_ids(keep)
+
+    def vectors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Packed vectors of the given rows -> (``[T', dim]``, ``[len(rows)+1]`` offsets)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self._offsets[rows]
+        lengths = self._offsets[rows + 1] - starts
+        new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        index = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(int(new_offsets[-1]))
+        return self._data[index], new_offsets
+
+    def get(self, doc_id: str) -> np.ndarray:
+        """The ``[t, dim]`` vectors of one document (float32 copy)."""
+        (row,) = self.rows([doc_id])
+        return self._data[self._offsets[row] : self._offsets[row + 1]].astype(np.float32)
+
+    def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """MaxSim of ``query [q, dim]`` against the documents at ``rows`` -> ``[len(rows)]``."""
+        packed, offsets = self.vectors(rows)
+        return colbert_scores_packed(query, packed, offsets)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"vectors": self._data[: self._n_rows], "offsets": self._offsets}
+
+    @classmethod
+    def from_state(cls, ids: list[str], arrays: dict[str, np.ndarray], dtype: str) -> ColbertStore:
+        vecs, offsets = arrays["vectors"], arrays["offsets"].astype(np.int64)
+        if (
+            len(offsets) != len(ids) + 1
+            or int(offsets[-1]) != len(vecs)
+            or (np.diff(offsets) < 0).any()
+        ):
+            raise ValueError("ColBERT offsets are inconsistent with the stored vectors")
+        store = cls(vecs.shape[1], dtype)
+        store._data = np.ascontiguousarray(vecs, dtype=store.dtype)
+        store._n_rows = len(vecs)
+        store._offsets = offsets
+        store._append_ids(ids)
+        return store

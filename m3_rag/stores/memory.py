@@ -1,0 +1,222 @@
+"""The in-memory backend: documents + dense, lexical and ColBERT stores kept row-aligned."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from m3_rag.filters import Filter, filter_mask
+from m3_rag.stores.base import IdRows, check_ids, top_k
+from m3_rag.stores.colbert import ColbertStore
+from m3_rag.stores.dense import DenseStore
+from m3_rag.stores.lexical import BM25Params, LexicalStore
+
+__all__ = ["Candidates", "MemoryBackend"]
+
+
+@dataclass
+class Candidates:
+    """Stage-1 candidates of one query, with the scores both legs gave them.
+
+    Attributes:
+        ids: ``[c]`` document ids.
+        dense: ``[c]`` dense scores.
+        lexical: ``[c]`` lexical scores (0 where the document shares no term), or ``None``
+            when there is no lexical leg.
+        rows: backend-private row numbers (memory backend).
+    """
+
+    ids: list[str]
+    dense: np.ndarray
+    lexical: np.ndarray | None
+    rows: np.ndarray
+
+
+class MemoryBackend(IdRows):
+    """Row-aligned in-memory stores for a :class:`~m3_rag.HybridRetriever`.
+
+    Args:
+        dense_dim: Dense vector size.
+        colbert_dim: ColBERT vector size, ``None`` for no ColBERT store.
+        lexical: ``"m3"``, ``"bm25"`` or ``None`` (no lexical leg).
+        vocab_size: Token-id space of the lexical store.
+        dense_dtype: ``"float32"`` or ``"float16"``.
+        colbert_dtype: ``"float16"`` or ``"float32"``.
+        bm25: BM25 parameters.
+    """
+
+    def __init__(
+        self,
+        dense_dim: int,
+        colbert_dim: int | None,
+        lexical: str | None,
+        vocab_size: int,
+        *,
+        dense_dtype: str = "float32",
+        colbert_dtype: str = "float16",
+        bm25: BM25Params | None = None,
+    ) -> None:
+        super().__init__()
+        self.dense = DenseStore(dense_dim, dense_dtype)
+        self.lexical = LexicalStore(vocab_size, lexical, bm25) if lexical else None
+        self.colbert = ColbertStore(colbert_dim, colbert_dtype) if colbert_dim else None
+        self._texts: list[str] = []
+        self._metadatas: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- mutation
+    def add(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        metadatas: Sequence[dict[str, Any]],
+        dense: np.ndarray,
+        lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
+        colbert: Sequence[np.ndarray] | None,
+    ) -> None:
+        """Add (or replace) documents in every store.
+
+        Every input is validated before anything changes: on error nothing stored is lost.
+        """
+        ids = check_ids(ids, len(texts))
+        if len(metadatas) != len(ids):
+            raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
+        if (self.lexical is None) != (lexical is None) or (self.colbert is None) != (
+            colbert is None
+        ):
+            raise ValueError("the encoded outputs do not match the stores of this backend")
+        _, dense_block = self.dense._prepare(ids, dense)
+        lex_block = (
+            self.lexical._prepare(ids, lexical)[1]
+            if self.lexical is not None and lexical is not None
+            else None
+        )
+        col = (
+            self.colbert._prepare(ids, colbert)
+            if self.colbert is not None and colbert is not None
+            else None
+        )
+        self._delete_rows(self._existing_rows(ids))
+        self.dense._insert(ids, dense_block)
+        if self.lexical is not None and lex_block is not None:
+            self.lexical._insert(ids, lex_block)
+        if self.colbert is not None and col is not None:
+            self.colbert._insert(ids, col[1], col[2])
+        self._texts.extend(texts)
+        self._metadatas.extend(metadatas)
+        self._append_ids(ids)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents; unknown ids raise ``KeyError`` and nothing is removed."""
+        ids = check_ids(ids)
+        self._delete_rows(self.rows(ids))
+
+    def _delete_rows(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        keep = self._keep_mask(rows)
+        for store in (self.dense, self.lexical, self.colbert):
+            if store is not None:
+                store._delete_rows(rows)
+        self._texts = [t for t, k in zip(self._texts, keep.tolist(), strict=True) if k]
+        self._metadatas = [m for m, k in zip(self._metadatas, keep.tolist(), strict=True) if k]
+        self._drop_ids(keep)
+
+    # ---------------------------------------------------------------- reading
+    def get(self, rows: np.ndarray) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(id, text, metadata copy)`` of each row."""
+        return [(self._ids[r], self._texts[r], dict(self._metadatas[r])) for r in rows.tolist()]
+
+    def mask(self, flt: Filter) -> np.ndarray | None:
+        return filter_mask(self._metadatas, flt)
+
+    def candidates(
+        self,
+        dense_query: np.ndarray,
+        lexical_query: Mapping[int, float] | None,
+        n: int,
+        mask: np.ndarray | None,
+    ) -> Candidates:
+        """Union of the dense top-``n`` and the lexical top-``n`` (lexical score > 0)."""
+        dense = self.dense.scores(dense_query)
+        rows = top_k(dense, n, mask)
+        lex = None
+        if self.lexical is not None and lexical_query is not None:
+            lex = self.lexical.scores(lexical_query)
+            allowed = lex > 0 if mask is None else (lex > 0) & mask
+            rows = np.union1d(rows, top_k(lex, n, allowed))
+        return Candidates(
+            ids=[self._ids[r] for r in rows.tolist()],
+            dense=dense[rows],
+            lexical=None if lex is None else lex[rows],
+            rows=rows,
+        )
+
+    def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
+        if self.colbert is None:
+            raise ValueError("this index has no ColBERT vectors")
+        return self.colbert.scores(query, cands.rows)
+
+    # ---------------------------------------------------------------- persistence
+    def state(self) -> dict[str, np.ndarray]:
+        arrays = {f"dense_{k}": v for k, v in self.dense.state().items()}
+        if self.lexical is not None:
+            arrays |= {f"lexical_{k}": v for k, v in self.lexical.state().items()}
+        if self.colbert is not None:
+            arrays |= {f"colbert_{k}": v for k, v in self.colbert.state().items()}
+        return arrays
+
+    def docs(self) -> Iterator[dict[str, Any]]:
+        for i, t, m in zip(self._ids, self._texts, self._metadatas, strict=True):
+            yield {"id": i, "text": t, "metadata": m}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "count": len(self),
+            "dense_dim": self.dense.dim,
+            "dense_dtype": str(self.dense.dtype),
+            "colbert_dim": None if self.colbert is None else self.colbert.dim,
+            "colbert_dtype": None if self.colbert is None else str(self.colbert.dtype),
+            "lexical": None if self.lexical is None else self.lexical.kind,
+            "vocab_size": None if self.lexical is None else self.lexical.vocab_size,
+            "bm25": None if self.lexical is None else self.lexical.bm25.as_dict(),
+        }
+
+    @classmethod
+    def from_state(
+        cls, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], docs: list[dict[str, Any]]
+    ) -> MemoryBackend:
+        ids = [d["id"] for d in docs]
+
+        def pick(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        self = cls(
+            config["dense_dim"],
+            config["colbert_dim"],
+            config["lexical"],
+            config["vocab_size"] or 1,
+            dense_dtype=config["dense_dtype"],
+            colbert_dtype=config["colbert_dtype"] or "float16",
+            bm25=BM25Params(**config["bm25"]) if config.get("bm25") else None,
+        )
+        self.dense = DenseStore.from_state(ids, pick("dense_"), config["dense_dtype"])
+        if self.dense.dim != config["dense_dim"]:
+            raise ValueError("dense vectors do not have the manifest's dimension")
+        if config["lexical"]:
+            self.lexical = LexicalStore.from_state(
+                ids,
+                pick("lexical_"),
+                config["vocab_size"],
+                config["lexical"],
+                None if self.lexical is None else self.lexical.bm25,
+            )
+        if config["colbert_dim"]:
+            self.colbert = ColbertStore.from_state(ids, pick("colbert_"), config["colbert_dtype"])
+        self._texts = [d["text"] for d in docs]
+        self._metadatas = [d.get("metadata") or {} for d in docs]
+        self._append_ids(ids)
+        return self

@@ -1,0 +1,304 @@
+"""HybridRetriever end to end on the tiny checkpoint: stages, filters, mutation, persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3_rag import HybridRetriever, IndexFormatError, M3Encoder, Reranker, SearchHit
+from m3_rag.testing import SAMPLE_TEXTS
+
+META = [
+    {"i": i, "lang": "zh" if 8 <= i <= 12 else "ar" if 13 <= i <= 16 else "other"}
+    for i in range(len(SAMPLE_TEXTS))
+]
+IDS = [f"doc{i}" for i in range(len(SAMPLE_TEXTS))]
+
+
+@pytest.fixture
+def retriever(tiny_encoder: M3Encoder) -> HybridRetriever:
+    r = HybridRetriever(tiny_encoder, candidates=5)
+    r.add_texts(SAMPLE_TEXTS, metadatas=META, ids=IDS)
+    return r
+
+
+def _brute_force(
+    r: HybridRetriever, query: str, w: tuple[float, float, float]
+) -> list[tuple[str, float]]:
+    """Fused score of every document, computed directly from encoder outputs."""
+    enc = r.encoder
+    q, d = enc.encode_queries([query]), enc.encode_documents(SAMPLE_TEXTS)
+    assert (
+        q.dense is not None
+        and d.dense is not None
+        and q.sparse
+        and d.sparse
+        and q.colbert
+        and d.colbert
+    )
+    dense = d.dense @ q.dense[0]
+    sparse = np.array(
+        [sum(v * doc.get(t, 0.0) for t, v in q.sparse[0].items()) for doc in d.sparse]
+    )
+    colbert = np.array([(q.colbert[0] @ c.T).max(axis=1).mean() for c in d.colbert])
+    fused = (w[0] * dense + w[1] * sparse + w[2] * colbert) / sum(w)
+    return sorted(zip(IDS, fused.tolist(), strict=True), key=lambda x: -x[1])
+
+
+def test_search_equals_brute_force_when_candidates_cover_the_corpus(
+    tiny_encoder: M3Encoder,
+) -> None:
+    r = HybridRetriever(tiny_encoder, candidates=len(SAMPLE_TEXTS), colbert_dtype="float32")
+    r.add_texts(SAMPLE_TEXTS, ids=IDS)
+    for query in ("capital of France", "机器学习", SAMPLE_TEXTS[14]):
+        hits = r.search(query, k=5)
+        want = _brute_force(r, query, r.weights)[:5]
+        assert [h.id for h in hits] == [i for i, _ in want]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-4)
+        assert set(hits[0].scores) == {"dense", "sparse", "colbert", "fused"}
+
+
+def test_hits_are_typed_and_ranked(retriever: HybridRetriever) -> None:
+    hits = retriever.search(SAMPLE_TEXTS[3], k=4)
+    assert len(hits) == 4 and all(isinstance(h, SearchHit) for h in hits)
+    assert hits[0].id == "doc3" and hits[0].text == SAMPLE_TEXTS[3] and hits[0].metadata == META[3]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    hits[0].metadata["i"] = -1  # a copy: the store is untouched
+    assert retriever.search(SAMPLE_TEXTS[3], k=1)[0].metadata == META[3]
+
+
+def test_weights_and_fusion_per_call(retriever: HybridRetriever) -> None:
+    dense_only = retriever.search("capital", k=3, weights=(1, 0, 0))
+    assert all(h.score == pytest.approx(h.scores["dense"], abs=1e-6) for h in dense_only)
+    assert "sparse" not in dense_only[0].scores and "colbert" not in dense_only[0].scores
+    rrf = retriever.search("capital", k=3, fusion="rrf")
+    assert all(0 < h.score <= 3 / 61 + 1e-9 for h in rrf)
+    with pytest.raises(ValueError, match="fusion"):
+        retriever.search("x", fusion="max")
+    with pytest.raises(ValueError, match="weights"):
+        retriever.search("x", weights=(0, 0, 0))
+
+
+def test_filters_apply_before_top_k(retriever: HybridRetriever) -> None:
+    zh = retriever.search("capital of France", k=10, filter={"lang": "zh"})
+    assert len(zh) == 5 and {h.metadata["lang"] for h in zh} == {"zh"}
+    anyof = retriever.search("x", k=50, filter={"lang": ["zh", "ar"]})
+    assert len(anyof) == 9
+    assert retriever.search("x", k=3, filter=lambda m: m["i"] % 2 == 0)[0].metadata["i"] % 2 == 0
+    assert retriever.search("x", k=3, filter={"lang": "none-such"}) == []
+    assert retriever.search("x", k=3, filter={"missing-key": 1}) == []
+    with pytest.raises(TypeError, match="filter"):
+        retriever.search("x", filter="lang=zh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty list"):
+        retriever.search("x", filter={"lang": []})
+
+
+def test_k_bounds_and_empty_store(tiny_encoder: M3Encoder, retriever: HybridRetriever) -> None:
+    assert len(retriever.search("x", k=1000)) == len(SAMPLE_TEXTS)
+    assert retriever.search("x", k=0) == []
+    assert HybridRetriever(tiny_encoder).search("anything") == []
+    with pytest.raises(ValueError, match="k must be"):
+        retriever.search("x", k=-1)
+    with pytest.raises(TypeError, match="query"):
+        retriever.search(None)  # type: ignore[arg-type]
+
+
+def test_delete_update_and_bad_ids(retriever: HybridRetriever) -> None:
+    retriever.delete(["doc3"])
+    assert "doc3" not in [h.id for h in retriever.search(SAMPLE_TEXTS[3], k=100)]
+    with pytest.raises(KeyError, match="nope"):
+        retriever.delete(["doc4", "nope"])
+    assert len(retriever) == len(SAMPLE_TEXTS) - 1  # doc4 survived the failed call
+    retriever.add_texts(["a brand new text about Paris"], metadatas=[{"lang": "en"}], ids=["doc4"])
+    assert len(retriever) == len(SAMPLE_TEXTS) - 1
+    hit = retriever.search("a brand new text about Paris", k=1)[0]
+    assert (hit.id, hit.metadata) == ("doc4", {"lang": "en"})
+    with pytest.raises(ValueError, match="duplicate id 'z'"):
+        retriever.add_texts(["a", "b"], ids=["z", "z"])
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        retriever.add_texts(["a", None])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="JSON"):
+        retriever.add_texts(["a"], metadatas=[{"when": object()}])
+    with pytest.raises(ValueError, match="metadatas"):
+        retriever.add_texts(["a", "b"], metadatas=[{}])
+    assert len(retriever) == len(SAMPLE_TEXTS) - 1
+    generated = retriever.add_texts(["x", "y"])
+    assert len(set(generated)) == 2 and retriever.add_texts([]) == []
+
+
+def test_rerank_stage(tiny_encoder: M3Encoder, tiny_reranker_dir: Path) -> None:
+    rr = Reranker(tiny_reranker_dir)
+    r = HybridRetriever(tiny_encoder, reranker=rr, rerank_top_n=6)
+    r.add_texts(SAMPLE_TEXTS, ids=IDS)
+    hits = r.search("capital of France", k=3)
+    assert len(hits) == 3 and all("rerank" in h.scores for h in hits)
+    assert [h.score for h in hits] == sorted((h.scores["rerank"] for h in hits), reverse=True)
+    pool = r.search("capital of France", k=6, rerank=False)
+    want = rr.rerank("capital of France", [h.text for h in pool], top_n=3)
+    assert [h.id for h in hits] == [pool[i].id for i, _ in want]
+    assert "rerank" not in pool[0].scores
+    with pytest.raises(ValueError, match="reranker"):
+        HybridRetriever(tiny_encoder).search("x", rerank=True)
+
+
+def test_dense_only_model_uses_bm25(tiny_dense_dir: Path) -> None:
+    enc = M3Encoder(tiny_dense_dir)
+    r = HybridRetriever(enc)
+    assert r.lexical == "bm25"
+    r.add_texts(SAMPLE_TEXTS, ids=IDS)
+    hits = r.search("北京是中华人民共和国的首都", k=2)
+    assert set(hits[0].scores) == {"dense", "bm25", "fused"}
+    assert r.search("北京是中华人民共和国的首都", k=1, weights=(0, 1, 0))[0].id == "doc9"
+    with pytest.raises(ValueError, match="dense-only"):
+        HybridRetriever(enc, lexical="m3")
+
+
+def test_save_load_round_trip(
+    retriever: HybridRetriever, tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    retriever.delete(["doc1"])
+    retriever.save(tmp_path / "idx")
+    loaded = HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    assert len(loaded) == len(retriever) and loaded.weights == retriever.weights
+    for query in ("capital of France", "机器学习", "بحث"):
+        for kwargs in ({}, {"filter": {"lang": "zh"}}, {"fusion": "rrf"}):
+            assert loaded.search(query, k=7, **kwargs) == retriever.search(query, k=7, **kwargs)
+    retriever.save(tmp_path / "idx")  # overwrite keeps exactly one snapshot
+    assert len([p for p in (tmp_path / "idx").iterdir() if p.name.startswith("snap-")]) == 1
+    assert not list((tmp_path / "idx").glob("**/*.pkl"))
+
+
+def test_load_refuses_other_models_and_corruption(
+    retriever: HybridRetriever, tiny_m3_bin_dir: Path, tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    retriever.save(tmp_path / "idx")
+    with pytest.raises(ValueError, match="allow_model_mismatch"):
+        HybridRetriever.load(tmp_path / "idx", _renamed(tiny_encoder))
+    with pytest.raises(ValueError, match="dims"):
+        HybridRetriever.load(
+            tmp_path / "idx", M3Encoder(tiny_m3_bin_dir), allow_model_mismatch=True
+        )
+    assert len(
+        HybridRetriever.load(tmp_path / "idx", _renamed(tiny_encoder), allow_model_mismatch=True)
+    ) == len(retriever)
+    snap = next((tmp_path / "idx").glob("snap-*"))
+    manifest = json.loads((snap / "manifest.json").read_text())
+    (snap / "manifest.json").write_text(json.dumps(manifest | {"version": 99}))
+    with pytest.raises(IndexFormatError, match="version 99"):
+        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+    np.save(snap / "dense_vectors.npy", np.zeros((3, 32), np.float32))
+    with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy has shape"):
+        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    with pytest.raises(FileNotFoundError, match="no m3-rag index"):
+        HybridRetriever.load(tmp_path / "nothing", tiny_encoder)
+    (tmp_path / "user-data").mkdir()
+    (tmp_path / "user-data" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an m3-rag index"):
+        retriever.save(tmp_path / "user-data")
+    assert (tmp_path / "user-data" / "notes.txt").read_text() == "mine"
+
+
+def _renamed(enc: M3Encoder) -> M3Encoder:
+    clone = object.__new__(M3Encoder)
+    clone.__dict__.update(enc.__dict__, model_name="another/model")
+    return clone
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import sys, time, numpy as np
+    from m3_rag import M3Encoder, HybridRetriever
+    from m3_rag import persist
+    enc = M3Encoder(sys.argv[1], max_length=64)
+    r = HybridRetriever(enc)
+    r.add_texts(["new text %d" % i for i in range(30)])
+    real_save = np.save
+    def slow_save(path, arr, allow_pickle=False):
+        real_save(path, arr, allow_pickle=allow_pickle)
+        open(sys.argv[3], "w").write("writing")
+        time.sleep(600)  # killed here, mid-save
+    persist.np.save = slow_save
+    r.save(sys.argv[2])
+    """
+)
+
+
+def test_killed_save_leaves_previous_index_loadable(
+    retriever: HybridRetriever, tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    idx = tmp_path / "idx"
+    retriever.save(idx)
+    before = retriever.search("capital of France", k=5)
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVE, str(tiny_encoder.path), str(idx), str(marker)]
+    )
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the saving process never reached the middle of its save"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(p.name.startswith(".tmp-snap-") for p in idx.iterdir())  # the half-written one
+    loaded = HybridRetriever.load(idx, tiny_encoder)
+    assert len(loaded) == len(retriever) and loaded.search("capital of France", k=5) == before
+    retriever.save(idx)  # the next save cleans the leftovers
+    assert not any(p.name.startswith(".tmp-") for p in idx.iterdir())
+
+
+def test_concurrent_search_and_add(tiny_encoder: M3Encoder) -> None:
+    r = HybridRetriever(tiny_encoder)
+    r.add_texts(SAMPLE_TEXTS, ids=IDS)
+    errors: list[BaseException] = []
+    results: list[list[str]] = []
+
+    def searcher() -> None:
+        try:
+            for _ in range(15):
+                hits = r.search("capital of France", k=5)
+                assert len({h.id for h in hits}) == len(hits) == 5
+                assert all(h.text for h in hits)
+                results.append([h.id for h in hits])
+        except BaseException as e:
+            errors.append(e)
+
+    def adder() -> None:
+        try:
+            for i in range(10):
+                r.add_texts([f"extra document {i}"], ids=[f"extra{i}"])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)] + [
+        threading.Thread(target=adder)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(r) == len(SAMPLE_TEXTS) + 10 and len(results) == 45
+
+
+def test_bad_constructor_arguments(tiny_encoder: M3Encoder) -> None:
+    with pytest.raises(TypeError, match="M3Encoder"):
+        HybridRetriever("BAAI/bge-m3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lexical"):
+        HybridRetriever(tiny_encoder, lexical="tfidf")
+    with pytest.raises(ValueError, match="candidates"):
+        HybridRetriever(tiny_encoder, candidates=0)
+    with pytest.raises(ValueError, match="dtype"):
+        HybridRetriever(tiny_encoder, colbert_dtype="int4")
+    assert os.fspath(tiny_encoder.path)
