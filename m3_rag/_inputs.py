@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 
 def check_texts(texts: Any, name: str = "texts") -> list[str]:
@@ -77,4 +80,50 @@ def check_pairs(pairs: Any, name: str = "pairs") -> list[tuple[str, str]]:
                 f"{name}[{i}] must be a (query, passage) pair of two str, got {pair!r:.80}"
             )
         out.append((pair[0], pair[1]))
+    return out
+
+
+def check_weights(weights: Any) -> tuple[float, float, float]:
+    """``(dense, lexical/sparse, colbert)`` weights: three finite numbers >= 0, positive sum."""
+    try:
+        w = tuple(float(x) for x in weights)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"
+        ) from e
+    if len(w) != 3 or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(
+            f"weights must be three finite numbers >= 0 with a positive sum, got {weights!r}"
+        )
+    return (w[0], w[1], w[2])
+
+
+def check_count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_metadatas(metadatas: Any, n: int) -> list[dict[str, Any]]:
+    if metadatas is None:
+        return [{} for _ in range(n)]
+    if isinstance(metadatas, (str, bytes, Mapping)) or not isinstance(metadatas, Sequence):
+        raise TypeError(f"metadatas must be a list of dicts, got {type(metadatas).__name__}")
+    if len(metadatas) != n:
+        raise ValueError(f"got {len(metadatas)} metadatas for {n} texts")
+    out = []
+    for i, m in enumerate(metadatas):
+        if m is None:
+            m = {}
+        if not isinstance(m, Mapping) or not all(isinstance(key, str) for key in m):
+            raise TypeError(f"metadatas[{i}] must be a dict with str keys, got {type(m).__name__}")
+        try:
+            json.dumps(m)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"metadatas[{i}] is not JSON-serialisable ({e}); store plain values"
+            ) from e
+        out.append(dict(m))
     return out

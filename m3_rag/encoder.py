@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from m3_rag import scoring
 from m3_rag._device import resolve_device, resolve_dtype
-from m3_rag._inputs import check_pairs, check_texts
+from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
 from m3_rag._postprocess import colbert_vectors, pool, sparse_weights
 from m3_rag.loading import (
     HEAD_FILES,
@@ -93,10 +93,10 @@ class M3Encoder:
         revision: str | None = None,
         local_files_only: bool = False,
     ) -> None:
-        _check_positive_int(max_length, "max_length")
-        _check_positive_int(batch_size, "batch_size")
+        check_count(max_length, "max_length", 1)
+        check_count(batch_size, "batch_size", 1)
         if query_max_length is not None:
-            _check_positive_int(query_max_length, "query_max_length")
+            check_count(query_max_length, "query_max_length", 1)
         path = resolve_model_dir(
             model_name_or_path,
             cache_dir=cache_dir,
@@ -209,12 +209,8 @@ class M3Encoder:
         items = check_texts(texts)
         want_sparse = self._want("sparse", return_sparse, self.has_sparse)
         want_colbert = self._want("colbert", return_colbert, self.has_colbert)
-        bs = (
-            self.batch_size if batch_size is None else _check_positive_int(batch_size, "batch_size")
-        )
-        ml = (
-            self.max_length if max_length is None else _check_positive_int(max_length, "max_length")
-        )
+        bs = self.batch_size if batch_size is None else check_count(batch_size, "batch_size", 1)
+        ml = self.max_length if max_length is None else check_count(max_length, "max_length", 1)
         ml = self._cap(ml)
         n = len(items)
         dense = np.zeros((n, self.dense_dim), dtype=np.float32) if return_dense else None
@@ -331,7 +327,11 @@ class M3Encoder:
             score per pair; a dense-only model returns ``{'dense'}`` only.
         """
         items = check_pairs(pairs)
-        w = _check_weights(weights)
+        w = check_weights(weights)
+        if w[0] + w[1] <= 0:
+            raise ValueError(
+                f"weights {w}: dense + sparse must be > 0 ('sparse+dense' divides by it)"
+            )
         q = self.encode_queries(
             [p[0] for p in items],
             batch_size=batch_size,
@@ -356,25 +356,3 @@ class M3Encoder:
             (w[0] * dense + w[1] * sparse + w[2] * colbert) / sum(w)
         ).tolist()
         return result
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
-def _check_weights(weights: Any) -> Weights3:
-    try:
-        w = tuple(float(x) for x in weights)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"
-        ) from e
-    if len(w) != 3:
-        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {len(w)}")
-    if any(x < 0 for x in w) or w[0] + w[1] <= 0 or sum(w) <= 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {w}")
-    return (w[0], w[1], w[2])

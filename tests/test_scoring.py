@@ -57,6 +57,12 @@ def test_packed_maxsim_equals_loop(lengths: list[int], q_len: int, seed: int) ->
     got = scoring.colbert_scores_packed(q, packed, offsets)
     want = [float((q @ d.T).max(axis=1).mean()) if len(d) else 0.0 for d in docs]
     np.testing.assert_allclose(got, want, atol=1e-5)
+    rows = np.random.default_rng(seed).permutation(len(lengths))[: max(1, len(lengths) // 2)]
+    np.testing.assert_allclose(
+        scoring.colbert_scores_rows(q, packed, offsets, rows, chunk=3),
+        np.asarray(want)[rows],
+        atol=1e-5,
+    )
     nonempty = [d for d in docs if len(d)]
     if nonempty:
         pair = scoring.pairwise_colbert([q] * len(nonempty), nonempty)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m3_rag.scoring import colbert_scores_packed
+from m3_rag.scoring import colbert_scores_rows
 from m3_rag.stores.base import IdRows, check_ids
 
 __all__ = ["ColbertStore"]
@@ -106,8 +106,7 @@ class ColbertStore(IdRows):
 
     def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """MaxSim of ``query [q, dim]`` against the documents at ``rows`` -> ``[len(rows)]``."""
-        packed, offsets = self.vectors(rows)
-        return colbert_scores_packed(query, packed, offsets)
+        return colbert_scores_rows(query, self._data[: self._n_rows], self._offsets, rows)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"vectors": self._data[: self._n_rows], "offsets": self._offsets}
