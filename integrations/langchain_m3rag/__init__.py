@@ -1,0 +1,17 @@
+"""LangChain adapters over m3-rag: ``M3Embeddings``, ``M3Retriever``, ``M3Reranker``."""
+
+from __future__ import annotations
+
+try:
+    import langchain_core  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised by the import-error test
+    raise ImportError(
+        "langchain_m3rag needs LangChain's core package: "
+        'install it with `pip install "m3-rag[langchain]"`'
+    ) from e
+
+from langchain_m3rag.compressors import M3Reranker
+from langchain_m3rag.embeddings import M3Embeddings
+from langchain_m3rag.retrievers import M3Retriever
+
+__all__ = ["M3Embeddings", "M3Reranker", "M3Retriever"]

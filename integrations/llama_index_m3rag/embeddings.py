@@ -1,0 +1,128 @@
+"""LlamaIndex embeddings: dense (``M3Embedding``) and lexical (``M3SparseEmbedding``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.embeddings.base_sparse import BaseSparseEmbedding
+from pydantic import PrivateAttr
+
+from m3_rag import M3Encoder
+
+
+def _encoder(
+    encoder: M3Encoder | None, model_name: str, model_kwargs: dict[str, Any] | None
+) -> M3Encoder:
+    if encoder is not None:
+        if not isinstance(encoder, M3Encoder):
+            raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
+        return encoder
+    return M3Encoder(model_name, **(model_kwargs or {}))
+
+
+class M3Embedding(BaseEmbedding):
+    """Dense BGE-M3 vectors for LlamaIndex (``Settings.embed_model = M3Embedding(...)``).
+
+    Args:
+        model_name: Hub id or local directory (ignored when ``encoder`` is given).
+        encoder: An existing :class:`m3_rag.M3Encoder` to share.
+        model_kwargs: ``M3Encoder`` keyword arguments.
+    """
+
+    _encoder: M3Encoder = PrivateAttr()
+
+    def __init__(
+        self,
+        model_name: str = "BAAI/bge-m3",
+        encoder: M3Encoder | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        enc = _encoder(encoder, model_name, model_kwargs)
+        kwargs.setdefault("embed_batch_size", enc.batch_size)
+        super().__init__(model_name=enc.model_name, **kwargs)
+        self._encoder = enc
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "M3Embedding"
+
+    @property
+    def encoder(self) -> M3Encoder:
+        return self._encoder
+
+    def _dense(self, texts: list[str], query: bool) -> list[list[float]]:
+        fn = self._encoder.encode_queries if query else self._encoder.encode_documents
+        out = fn(texts, return_sparse=False, return_colbert=False)
+        assert out.dense is not None
+        return out.dense.tolist()
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._dense([query], query=True)[0]
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._dense([text], query=False)[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self._dense(texts, query=False)
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+
+class M3SparseEmbedding(BaseSparseEmbedding):
+    """BGE-M3 lexical weights ``{token_id: weight}`` for LlamaIndex sparse retrieval.
+
+    Args:
+        model_name: Hub id or local directory (ignored when ``encoder`` is given).
+        encoder: An existing :class:`m3_rag.M3Encoder` to share (must have the sparse head).
+        model_kwargs: ``M3Encoder`` keyword arguments.
+    """
+
+    _encoder: M3Encoder = PrivateAttr()
+
+    def __init__(
+        self,
+        model_name: str = "BAAI/bge-m3",
+        encoder: M3Encoder | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        enc = _encoder(encoder, model_name, model_kwargs)
+        if not enc.has_sparse:
+            raise ValueError(
+                f"{enc.model_name!r} is dense-only: M3SparseEmbedding needs a BGE-M3 checkpoint"
+            )
+        kwargs.setdefault("embed_batch_size", enc.batch_size)
+        super().__init__(model_name=enc.model_name, **kwargs)
+        self._encoder = enc
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "M3SparseEmbedding"
+
+    def _sparse(self, texts: list[str], query: bool) -> list[dict[int, float]]:
+        fn = self._encoder.encode_queries if query else self._encoder.encode_documents
+        out = fn(texts, return_dense=False, return_sparse=True, return_colbert=False)
+        assert out.sparse is not None
+        return out.sparse
+
+    def _get_query_embedding(self, query: str) -> dict[int, float]:
+        return self._sparse([query], query=True)[0]
+
+    def _get_text_embedding(self, text: str) -> dict[int, float]:
+        return self._sparse([text], query=False)[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[dict[int, float]]:
+        return self._sparse(texts, query=False)
+
+    async def _aget_query_embedding(self, query: str) -> dict[int, float]:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> dict[int, float]:
+        return await asyncio.to_thread(self._get_text_embedding, text)
