@@ -18,18 +18,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from m3_rag import scoring
-from m3_rag._device import resolve_device, resolve_dtype
 from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
 from m3_rag._postprocess import colbert_vectors, pool, sparse_weights
 from m3_rag.loading import (
     HEAD_FILES,
-    check_checkpoint,
-    load_backbone,
+    load_checkpoint,
     load_linear_head,
-    load_tokenizer,
     model_max_positions,
     read_pooling,
-    resolve_model_dir,
 )
 
 __all__ = ["EncodeOutput", "M3Encoder"]
@@ -97,19 +93,22 @@ class M3Encoder:
         check_count(batch_size, "batch_size", 1)
         if query_max_length is not None:
             check_count(query_max_length, "query_max_length", 1)
-        path = resolve_model_dir(
+        ckpt = load_checkpoint(
             model_name_or_path,
+            device=device,
+            dtype=dtype,
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,
         )
-        weights = check_checkpoint(path)
-        self.model_name = os.fspath(model_name_or_path)
-        self.path = path
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = load_tokenizer(path)
-        self.model = load_backbone(path, weights, self.dtype).to(self.device)
+        path = ckpt.path
+        self.model_name, self.path, self.device, self.dtype = (
+            ckpt.model_name,
+            path,
+            ckpt.device,
+            ckpt.dtype,
+        )
+        self.tokenizer, self.model = ckpt.tokenizer, ckpt.model
         hidden = int(self.model.config.hidden_size)
         self.pooling = read_pooling(path)
 

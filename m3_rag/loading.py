@@ -280,3 +280,42 @@ def model_max_positions(config: Any) -> int | None:
     if config.model_type in ("xlm-roberta", "roberta", "camembert"):
         return int(n) - int(getattr(config, "pad_token_id", 1) or 1) - 1
     return int(n)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What the encoder and the reranker both load: path, device, dtype, tokenizer, model."""
+
+    model_name: str
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    model: Any
+
+
+def load_checkpoint(
+    model_name_or_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    sequence_classification: bool = False,
+) -> LoadedCheckpoint:
+    """Resolve (hub or local), check the files, load tokenizer and model onto the device."""
+    from m3_rag._device import resolve_device, resolve_dtype
+
+    path = resolve_model_dir(
+        model_name_or_path,
+        cache_dir=cache_dir,
+        revision=revision,
+        local_files_only=local_files_only,
+    )
+    weights = check_checkpoint(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(path)
+    model = load_backbone(path, weights, dt, sequence_classification=sequence_classification)
+    return LoadedCheckpoint(os.fspath(model_name_or_path), path, dev, dt, tokenizer, model.to(dev))

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m3_rag._device import resolve_device, resolve_dtype
-from m3_rag._inputs import check_pairs, check_texts
-from m3_rag.loading import check_checkpoint, load_backbone, load_tokenizer, resolve_model_dir
+from m3_rag._inputs import check_count, check_pairs, check_texts
+from m3_rag.loading import load_checkpoint
 
 __all__ = ["RerankResult", "Reranker"]
 
@@ -57,27 +56,27 @@ class Reranker:
         revision: str | None = None,
         local_files_only: bool = False,
     ) -> None:
-        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        path = resolve_model_dir(
+        check_count(max_length, "max_length", 1)
+        check_count(batch_size, "batch_size", 1)
+        ckpt = load_checkpoint(
             model_name_or_path,
+            device=device,
+            dtype=dtype,
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,
+            sequence_classification=True,
         )
-        weights = check_checkpoint(path)
-        self.model_name = os.fspath(model_name_or_path)
-        self.path = path
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = load_tokenizer(path)
-        self.model = load_backbone(path, weights, self.dtype, sequence_classification=True).to(
-            self.device
+        self.model_name, self.path, self.device, self.dtype = (
+            ckpt.model_name,
+            ckpt.path,
+            ckpt.device,
+            ckpt.dtype,
         )
+        self.tokenizer, self.model = ckpt.tokenizer, ckpt.model
         if int(getattr(self.model.config, "num_labels", 1)) != 1:
             raise ValueError(
-                f"{path} has {self.model.config.num_labels} output labels; a reranker has one"
+                f"{self.path} has {self.model.config.num_labels} output labels; a reranker has one"
             )
         self.max_length = max_length
         self.query_max_length = query_max_length or max_length * 3 // 4

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import m3_rag.encoder as encoder_module
+import m3_rag.loading as loading_module
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.testing import SAMPLE_TEXTS
 
@@ -21,9 +21,9 @@ def test_one_encoder_backs_every_adapter(
     from llama_index_m3rag import M3Retriever as LlamaRetriever
 
     loads = []
-    real = encoder_module.load_backbone
+    real = loading_module.load_backbone
     monkeypatch.setattr(
-        encoder_module, "load_backbone", lambda *a, **k: loads.append(a) or real(*a, **k)
+        loading_module, "load_backbone", lambda *a, **k: loads.append(a) or real(*a, **k)
     )
     enc = M3Encoder(tiny_m3_dir)
     M3Embeddings(encoder=enc).embed_query("x")

@@ -163,3 +163,31 @@ def test_store_state_round_trip() -> None:
     bad = col.state() | {"offsets": np.array([0, 1, 2, 99])}
     with pytest.raises(ValueError, match="offsets"):
         ColbertStore.from_state(ids, bad, "float16")
+
+
+def test_each_store_saves_and_loads_itself(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(3)
+    ids = ["a", "b", "c"]
+    stores = [
+        DenseStore(4, "float16"),
+        LexicalStore(20, "bm25", BM25Params(k1=1.2)),
+        ColbertStore(4),
+    ]
+    stores[0].add(ids, _unit(rng, 3, 4))
+    stores[1].add(ids, [{1: 2.0}, {2: 1.0, 3: 1.0}, {1: 1.0}])
+    stores[2].add(ids, [_unit(rng, n, 4) for n in (1, 2, 3)])
+    q = _unit(rng, 4)
+    for store in stores:
+        store.save(tmp_path / type(store).__name__)
+        loaded = type(store).load(tmp_path / type(store).__name__)
+        assert loaded.ids == ids and loaded.config() == store.config()
+    d2 = DenseStore.load(tmp_path / "DenseStore")
+    np.testing.assert_array_equal(d2.scores(q), stores[0].scores(q))
+    l2 = LexicalStore.load(tmp_path / "LexicalStore")
+    np.testing.assert_array_equal(l2.scores({1: 1.0}), stores[1].scores({1: 1.0}))
+    c2 = ColbertStore.load(tmp_path / "ColbertStore")
+    np.testing.assert_array_equal(
+        c2.scores(q[None], np.arange(3)), stores[2].scores(q[None], np.arange(3))
+    )
+    with pytest.raises(ValueError, match="not a DenseStore"):
+        DenseStore.load(tmp_path / "ColbertStore")

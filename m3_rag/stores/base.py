@@ -6,10 +6,13 @@ never come back in results.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from m3_rag.persist import read_index, write_index
 
 __all__ = ["IdRows", "check_ids", "top_k"]
 
@@ -109,6 +112,34 @@ class IdRows:
         keep = np.ones(len(self._ids), dtype=bool)
         keep[rows] = False
         return keep
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that :meth:`load` needs (overridden by each store)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to persist (overridden by each store)."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this store alone to a directory (JSON manifest + ``.npy``, atomic, no pickle)."""
+        manifest = {"store": type(self).__name__, "count": len(self), "config": self.config()}
+        write_index(path, manifest, self.state(), ({"id": i} for i in self._ids))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Any:
+        """Read a store written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: nothing saved at ``path``.
+            ValueError: the directory holds another kind of store, or inconsistent arrays.
+        """
+        manifest, arrays, docs = read_index(path)
+        if manifest.get("store") != cls.__name__:
+            raise ValueError(f"{path} holds a {manifest.get('store')!r}, not a {cls.__name__}")
+        # each store defines from_state(ids, arrays, **config) with its own config keys
+        return cls.from_state([d["id"] for d in docs], arrays, **manifest["config"])  # type: ignore[attr-defined]
 
     def _drop_ids(self, keep: np.ndarray) -> None:
         self._ids = [i for i, k in zip(self._ids, keep.tolist(), strict=True) if k]

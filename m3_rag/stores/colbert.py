@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,11 +109,20 @@ class ColbertStore(IdRows):
         """MaxSim of ``query [q, dim]`` against the documents at ``rows`` -> ``[len(rows)]``."""
         return colbert_scores_rows(query, self._data[: self._n_rows], self._offsets, rows)
 
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "dtype": str(self.dtype)}
+
     def state(self) -> dict[str, np.ndarray]:
         return {"vectors": self._data[: self._n_rows], "offsets": self._offsets}
 
     @classmethod
-    def from_state(cls, ids: list[str], arrays: dict[str, np.ndarray], dtype: str) -> ColbertStore:
+    def from_state(
+        cls,
+        ids: list[str],
+        arrays: dict[str, np.ndarray],
+        dtype: str = "float16",
+        dim: int | None = None,
+    ) -> ColbertStore:
         vecs, offsets = arrays["vectors"], arrays["offsets"].astype(np.int64)
         if (
             len(offsets) != len(ids) + 1
@@ -120,6 +130,8 @@ class ColbertStore(IdRows):
             or (np.diff(offsets) < 0).any()
         ):
             raise ValueError("ColBERT offsets are inconsistent with the stored vectors")
+        if dim is not None and vecs.shape[1] != dim:
+            raise ValueError(f"ColBERT vectors have dim {vecs.shape[1]}, expected {dim}")
         store = cls(vecs.shape[1], dtype)
         store._data = np.ascontiguousarray(vecs, dtype=store.dtype)
         store._n_rows = len(vecs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,13 +88,26 @@ class DenseStore(IdRows):
             out[s : s + _CHUNK] = data[s : s + _CHUNK].astype(np.float32) @ q
         return out
 
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "dtype": str(self.dtype)}
+
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to persist."""
         return {"vectors": self.vectors}
 
     @classmethod
-    def from_state(cls, ids: list[str], arrays: dict[str, np.ndarray], dtype: str) -> DenseStore:
+    def from_state(
+        cls,
+        ids: list[str],
+        arrays: dict[str, np.ndarray],
+        dtype: str = "float32",
+        dim: int | None = None,
+    ) -> DenseStore:
         vecs = arrays["vectors"]
+        if vecs.ndim != 2 or len(vecs) != len(ids) or (dim is not None and vecs.shape[1] != dim):
+            raise ValueError(
+                f"dense vectors of shape {vecs.shape} do not fit {len(ids)} ids of dim {dim}"
+            )
         store = cls(vecs.shape[1], dtype)
         store._data = np.ascontiguousarray(vecs, dtype=store.dtype)
         store._append_ids(ids)

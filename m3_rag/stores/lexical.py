@@ -8,6 +8,7 @@ scoring costs the length of those lists, not the size of the corpus.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -144,6 +145,9 @@ class LexicalStore(IdRows):
         postings = self._index()[terms]  # [q, n] sparse
         return np.asarray(postings.T @ weights, dtype=np.float32).reshape(-1)
 
+    def config(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "kind": self.kind, "bm25": self.bm25.as_dict()}
+
     def state(self) -> dict[str, np.ndarray]:
         m = self._matrix()
         return {
@@ -159,9 +163,9 @@ class LexicalStore(IdRows):
         arrays: dict[str, np.ndarray],
         vocab_size: int,
         kind: str,
-        bm25: BM25Params | None = None,
+        bm25: BM25Params | dict[str, float] | None = None,
     ) -> LexicalStore:
-        store = cls(vocab_size, kind, bm25)
+        store = cls(vocab_size, kind, BM25Params(**bm25) if isinstance(bm25, dict) else bm25)
         indptr, indices, data = arrays["indptr"], arrays["indices"], arrays["data"]
         if len(indptr) != len(ids) + 1 or len(indices) != len(data) or int(indptr[-1]) != len(data):
             raise ValueError("lexical arrays are inconsistent with the number of documents")

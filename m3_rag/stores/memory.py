@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag.filters import Filter, filter_mask
+from m3_rag.persist import read_index, write_index
 from m3_rag.stores.base import IdRows, check_ids, top_k
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
@@ -185,6 +187,18 @@ class MemoryBackend(IdRows):
             "bm25": None if self.lexical is None else self.lexical.bm25.as_dict(),
         }
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the backend (documents and every store) to a directory, atomically."""
+        write_index(path, {"store": "MemoryBackend", **self.config()}, self.state(), self.docs())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MemoryBackend:
+        """Read a backend written by :meth:`save` (or a ``HybridRetriever`` index)."""
+        manifest, arrays, docs = read_index(path)
+        if manifest.get("store", "MemoryBackend") != "MemoryBackend":
+            raise ValueError(f"{path} holds a {manifest.get('store')!r}, not a MemoryBackend")
+        return cls.from_state(manifest, arrays, docs)
+
     @classmethod
     def from_state(
         cls, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], docs: list[dict[str, Any]]
@@ -208,11 +222,7 @@ class MemoryBackend(IdRows):
             raise ValueError("dense vectors do not have the manifest's dimension")
         if config["lexical"]:
             self.lexical = LexicalStore.from_state(
-                ids,
-                pick("lexical_"),
-                config["vocab_size"],
-                config["lexical"],
-                None if self.lexical is None else self.lexical.bm25,
+                ids, pick("lexical_"), config["vocab_size"], config["lexical"], config.get("bm25")
             )
         if config["colbert_dim"]:
             self.colbert = ColbertStore.from_state(ids, pick("colbert_"), config["colbert_dtype"])
