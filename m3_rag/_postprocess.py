@@ -11,6 +11,38 @@ import torch
 import torch.nn.functional as F
 
 
+def plan_batches(
+    lengths: np.ndarray, batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Group texts into batches, longest first (padding only to each batch's longest text).
+
+    Args:
+        lengths: ``[n]`` token counts.
+        batch_size: Most texts per batch.
+        max_tokens: Optional token budget per batch, padding included (``rows * longest``):
+            short texts then share big batches and long ones get small batches.
+
+    Returns:
+        Index arrays into ``lengths``; every text in exactly one batch.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    if max_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        rows = int(min(batch_size, max(1, max_tokens // longest)))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
+def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Share of padded positions among all positions computed by ``batches``."""
+    computed = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
+    return 1.0 - float(lengths.sum()) / computed if computed else 0.0
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Sentence pooling -> ``[b, h]``: ``cls`` (first token), ``mean`` or ``max`` (real tokens)."""
     if mode == "cls":

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from m3_rag import scoring
 from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
-from m3_rag._postprocess import colbert_vectors, pool, sparse_weights
+from m3_rag._postprocess import colbert_vectors, plan_batches, pool, sparse_weights
 from m3_rag.loading import (
     HEAD_FILES,
     load_checkpoint,
@@ -67,7 +67,10 @@ class M3Encoder:
             float16 on CUDA, float32 on CPU.
         max_length: Token limit for :meth:`encode` and :meth:`encode_documents` (capped by
             the model's own limit).
-        batch_size: Texts per forward pass.
+        batch_size: Texts per forward pass (at most).
+        max_tokens_per_batch: Optional token budget per forward pass, padding included:
+            short texts share big batches, long ones get small ones (bounds memory; default
+            ``None``: batches of ``batch_size`` texts).
         query_max_length: Token limit for :meth:`encode_queries` (default ``max_length``).
         query_instruction: Prefix added to queries by :meth:`encode_queries` (BGE v1.5 style).
         normalize: L2-normalise dense vectors (BGE-M3 does).
@@ -82,6 +85,7 @@ class M3Encoder:
         dtype: str | torch.dtype | None = None,
         max_length: int = 512,
         batch_size: int = 32,
+        max_tokens_per_batch: int | None = None,
         query_max_length: int | None = None,
         query_instruction: str | None = None,
         normalize: bool = True,
@@ -133,6 +137,11 @@ class M3Encoder:
         self.max_length = self._cap(max_length)
         self.query_max_length = self._cap(query_max_length or max_length)
         self.batch_size = batch_size
+        self.max_tokens_per_batch = (
+            None
+            if max_tokens_per_batch is None
+            else check_count(max_tokens_per_batch, "max_tokens_per_batch", 1)
+        )
         self.query_instruction = query_instruction
         self.normalize = normalize
         special = ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -231,8 +240,7 @@ class M3Encoder:
             return_token_type_ids=False,
         )["input_ids"]
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")
-        batches = [order[i : i + bs] for i in range(0, n, bs)]
+        batches = plan_batches(lengths, bs, self.max_tokens_per_batch)
         progress = n > 256 if show_progress is None else show_progress
         for idx in tqdm(batches, desc="Encoding", unit="batch", disable=not progress):
             out = self._forward(

@@ -171,3 +171,20 @@ def test_missing_directory_and_offline_hub(tmp_path: Path) -> None:
         M3Encoder("BAAI/definitely-not-cached-here", local_files_only=True)
     with pytest.raises(TypeError, match="hub id or a local directory"):
         M3Encoder(42)  # type: ignore[arg-type]
+
+
+def test_token_budget_batching(tiny_m3_dir: Path) -> None:
+    from m3_rag._postprocess import padding_waste, plan_batches
+
+    lengths = np.array([5, 300, 12, 300, 7, 64, 64, 2, 150])
+    plan = plan_batches(lengths, batch_size=100, max_tokens=600)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(lengths)))
+    assert all(len(b) * lengths[b].max() <= 600 for b in plan)
+    assert padding_waste(lengths, plan) < padding_waste(lengths, [np.arange(len(lengths))])
+    budget = M3Encoder(tiny_m3_dir, max_length=64, max_tokens_per_batch=100)
+    plain = M3Encoder(tiny_m3_dir, max_length=64, batch_size=2)
+    a, b = budget.encode(MULTILINGUAL), plain.encode(MULTILINGUAL)
+    assert a.dense is not None and b.dense is not None
+    np.testing.assert_allclose(a.dense, b.dense, atol=1e-5)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        M3Encoder(tiny_m3_dir, max_tokens_per_batch=0)
