@@ -17,6 +17,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,14 +31,26 @@ DIM = 1024
 VOCAB = 30_000
 
 
+def synthetic_encoder() -> M3Encoder:
+    """A 1-layer model with BGE-M3's output shapes (1024-d, 30k vocabulary): only its
+    dimensions matter here, queries and documents are synthetic."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_m3_checkpoint(
+            Path(tmp) / "m3-1024", hidden=DIM, layers=1, heads=16, intermediate=64, vocab_size=VOCAB
+        )
+        return M3Encoder(ckpt, device="cpu")
+
+
 def _stats(times: list[float]) -> dict[str, float]:
     ms = np.asarray(times) * 1000
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
 
 
-def build(encoder: M3Encoder, n: int, colbert_tokens: int, seed: int = 0) -> HybridRetriever:
+def build(
+    encoder: M3Encoder, n: int, colbert_tokens: int, seed: int = 0, backend: Any = "memory"
+) -> HybridRetriever:
     rng = np.random.default_rng(seed)
-    r = HybridRetriever(encoder, candidates=100)
+    r = HybridRetriever(encoder, candidates=100, backend=backend)
     chunk = 2000
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
@@ -112,11 +125,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/bench_search.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_m3_checkpoint(
-            Path(tmp) / "m3-1024", hidden=DIM, layers=1, heads=16, intermediate=64, vocab_size=VOCAB
-        )
-        encoder = M3Encoder(ckpt, device="cpu")
+    encoder = synthetic_encoder()
     results = []
     tokens = dict(
         zip(

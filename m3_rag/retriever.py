@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from m3_rag import scoring
 from m3_rag._inputs import check_count, check_metadatas, check_texts, check_weights
@@ -18,9 +19,11 @@ from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
 from m3_rag.persist import read_index, write_index
 from m3_rag.rerank import Reranker
+from m3_rag.stores.backend import BackendSpec
 from m3_rag.stores.base import check_ids, top_k
 from m3_rag.stores.lexical import BM25Params
 from m3_rag.stores.memory import MemoryBackend
+from m3_rag.stores.milvus import MilvusBackend
 
 __all__ = ["HybridRetriever", "SearchHit"]
 
@@ -69,6 +72,9 @@ class HybridRetriever:
         dense_dtype: ``"float32"`` or ``"float16"`` storage for dense vectors.
         colbert_dtype: ``"float16"`` (default) or ``"float32"`` storage for ColBERT vectors.
         bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
+        backend: ``"memory"`` (in-process stores, :meth:`save`/:meth:`load` to disk) or a
+            :class:`~m3_rag.stores.milvus.MilvusBackend` (Milvus Lite file or Milvus server;
+            the collection persists by itself and is reopened by passing it again).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class HybridRetriever:
         dense_dtype: str = "float32",
         colbert_dtype: str = "float16",
         bm25: BM25Params | None = None,
+        backend: str | MilvusBackend = "memory",
     ) -> None:
         if not isinstance(encoder, M3Encoder):
             raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
@@ -104,15 +111,34 @@ class HybridRetriever:
                 f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only"
             )
         self.lexical = None if lexical == "none" else lexical
-        self.backend = MemoryBackend(
-            encoder.dense_dim,
-            encoder.colbert_dim,
-            self.lexical,
-            encoder.vocab_size,
-            dense_dtype=dense_dtype,
-            colbert_dtype=colbert_dtype,
-            bm25=bm25,
-        )
+        self.backend: MemoryBackend | MilvusBackend
+        if isinstance(backend, MilvusBackend):
+            spec = BackendSpec(
+                encoder.model_name,
+                encoder.dense_dim,
+                encoder.colbert_dim,
+                self.lexical,
+                encoder.vocab_size,
+                dense_dtype=dense_dtype,
+                colbert_dtype=colbert_dtype,
+                bm25=bm25,
+            )
+            self.backend = backend.open(spec)
+        elif backend == "memory":
+            self.backend = MemoryBackend(
+                encoder.dense_dim,
+                encoder.colbert_dim,
+                self.lexical,
+                encoder.vocab_size,
+                dense_dtype=dense_dtype,
+                colbert_dtype=colbert_dtype,
+                bm25=bm25,
+            )
+        else:
+            raise TypeError(
+                f"backend must be 'memory' or a MilvusBackend(uri=..., collection=...), "
+                f"got {backend!r}"
+            )
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -123,6 +149,10 @@ class HybridRetriever:
             f"HybridRetriever({len(self)} docs, lexical={self.lexical}, "
             f"colbert={self.encoder.has_colbert}, fusion={self.fusion}, weights={self.weights})"
         )
+
+    def _known_empty(self) -> bool:
+        """True when the index is certainly empty (asked only where it is free)."""
+        return isinstance(self.backend, MemoryBackend) and len(self.backend) == 0
 
     @property
     def _lex_key(self) -> str:
@@ -172,6 +202,42 @@ class HybridRetriever:
             self.backend.add(doc_ids, items, metas, out.dense, lexical, out.colbert)
         return doc_ids
 
+    def add_from(
+        self, source: HybridRetriever, *, batch_size: int = 1000, show_progress: bool = False
+    ) -> int:
+        """Copy every document of an in-memory retriever, with its stored encodings (no
+        model pass), e.g. to move a saved index into Milvus.
+
+        Returns:
+            The number of documents copied.
+
+        Raises:
+            TypeError: ``source`` is not an in-memory HybridRetriever.
+            ValueError: ``source`` was built with another model shape or lexical kind.
+        """
+        if not isinstance(source, HybridRetriever) or not isinstance(source.backend, MemoryBackend):
+            raise TypeError("source must be a HybridRetriever with the memory backend")
+        a, b = source.encoder, self.encoder
+        if (a.dense_dim, a.colbert_dim, source.lexical) != (
+            b.dense_dim,
+            b.colbert_dim,
+            self.lexical,
+        ):
+            raise ValueError(
+                "source has dense/ColBERT dims and lexical kind "
+                f"{a.dense_dim}/{a.colbert_dim}/{source.lexical}, this retriever "
+                f"{b.dense_dim}/{b.colbert_dim}/{self.lexical}"
+            )
+        n = 0
+        total = -(-len(source) // batch_size)
+        with source._lock:
+            batches = source.backend.export(batch_size)
+            for batch in tqdm(batches, total=total, desc="copy", disable=not show_progress):
+                with self._lock:
+                    self.backend.add(*batch)
+                n += len(batch.ids)
+        return n
+
     def _term_counts(self, texts: list[str]) -> sp.csr_matrix:
         """BM25 term counts: the model's tokenizer, no special tokens, no truncation."""
         tok = self.encoder.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
@@ -215,7 +281,7 @@ class HybridRetriever:
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
         opts = self._options(k, filter, weights, fusion, candidates, rerank, query)
-        if opts.k == 0 or len(self) == 0:
+        if opts.k == 0 or self._known_empty():
             return []
         q = self.encoder.encode_queries(
             [query],
@@ -245,7 +311,7 @@ class HybridRetriever:
                 "q must be the encode_queries() output of exactly one query, with dense"
             )
         opts = self._options(k, filter, weights, fusion, candidates, rerank, query_text)
-        if opts.k == 0 or len(self) == 0:
+        if opts.k == 0 or self._known_empty():
             return []
         return self._search(q, opts)
 
@@ -291,10 +357,9 @@ class HybridRetriever:
             counts = self._term_counts([query_text])
             lex_query = dict(zip(counts.indices.tolist(), counts.data.tolist(), strict=True))
         with self._lock:
-            mask = self.backend.mask(flt)
-            if mask is not None and not mask.any():
+            cands = self.backend.candidates(q.dense[0], lex_query, max(n_cand, k), flt)
+            if not cands.ids:
                 return []
-            cands = self.backend.candidates(q.dense[0], lex_query, max(n_cand, k), mask)
             per_mode: dict[str, np.ndarray] = {"dense": cands.dense}
             if cands.lexical is not None and w[1] > 0:
                 per_mode[self._lex_key] = cands.lexical
@@ -303,7 +368,7 @@ class HybridRetriever:
             fused = self._fuse(per_mode, w, how)
             n_keep = max(k, self.rerank_top_n) if use_rerank else k
             order = top_k(fused, n_keep)
-            docs = self.backend.get(cands.rows[order])
+            docs = self.backend.documents(cands, order)
         scores = [
             {m: float(s[i]) for m, s in per_mode.items()} | {"fused": float(fused[i])}
             for i in order
@@ -337,7 +402,16 @@ class HybridRetriever:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the index to a directory (JSON manifest + ``.npy``; atomic, no pickle)."""
+        """Write the index to a directory (JSON manifest + ``.npy``; atomic, no pickle).
+
+        Raises:
+            ValueError: the backend is Milvus (it persists by itself).
+        """
+        if not isinstance(self.backend, MemoryBackend):
+            raise ValueError(
+                f"{self.backend!r} persists in Milvus; reopen it with "
+                "HybridRetriever(encoder, backend=MilvusBackend(uri, collection))"
+            )
         with self._lock:
             manifest = {
                 "model": self.encoder.model_name,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from m3_rag.stores.backend import Backend, BackendSpec, Candidates, DocBatch
 from m3_rag.stores.base import IdRows, check_ids, top_k
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
 from m3_rag.stores.lexical import BM25Params, LexicalStore
-from m3_rag.stores.memory import Candidates, MemoryBackend
+from m3_rag.stores.memory import MemoryBackend
 
 __all__ = [
     "BM25Params",
+    "Backend",
+    "BackendSpec",
     "Candidates",
     "ColbertStore",
     "DenseStore",
+    "DocBatch",
     "IdRows",
     "LexicalStore",
     "MemoryBackend",

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from m3_rag.scoring import sparse_matrix
 from m3_rag.stores.base import IdRows, check_ids
 
-__all__ = ["BM25Params", "LexicalStore"]
+__all__ = ["BM25Params", "LexicalStore", "bm25_idf", "bm25_norm", "bm25_tf"]
 
 
 class BM25Params:
@@ -27,6 +27,51 @@ class BM25Params:
 
     def as_dict(self) -> dict[str, float]:
         return {"k1": self.k1, "b": self.b, "epsilon": self.epsilon}
+
+
+def bm25_idf(df: np.ndarray, n: int, p: BM25Params) -> np.ndarray:
+    """rank-bm25 Okapi IDF ``log((n - df + 0.5) / (df + 0.5))`` of every term.
+
+    Negative IDFs become ``epsilon * mean IDF`` of the terms present; absent terms get 0.
+
+    Args:
+        df: ``[V]`` document frequencies.
+        n: Number of documents.
+        p: BM25 parameters.
+
+    Returns:
+        ``[V]`` float64 IDF.
+    """
+    present = df > 0
+    idf = np.zeros(len(df), dtype=np.float64)
+    idf[present] = np.log(n - df[present] + 0.5) - np.log(df[present] + 0.5)
+    if present.any():
+        idf[present & (idf < 0)] = p.epsilon * idf[present].mean()
+    return idf
+
+
+def bm25_tf(tf: np.ndarray, doc_len: np.ndarray, avgdl: float, p: BM25Params) -> np.ndarray:
+    """The document side of BM25, ``tf (k1+1) / (tf + k1 (1 - b + b dl/avgdl))``.
+
+    Args:
+        tf: ``[m]`` term counts.
+        doc_len: ``[m]`` length of the document of each count.
+        avgdl: Mean document length of the corpus.
+        p: BM25 parameters.
+
+    Returns:
+        ``[m]`` float64 weights.
+    """
+    tf = np.asarray(tf, dtype=np.float64)
+    return tf * (p.k1 + 1) / (tf + bm25_norm(doc_len, avgdl, p))
+
+
+def bm25_norm(doc_len: np.ndarray, avgdl: float | np.ndarray, p: BM25Params) -> np.ndarray:
+    """``k1 (1 - b + b dl/avgdl)`` per document length -> float64, same shape.
+
+    ``avgdl`` is the corpus mean length (a scalar, or one per document)."""
+    avg = avgdl if isinstance(avgdl, np.ndarray) else (avgdl or 1.0)
+    return p.k1 * (1 - p.b + p.b * np.asarray(doc_len, dtype=np.float64) / avg)
 
 
 class LexicalStore(IdRows):
@@ -118,19 +163,13 @@ class LexicalStore(IdRows):
         n = counts.shape[0]
         if n == 0 or counts.nnz == 0:
             return counts
-        p = self.bm25
         doc_len = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
         avgdl = doc_len.sum() / n or 1.0
         df = np.bincount(counts.indices, minlength=self.vocab_size).astype(np.float64)
-        present = df > 0
-        idf = np.zeros(self.vocab_size, dtype=np.float64)
-        idf[present] = np.log(n - df[present] + 0.5) - np.log(df[present] + 0.5)
-        eps = p.epsilon * idf[present].mean()
-        idf[present & (idf < 0)] = eps
-        tf = counts.data.astype(np.float64)
+        idf = bm25_idf(df, n, self.bm25)
         rows = np.repeat(np.arange(n), np.diff(counts.indptr))
-        norm = p.k1 * (1 - p.b + p.b * doc_len[rows] / avgdl)
-        data = idf[counts.indices] * tf * (p.k1 + 1) / (tf + norm)
+        tf_part = bm25_tf(counts.data, doc_len[rows], avgdl, self.bm25)
+        data = idf[counts.indices] * tf_part
         return sp.csr_matrix(
             (data.astype(np.float32), counts.indices, counts.indptr), shape=counts.shape
         )

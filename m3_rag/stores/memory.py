@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,30 +12,13 @@ import scipy.sparse as sp
 
 from m3_rag.filters import Filter, filter_mask
 from m3_rag.persist import read_index, write_index
+from m3_rag.stores.backend import Candidates, DocBatch
 from m3_rag.stores.base import IdRows, check_ids, top_k
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
 from m3_rag.stores.lexical import BM25Params, LexicalStore
 
 __all__ = ["Candidates", "MemoryBackend"]
-
-
-@dataclass
-class Candidates:
-    """Stage-1 candidates of one query, with the scores both legs gave them.
-
-    Attributes:
-        ids: ``[c]`` document ids.
-        dense: ``[c]`` dense scores.
-        lexical: ``[c]`` lexical scores (0 where the document shares no term), or ``None``
-            when there is no lexical leg.
-        rows: backend-private row numbers (memory backend).
-    """
-
-    ids: list[str]
-    dense: np.ndarray
-    lexical: np.ndarray | None
-    rows: np.ndarray
 
 
 class MemoryBackend(IdRows):
@@ -132,6 +115,11 @@ class MemoryBackend(IdRows):
         """``(id, text, metadata copy)`` of each row."""
         return [(self._ids[r], self._texts[r], dict(self._metadatas[r])) for r in rows.tolist()]
 
+    def documents(
+        self, cands: Candidates, order: np.ndarray
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        return self.get(cands.rows[order])
+
     def mask(self, flt: Filter) -> np.ndarray | None:
         return filter_mask(self._metadatas, flt)
 
@@ -140,9 +128,13 @@ class MemoryBackend(IdRows):
         dense_query: np.ndarray,
         lexical_query: Mapping[int, float] | None,
         n: int,
-        mask: np.ndarray | None,
+        flt: Filter = None,
     ) -> Candidates:
-        """Union of the dense top-``n`` and the lexical top-``n`` (lexical score > 0)."""
+        """Union of the dense top-``n`` and the lexical top-``n`` (lexical score > 0), both
+        restricted to the documents that pass ``flt``."""
+        mask = self.mask(flt)
+        if len(self) == 0 or (mask is not None and not mask.any()):
+            return Candidates.empty(self.lexical is not None and lexical_query is not None)
         dense = self.dense.scores(dense_query)
         rows = top_k(dense, n, mask)
         lex = None
@@ -170,6 +162,24 @@ class MemoryBackend(IdRows):
         if self.colbert is not None:
             arrays |= {f"colbert_{k}": v for k, v in self.colbert.state().items()}
         return arrays
+
+    def export(self, batch_size: int = 1000) -> Iterator[DocBatch]:
+        """Every document with its stored encodings, ``batch_size`` at a time (to copy an
+        index to another backend without encoding again)."""
+        for start in range(0, len(self), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(self)))
+            colbert = None
+            if self.colbert is not None:
+                packed, offsets = self.colbert.vectors(rows)
+                colbert = [packed[a:b] for a, b in itertools.pairwise(offsets)]
+            yield DocBatch(
+                ids=[self._ids[r] for r in rows.tolist()],
+                texts=[self._texts[r] for r in rows.tolist()],
+                metadatas=[dict(self._metadatas[r]) for r in rows.tolist()],
+                dense=self.dense.vectors[rows].astype(np.float32),
+                lexical=None if self.lexical is None else self.lexical._matrix()[rows],
+                colbert=colbert,
+            )
 
     def docs(self) -> Iterator[dict[str, Any]]:
         for i, t, m in zip(self._ids, self._texts, self._metadatas, strict=True):

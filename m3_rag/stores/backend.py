@@ -1,0 +1,127 @@
+"""The storage seam of :class:`~m3_rag.HybridRetriever`: what every backend provides.
+
+A backend keeps documents (id, text, metadata) with their dense vector, lexical weights and
+ColBERT vectors, generates stage-1 candidates for a query and scores them. Fusion, the
+reranker and result objects live in the retriever, so every backend ranks identically.
+Two implementations: :class:`~m3_rag.stores.MemoryBackend` (embedded default) and
+:class:`~m3_rag.stores.milvus.MilvusBackend` (Milvus Lite or a Milvus server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from m3_rag.filters import Filter
+from m3_rag.stores.lexical import BM25Params
+
+__all__ = ["Backend", "BackendSpec", "Candidates", "DocBatch"]
+
+
+@dataclass
+class Candidates:
+    """Stage-1 candidates of one query, with the scores both legs gave them.
+
+    Attributes:
+        ids: ``[c]`` document ids.
+        dense: ``[c]`` dense scores.
+        lexical: ``[c]`` lexical scores (0 where the document shares no term), or ``None``
+            when there is no lexical leg.
+        rows: ``[c]`` backend-private row numbers.
+        payload: backend-private data (the Milvus backend keeps the fetched documents here).
+    """
+
+    ids: list[str]
+    dense: np.ndarray
+    lexical: np.ndarray | None
+    rows: np.ndarray
+    payload: Any = None
+
+    @classmethod
+    def empty(cls, lexical: bool) -> Candidates:
+        z = np.zeros(0, dtype=np.float32)
+        return cls([], z, z if lexical else None, np.zeros(0, dtype=np.int64))
+
+
+class DocBatch(NamedTuple):
+    """Documents with their stored encodings (what :meth:`Backend.add` takes).
+
+    Attributes:
+        ids, texts, metadatas: ``m`` of each.
+        dense: ``[m, dense_dim]`` float32.
+        lexical: ``[m, vocab_size]`` CSR (M3 weights or BM25 term counts), or ``None``.
+        colbert: ``m`` arrays ``[t_i, colbert_dim]``, or ``None``.
+    """
+
+    ids: list[str]
+    texts: list[str]
+    metadatas: list[dict[str, Any]]
+    dense: np.ndarray
+    lexical: sp.csr_matrix | None
+    colbert: list[np.ndarray] | None
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a retriever needs a backend to hold (fixed for the life of an index).
+
+    Attributes:
+        model: Encoder model name (an index refuses an encoder of another model).
+        dense_dim: Dense vector size.
+        colbert_dim: ColBERT vector size, ``None`` when the model has no ColBERT head.
+        lexical: ``"m3"``, ``"bm25"`` or ``None``.
+        vocab_size: Token-id space of the lexical leg.
+        dense_dtype: Dense storage dtype.
+        colbert_dtype: ColBERT storage dtype.
+        bm25: BM25 parameters.
+    """
+
+    model: str
+    dense_dim: int
+    colbert_dim: int | None
+    lexical: str | None
+    vocab_size: int
+    dense_dtype: str = "float32"
+    colbert_dtype: str = "float16"
+    bm25: BM25Params | None = None
+
+
+class Backend(Protocol):
+    """The operations :class:`~m3_rag.HybridRetriever` calls."""
+
+    def __len__(self) -> int: ...
+
+    def add(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        metadatas: Sequence[dict[str, Any]],
+        dense: np.ndarray,
+        lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
+        colbert: Sequence[np.ndarray] | None,
+    ) -> None:
+        """Add (or replace by id) documents; validate everything before changing anything."""
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents; an unknown id raises ``KeyError`` and nothing is removed."""
+
+    def candidates(
+        self,
+        dense_query: np.ndarray,
+        lexical_query: Mapping[int, float] | None,
+        n: int,
+        flt: Filter,
+    ) -> Candidates:
+        """Union of the dense top-``n`` and the lexical top-``n`` (score > 0) passing ``flt``."""
+
+    def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
+        """MaxSim of ``query [q, dim]`` against each candidate -> ``[c]``."""
+
+    def documents(
+        self, cands: Candidates, order: np.ndarray
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(id, text, metadata copy)`` of the candidates at positions ``order``."""

@@ -1,0 +1,556 @@
+"""Milvus backend: the same HybridRetriever over Milvus Lite (a local file) or a Milvus server.
+
+One collection of documents per retriever: ``id`` (primary key), ``text``, ``metadata``
+(JSON), ``dense`` (FLOAT_VECTOR, IP), ``sparse`` (SPARSE_FLOAT_VECTOR, IP, inverted index)
+and ``colbert`` (the document's ColBERT vectors in their storage dtype, base64 in an
+ARRAY<VARCHAR>). A one-row-per-key side collection ``<name>_m3meta`` holds the index
+configuration and, for BM25, the corpus statistics (document frequencies, count, length).
+
+Candidate generation (dense top-n, lexical top-n, metadata filter) runs in Milvus; the
+candidates' rows are then fetched and scored client-side with the same functions as the
+memory backend, so per-mode scores and rankings agree with it. BM25 rows store the
+document side ``tf (k1+1) / (tf + K)`` with the mean length at write time and queries carry
+the IDF: Milvus ranks by exact BM25 while the corpus is unchanged since the last write; the
+returned scores are always exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from m3_rag.filters import Filter, milvus_expr, milvus_literal
+from m3_rag.scoring import colbert_scores_rows, sparse_matrix
+from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores.backend import BackendSpec, Candidates
+from m3_rag.stores.base import check_ids
+from m3_rag.stores.colbert import ColbertStore
+from m3_rag.stores.dense import DenseStore
+from m3_rag.stores.lexical import BM25Params, LexicalStore, bm25_idf, bm25_tf
+
+__all__ = ["MilvusBackend"]
+
+MAX_TOPK = 16384  # Milvus's largest search limit
+MAX_ID_BYTES = 512
+MAX_TEXT_BYTES = 65535
+FORMAT = 1
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+
+
+class MilvusBackend:
+    """Milvus storage for a :class:`~m3_rag.HybridRetriever`.
+
+    ``HybridRetriever(encoder, backend=MilvusBackend("./m3.db", "docs"))`` creates the
+    collection, or reconnects to it (reading only its configuration and, for BM25, its
+    term statistics: nothing per document is loaded into this process).
+
+    Args:
+        uri: A local file path (Milvus Lite, in-process) or a server URI such as
+            ``"http://localhost:19530"``.
+        collection: Collection name (letters, digits, ``_``).
+        token: Server credentials (``"user:password"`` or an API key).
+        db_name: Server database.
+        index_type: Dense index: ``"FLAT"`` (exact, as the memory backend) or e.g. ``"HNSW"``.
+        index_params: Extra dense index parameters (e.g. ``{"M": 16, "efConstruction": 200}``).
+        batch_size: Rows per insert call.
+        show_progress: Progress bar for inserts (default: when more than one batch).
+        timeout: Seconds to wait for a server.
+        allow_model_mismatch: Accept an encoder whose model name differs from the one that
+            built the collection (same dimensions still required).
+
+    Raises:
+        ImportError: pymilvus is missing (``pip install 'm3-rag[milvus]'``).
+    """
+
+    def __init__(
+        self,
+        uri: str = "./m3_rag_milvus.db",
+        collection: str = "m3_rag",
+        *,
+        token: str = "",
+        db_name: str = "",
+        index_type: str = "FLAT",
+        index_params: Mapping[str, Any] | None = None,
+        batch_size: int = 256,
+        show_progress: bool | None = None,
+        timeout: float = 10.0,
+        allow_model_mismatch: bool = False,
+    ) -> None:
+        if not isinstance(uri, str) or not uri:
+            raise TypeError(f"uri must be a non-empty str, got {uri!r}")
+        if not isinstance(collection, str) or not _NAME.match(collection):
+            raise ValueError(
+                f"collection must be letters, digits and '_' (not starting with a digit), "
+                f"got {collection!r}"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.uri, self.collection = uri, collection
+        self.meta_collection = f"{collection}_m3meta"
+        self.index_type, self.index_params = index_type, dict(index_params or {})
+        self.batch_size, self.show_progress, self.timeout = batch_size, show_progress, timeout
+        self.allow_model_mismatch = allow_model_mismatch
+        self._connect_kwargs = {"token": token, "db_name": db_name}
+        self._client: Any = None
+        self.spec: BackendSpec | None = None
+        self._df = np.zeros(0)
+        self._n_docs, self._total_len = 0, 0.0
+        self._idf: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return f"MilvusBackend(uri={self.uri!r}, collection={self.collection!r})"
+
+    # ---------------------------------------------------------------- connection / schema
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                from pymilvus import MilvusClient
+            except ImportError as e:
+                raise ImportError(
+                    "the Milvus backend needs pymilvus and milvus-lite: "
+                    "pip install 'm3-rag[milvus]'"
+                ) from e
+            try:
+                self._client = MilvusClient(self.uri, timeout=self.timeout, **self._connect_kwargs)
+            except Exception as e:  # pymilvus raises its own MilvusException
+                raise ConnectionError(f"cannot reach Milvus at {self.uri!r}: {e}") from e
+        return self._client
+
+    def open(self, spec: BackendSpec) -> MilvusBackend:
+        """Create the collection for ``spec``, or check and load an existing one.
+
+        Raises:
+            ConnectionError: the server is unreachable.
+            ValueError: the collection was built with another model, dimension or lexical
+                kind, or was not created by m3-rag.
+        """
+        if spec.dense_dtype != "float32":
+            raise ValueError("the Milvus backend stores dense vectors as float32")
+        if self.spec is not None and self.spec != spec:
+            raise ValueError(f"{self!r} is already open for another index")
+        c = self.client
+        config = _config(spec)
+        if c.has_collection(self.collection):
+            if not c.has_collection(self.meta_collection):
+                raise ValueError(
+                    f"collection {self.collection!r} exists but was not created by m3-rag; "
+                    "pick another collection name"
+                )
+            c.load_collection(self.meta_collection)
+            stored = json.loads(self._meta_row("config")["value"])
+            _check_config(stored, config, self.collection, self.allow_model_mismatch)
+            c.load_collection(self.collection)
+        else:
+            self._create(spec)
+            self._write_meta("config", config, {spec.vocab_size: 1.0})
+        self.spec = spec
+        if spec.lexical == "bm25":
+            self._read_stats()
+        return self
+
+    def _create(self, spec: BackendSpec) -> None:
+        from pymilvus import DataType
+
+        c = self.client
+        meta = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        meta.add_field("value", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+        meta.add_field("vec", DataType.SPARSE_FLOAT_VECTOR)
+        meta_index = c.prepare_index_params()
+        meta_index.add_index("vec", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+        c.create_collection(
+            self.meta_collection,
+            schema=meta,
+            index_params=meta_index,
+            consistency_level="Strong",
+        )
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        s.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+        s.add_field("metadata", DataType.JSON)
+        s.add_field("dense", DataType.FLOAT_VECTOR, dim=spec.dense_dim)
+        index = c.prepare_index_params()
+        index.add_index(
+            "dense", index_type=self.index_type, metric_type="IP", params=self.index_params
+        )
+        if spec.lexical:
+            s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+        if spec.lexical == "bm25":
+            s.add_field("dl", DataType.DOUBLE)
+            s.add_field("avgdl", DataType.DOUBLE)
+        if spec.colbert_dim:
+            s.add_field(
+                "colbert",
+                DataType.ARRAY,
+                element_type=DataType.VARCHAR,
+                max_capacity=codec.MAX_CHUNKS,
+                max_length=codec.CHUNK_CHARS,
+            )
+        c.create_collection(
+            self.collection, schema=s, index_params=index, consistency_level="Strong"
+        )
+
+    def drop(self) -> None:
+        """Delete the collection and its side collection (all documents are lost)."""
+        for name in (self.collection, self.meta_collection):
+            if self.client.has_collection(name):
+                self.client.drop_collection(name)
+        self.spec = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _spec(self) -> BackendSpec:
+        if self.spec is None:
+            raise ValueError(f"{self!r} is not open: pass it to HybridRetriever(backend=...)")
+        return self.spec
+
+    # ---------------------------------------------------------------- meta rows
+    def _meta_row(self, key: str) -> dict[str, Any]:
+        rows = self.client.query(
+            self.meta_collection,
+            filter=f"key == {milvus_literal(key)}",
+            output_fields=["key", "value", "vec"],
+        )
+        if not rows:
+            raise ValueError(f"collection {self.collection!r} has no {key!r} record")
+        return dict(rows[0])
+
+    def _write_meta(self, key: str, value: dict[str, Any], vec: Mapping[int, float]) -> None:
+        self.client.upsert(
+            self.meta_collection, [{"key": key, "value": json.dumps(value), "vec": dict(vec)}]
+        )
+
+    def _read_stats(self) -> None:
+        spec = self._spec()
+        self._df = np.zeros(spec.vocab_size, dtype=np.float64)
+        self._n_docs, self._total_len, self._idf = 0, 0.0, None
+        try:
+            row = self._meta_row("bm25")
+        except ValueError:
+            return
+        stats = json.loads(row["value"])
+        self._n_docs, self._total_len = int(stats["n"]), float(stats["total_len"])
+        df = codec.decode_sparse([row["vec"]], spec.vocab_size)
+        self._df[df.indices] = df.data
+
+    def _write_stats(self) -> None:
+        nz = np.flatnonzero(self._df)
+        vec = dict(zip(nz.tolist(), self._df[nz].tolist(), strict=True))
+        self._write_meta(
+            "bm25",
+            {"n": self._n_docs, "total_len": self._total_len},
+            vec or {self._spec().vocab_size: 1.0},
+        )
+        self._idf = None
+
+    def _bm25_idf(self) -> np.ndarray:
+        if self._idf is None:
+            self._idf = bm25_idf(self._df, self._n_docs, self._bm25())
+        return self._idf
+
+    def _bm25(self) -> BM25Params:
+        return self._spec().bm25 or BM25Params()
+
+    @property
+    def _avgdl(self) -> float:
+        return self._total_len / self._n_docs if self._n_docs else 1.0
+
+    # ---------------------------------------------------------------- mutation
+    def __len__(self) -> int:
+        self._spec()
+        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def add(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        metadatas: Sequence[dict[str, Any]],
+        dense: np.ndarray,
+        lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
+        colbert: Sequence[np.ndarray] | None,
+    ) -> None:
+        """Add or replace documents (upsert by id), in batches.
+
+        Every input is validated before anything is written: on error nothing stored is lost.
+        """
+        spec = self._spec()
+        ids = check_ids(ids, len(texts))
+        if len(metadatas) != len(ids):
+            raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
+        if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
+            colbert is None
+        ):
+            raise ValueError("the encoded outputs do not match the stores of this backend")
+        _check_sizes(ids, texts)
+        vecs = DenseStore(spec.dense_dim)._prepare(ids, dense)[1].astype(np.float32)
+        rows: list[dict[str, Any]] = [
+            {"id": i, "text": t, "metadata": m, "dense": v}
+            for i, t, m, v in zip(ids, texts, metadatas, vecs, strict=True)
+        ]
+        if spec.colbert_dim and colbert is not None:
+            _, block, lengths = ColbertStore(spec.colbert_dim, spec.colbert_dtype)._prepare(
+                ids, colbert
+            )
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for r, a, b in zip(rows, offsets[:-1], offsets[1:], strict=True):
+                r["colbert"] = codec.encode_blob(block[a:b])
+        if spec.lexical and lexical is not None:
+            block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
+            if spec.lexical == "bm25":
+                block = self._bm25_rows(ids, block, rows)
+            for r, i in zip(rows, range(len(rows)), strict=True):
+                r["sparse"] = codec.encode_sparse(block[i], spec.vocab_size)
+        steps = range(0, len(rows), self.batch_size)
+        show = len(steps) > 1 if self.show_progress is None else self.show_progress
+        for start in tqdm(steps, desc="Milvus upsert", unit="batch", disable=not show):
+            self.client.upsert(self.collection, rows[start : start + self.batch_size])
+        if not _is_server(self.uri) and len(rows) >= self.batch_size:
+            self.client.flush(self.collection)  # Milvus Lite indexes sealed segments only
+        if spec.lexical == "bm25":
+            self._write_stats()
+
+    def _bm25_rows(
+        self, ids: list[str], counts: sp.csr_matrix, rows: list[dict[str, Any]]
+    ) -> sp.csr_matrix:
+        """Update the corpus statistics for ``counts`` replacing any stored ``ids``; return
+        the stored BM25 document-side weights (and set ``dl``/``avgdl`` on ``rows``)."""
+        old = self._fetch(ids, ["dl", "avgdl"])
+        self._forget(old)
+        dl = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
+        self._df += np.bincount(counts.indices, minlength=len(self._df))
+        self._n_docs += len(ids)
+        self._total_len += float(dl.sum())
+        avgdl = self._avgdl
+        doc_rows = np.repeat(np.arange(len(ids)), np.diff(counts.indptr))
+        data = bm25_tf(counts.data, dl[doc_rows], avgdl, self._bm25()).astype(np.float32)
+        for r, length in zip(rows, dl.tolist(), strict=True):
+            r["dl"], r["avgdl"] = length, avgdl
+        return sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape)
+
+    def _forget(self, old: list[dict[str, Any]]) -> None:
+        """Remove stored rows (with ``sparse``, ``dl``, ``avgdl``) from the BM25 statistics."""
+        if not old:
+            return
+        tf = self._stored_tf(old)
+        self._df -= np.bincount(tf.indices, minlength=len(self._df))
+        self._n_docs -= len(old)
+        self._total_len -= float(sum(float(r["dl"]) for r in old))
+
+    def _stored_tf(self, rows: list[dict[str, Any]]) -> sp.csr_matrix:
+        spec = self._spec()
+        weights = codec.decode_sparse([r["sparse"] for r in rows], spec.vocab_size)
+        dl = np.asarray([float(r["dl"]) for r in rows])
+        written = np.asarray([float(r["avgdl"]) for r in rows])
+        return codec.recover_tf(weights, dl, written, self._bm25())
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents; unknown ids raise ``KeyError`` and nothing is removed."""
+        spec = self._spec()
+        ids = check_ids(ids)
+        if not ids:
+            return
+        extra = ["dl", "avgdl"] if spec.lexical == "bm25" else []
+        found = self._fetch(ids, extra)
+        missing = sorted(set(ids) - {r["id"] for r in found})
+        if missing:
+            raise KeyError(f"unknown ids: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for start in range(0, len(ids), self.batch_size):
+            part = ids[start : start + self.batch_size]
+            self.client.delete(self.collection, filter=f"id in {_str_list(part)}")
+        if spec.lexical == "bm25":
+            self._forget(found)
+            self._write_stats()
+
+    # ---------------------------------------------------------------- reading
+    def _fetch(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+        """Stored rows of ``ids`` (those that exist), with ``id``, ``sparse`` when there is a
+        lexical leg, and ``fields``."""
+        spec = self._spec()
+        out_fields = ["id", *fields] + (["sparse"] if spec.lexical else [])
+        found: list[dict[str, Any]] = []
+        step = 32 if "colbert" in fields else 512  # keep replies far below gRPC limits
+        for start in range(0, len(ids), step):
+            part = list(ids[start : start + step])
+            found += self.client.query(
+                self.collection,
+                filter=f"id in {_str_list(part)}",
+                output_fields=out_fields,
+                limit=len(part),
+            )
+        return found
+
+    def candidates(
+        self,
+        dense_query: np.ndarray,
+        lexical_query: Mapping[int, float] | None,
+        n: int,
+        flt: Filter = None,
+    ) -> Candidates:
+        """Dense and lexical top-``n`` in Milvus (filtered there), scored client-side."""
+        spec = self._spec()
+        expr = milvus_expr(flt)
+        limit = min(int(n), MAX_TOPK)
+        use_lex = spec.lexical is not None and lexical_query is not None
+        hits = self._search("dense", np.asarray(dense_query, np.float32).tolist(), limit, expr)
+        ids = list(hits)
+        lex_q = None
+        if use_lex and lexical_query is not None:
+            lex_q = self._lexical_query(lexical_query)
+            nz = {t: w for t, w in lex_q.items() if w > 0}
+            if nz:
+                lex_hits = self._search("sparse", nz, limit, expr)
+                ids += [i for i, s in lex_hits.items() if s > 0 and i not in hits]
+        if not ids:
+            return Candidates.empty(use_lex)
+        extra = ["text", "metadata", "dense"] + (["dl", "avgdl"] if spec.lexical == "bm25" else [])
+        by_id = {r["id"]: r for r in self._fetch(ids, extra)}
+        rows = [by_id[i] for i in ids if i in by_id]  # a concurrent delete may drop some
+        dense = np.asarray([r["dense"] for r in rows], dtype=np.float32)
+        lexical = self._lexical_scores(rows, lex_q) if lex_q is not None else None
+        return Candidates(
+            ids=[r["id"] for r in rows],
+            dense=dense @ np.asarray(dense_query, dtype=np.float32),
+            lexical=lexical,
+            rows=np.arange(len(rows), dtype=np.int64),
+            payload=[(r["id"], r["text"], r["metadata"] or {}) for r in rows],
+        )
+
+    def _search(self, field: str, query: Any, limit: int, expr: str) -> dict[str, float]:
+        res = self.client.search(
+            self.collection,
+            data=[query],
+            anns_field=field,
+            limit=limit,
+            filter=expr,
+            output_fields=["id"],
+            search_params={"metric_type": "IP"},
+        )
+        return {h["id"]: float(h["distance"]) for h in res[0]}
+
+    def _lexical_query(self, query: Mapping[int, float]) -> dict[int, float]:
+        """M3: the query weights. BM25: query term counts times IDF (the document side is
+        stored)."""
+        spec = self._spec()
+        q = {int(t): float(w) for t, w in query.items() if 0 <= int(t) < spec.vocab_size}
+        if spec.lexical == "bm25":
+            idf = self._bm25_idf()
+            q = {t: c * float(idf[t]) for t, c in q.items()}
+        return q
+
+    def _lexical_scores(self, rows: list[dict[str, Any]], q: dict[int, float]) -> np.ndarray:
+        spec = self._spec()
+        if spec.lexical == "bm25":
+            tf = self._stored_tf(rows)
+            dl = np.asarray([float(r["dl"]) for r in rows])
+            doc_rows = np.repeat(np.arange(len(rows)), np.diff(tf.indptr))
+            w = bm25_tf(tf.data, dl[doc_rows], self._avgdl, self._bm25()).astype(np.float32)
+            docs = sp.csr_matrix((w, tf.indices, tf.indptr), shape=tf.shape)
+        else:
+            docs = codec.decode_sparse([r["sparse"] for r in rows], spec.vocab_size)
+        qv = sparse_matrix([q], spec.vocab_size)
+        return np.asarray((docs @ qv.T).toarray(), dtype=np.float32).reshape(-1)
+
+    def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
+        """Fetch the candidates' ColBERT vectors and score them by MaxSim -> ``[c]``."""
+        spec = self._spec()
+        if not spec.colbert_dim:
+            raise ValueError("this index has no ColBERT vectors")
+        by_id = {r["id"]: r["colbert"] for r in self._fetch(cands.ids, ["colbert"])}
+        blobs = [by_id.get(i, []) for i in cands.ids]
+        packed, offsets = codec.decode_blobs(blobs, spec.colbert_dim, np.dtype(spec.colbert_dtype))
+        return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)))
+
+    def documents(
+        self, cands: Candidates, order: np.ndarray
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        return [
+            (cands.payload[i][0], cands.payload[i][1], dict(cands.payload[i][2]))
+            for i in order.tolist()
+        ]
+
+    def docs(self) -> Iterator[dict[str, Any]]:
+        """Every stored document as ``{"id", "text", "metadata"}``, 1,000 rows per request."""
+        self._spec()
+        fields = ["id", "text", "metadata"]
+        if _is_server(self.uri):  # a server pages consistently with its query iterator
+            it = self.client.query_iterator(
+                self.collection, batch_size=1000, filter="", output_fields=fields
+            )
+            batches: Iterator[list[dict[str, Any]]] = iter(it.next, [])
+        else:  # Milvus Lite has no iterator; it pages by offset in a fixed order
+            batches = (
+                self.client.query(
+                    self.collection, filter="", output_fields=fields, limit=1000, offset=start
+                )
+                for start in itertools.count(0, 1000)
+            )
+        for batch in batches:
+            if not batch:
+                break
+            for r in batch:
+                yield {"id": r["id"], "text": r["text"], "metadata": r["metadata"] or {}}
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
+
+
+def _config(spec: BackendSpec) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "model": spec.model,
+        "dense_dim": spec.dense_dim,
+        "colbert_dim": spec.colbert_dim,
+        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
+        "lexical": spec.lexical,
+        "vocab_size": spec.vocab_size,
+        "bm25": (spec.bm25 or BM25Params()).as_dict() if spec.lexical == "bm25" else None,
+    }
+
+
+def _check_config(
+    stored: dict[str, Any], wanted: dict[str, Any], name: str, allow_model_mismatch: bool
+) -> None:
+    if stored.get("format") != FORMAT:
+        raise ValueError(f"collection {name!r} has format {stored.get('format')}, need {FORMAT}")
+    if stored["model"] != wanted["model"] and not allow_model_mismatch:
+        raise ValueError(
+            f"collection {name!r} was built with model {stored['model']!r}, the encoder is "
+            f"{wanted['model']!r}; pass MilvusBackend(..., allow_model_mismatch=True) if they "
+            "are the same model"
+        )
+    for key in ("dense_dim", "colbert_dim", "colbert_dtype", "lexical", "vocab_size", "bm25"):
+        if stored.get(key) != wanted[key]:
+            raise ValueError(
+                f"collection {name!r} has {key}={stored.get(key)!r}, this retriever needs "
+                f"{wanted[key]!r}; use another collection or the settings it was built with"
+            )
+
+
+def _check_sizes(ids: Sequence[str], texts: Sequence[str]) -> None:
+    for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
+        if len(doc_id.encode()) > MAX_ID_BYTES:
+            raise ValueError(f"ids[{i}] is longer than {MAX_ID_BYTES} bytes")
+        milvus_literal(doc_id)  # no control characters: ids appear in expressions
+        if len(text.encode()) > MAX_TEXT_BYTES:
+            raise ValueError(
+                f"texts[{i}] is {len(text.encode())} bytes, over Milvus's {MAX_TEXT_BYTES}; "
+                "split long texts (m3_rag.sources.chunk_text)"
+            )
+
+
+def _str_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(milvus_literal(v) for v in values) + "]"

@@ -1,0 +1,245 @@
+"""The Milvus backend on Milvus Lite (offline): same results and scores as the memory backend."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from m3_rag import HybridRetriever, M3Encoder
+from m3_rag.eval import BeirData, evaluate_run
+from m3_rag.filters import milvus_expr
+from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores.lexical import BM25Params, bm25_tf
+from m3_rag.testing import SAMPLE_TEXTS
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+from m3_rag.stores.milvus import MilvusBackend
+
+LANGS = ["en", "zh", "ar", "fr"]
+METAS = [{"i": i, "par": i % 2, "lang": LANGS[i % 4]} for i in range(len(SAMPLE_TEXTS))]
+IDS = [f"doc-{i}" for i in range(len(SAMPLE_TEXTS))]
+QUERIES = [*SAMPLE_TEXTS[:4], "capital city", "机器学习", "retrieval model"]
+FILTERS = [None, {"par": 1}, {"lang": ["en", "zh"]}, {"lang": "fr", "par": 1}, {"lang": "xx"}]
+
+
+def _pair(
+    enc: M3Encoder, path: Path, lexical: str, **kw: object
+) -> tuple[HybridRetriever, HybridRetriever]:
+    mem = HybridRetriever(enc, lexical=lexical, **kw)  # type: ignore[arg-type]
+    mil = HybridRetriever(
+        enc,
+        lexical=lexical,
+        backend=MilvusBackend(str(path / "m.db"), f"docs_{lexical}"),
+        **kw,  # type: ignore[arg-type]
+    )
+    return mem, mil
+
+
+def _assert_same(mem: HybridRetriever, mil: HybridRetriever, query: str, **kw: object) -> None:
+    a, b = mem.search(query, **kw), mil.search(query, **kw)  # type: ignore[arg-type]
+    assert [h.id for h in a] == [h.id for h in b], (query, kw)
+    for x, y in zip(a, b, strict=True):
+        assert x.text == y.text and x.metadata == y.metadata
+        assert x.scores.keys() == y.scores.keys()
+        for mode, s in x.scores.items():
+            assert y.scores[mode] == pytest.approx(s, rel=1e-5, abs=1e-5), (mode, query, kw)
+
+
+@pytest.mark.parametrize("lexical", ["m3", "bm25"])
+def test_search_equals_memory_backend(
+    tiny_encoder: M3Encoder, tmp_path: Path, lexical: str
+) -> None:
+    mem, mil = _pair(tiny_encoder, tmp_path, lexical, candidates=6)
+    for r in (mem, mil):
+        assert r.add_texts(SAMPLE_TEXTS, METAS, IDS) == IDS
+    assert len(mil) == len(mem) == len(SAMPLE_TEXTS)
+    for q in QUERIES:
+        for flt in FILTERS:
+            _assert_same(mem, mil, q, k=5, filter=flt)
+        _assert_same(mem, mil, q, k=4, fusion="rrf")
+        _assert_same(mem, mil, q, k=3, weights=(1, 0, 0))
+        _assert_same(mem, mil, q, k=3, weights=(0, 1, 0))
+    # k larger than the collection: every document, same order
+    _assert_same(mem, mil, "capital", k=1000, candidates=1000)
+    assert len(mil.search("capital", k=1000, candidates=1000)) == len(SAMPLE_TEXTS)
+
+
+@pytest.mark.parametrize("lexical", ["m3", "bm25"])
+def test_update_delete_reopen(tiny_encoder: M3Encoder, tmp_path: Path, lexical: str) -> None:
+    mem, mil = _pair(tiny_encoder, tmp_path, lexical)
+    for r in (mem, mil):
+        r.add_texts(SAMPLE_TEXTS, METAS, IDS)
+        r.add_texts(["a replaced passage about Paris"], [{"new": True}], [IDS[3]])  # update
+        r.delete([IDS[0], IDS[5]])
+        with pytest.raises(KeyError, match="unknown"):
+            r.delete([IDS[1], "no-such-id"])  # nothing is removed
+    assert len(mil) == len(mem) == len(SAMPLE_TEXTS) - 2
+    for q in QUERIES:
+        _assert_same(mem, mil, q, k=6)
+    assert mil.search("Paris", k=30, filter={"new": True})[0].id == IDS[3]
+
+    assert isinstance(mil.backend, MilvusBackend)
+    mil.backend.close()
+    again = HybridRetriever(
+        tiny_encoder,
+        lexical=lexical,
+        backend=MilvusBackend(str(tmp_path / "m.db"), f"docs_{lexical}"),
+    )
+    assert isinstance(again.backend, MilvusBackend)
+    if lexical == "bm25":  # reopening reads the corpus statistics, nothing per document
+        assert again.backend._n_docs == len(mem)
+    for q in QUERIES:
+        _assert_same(mem, again, q, k=6)
+    assert sorted(d["id"] for d in again.backend.docs()) == sorted(set(IDS) - {IDS[0], IDS[5]})
+
+
+def test_empty_collection_and_bad_input_keep_data(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    mil = HybridRetriever(tiny_encoder, backend=MilvusBackend(str(tmp_path / "e.db"), "empty"))
+    assert mil.search("anything", k=5) == []
+    assert len(mil) == 0
+    mil.add_texts(SAMPLE_TEXTS[:3], ids=["a", "b", "c"])
+    with pytest.raises(ValueError, match="split long texts"):
+        mil.add_texts(["ok", "x" * 70_000], ids=["d", "e"])
+    with pytest.raises(ValueError, match="control characters"):
+        mil.add_texts(["ok"], ids=["bad\nid"])
+    with pytest.raises(ValueError, match="duplicate"):
+        mil.add_texts(["x", "y"], ids=["a", "a"])
+    with pytest.raises(TypeError, match="dict filter"):
+        mil.search("x", filter=lambda m: True)
+    with pytest.raises(ValueError, match="persists in Milvus"):
+        mil.save(tmp_path / "idx")
+    assert len(mil) == 3
+    assert {h.id for h in mil.search(SAMPLE_TEXTS[0], k=10)} == {"a", "b", "c"}
+
+
+def test_collection_of_another_model_is_refused(
+    tiny_encoder: M3Encoder, tiny_m3_dir: Path, tiny_m3_bin_dir: Path, tmp_path: Path
+) -> None:
+    uri = str(tmp_path / "x.db")
+    HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "c")).add_texts(["hello"])
+    other = M3Encoder(tiny_m3_bin_dir, device="cpu")  # 16-d ColBERT head
+    with pytest.raises(ValueError, match="colbert_dim"):
+        HybridRetriever(other, backend=MilvusBackend(uri, "c", allow_model_mismatch=True))
+    with pytest.raises(ValueError, match="built with model"):
+        HybridRetriever(other, backend=MilvusBackend(uri, "c"))
+    with pytest.raises(ValueError, match="lexical"):
+        HybridRetriever(tiny_encoder, lexical="bm25", backend=MilvusBackend(uri, "c"))
+    copy = tmp_path / "same-model-elsewhere"
+    shutil.copytree(tiny_m3_dir, copy)
+    same = M3Encoder(copy, device="cpu", max_length=64)
+    r = HybridRetriever(same, backend=MilvusBackend(uri, "c", allow_model_mismatch=True))
+    assert len(r) == 1
+    with pytest.raises(ValueError, match="letters, digits"):
+        MilvusBackend(uri, "bad-name")
+
+
+def test_unreachable_server_is_a_connection_error(tiny_encoder: M3Encoder) -> None:
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot reach Milvus"):
+        HybridRetriever(tiny_encoder, backend=MilvusBackend("http://127.0.0.1:1", timeout=2))
+    assert time.monotonic() - start < 30
+
+
+def test_add_from_copies_without_encoding(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    mem = HybridRetriever(tiny_encoder)
+    mem.add_texts(SAMPLE_TEXTS, METAS, IDS)
+    mil = HybridRetriever(tiny_encoder, backend=MilvusBackend(str(tmp_path / "c.db"), "copy"))
+    assert mil.add_from(mem, batch_size=7) == len(SAMPLE_TEXTS)
+    for q in QUERIES:
+        _assert_same(mem, mil, q, k=5)
+    with pytest.raises(TypeError, match="memory backend"):
+        mem.add_from(mil)
+
+
+def test_adapters_accept_the_backend(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    from langchain_core.documents import Document
+    from langchain_m3rag import M3Retriever
+    from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
+    from llama_index_m3rag import M3Retriever as LlamaRetriever
+
+    uri = str(tmp_path / "a.db")
+    lc = M3Retriever.from_texts(
+        SAMPLE_TEXTS,
+        tiny_encoder,
+        metadatas=METAS,
+        ids=IDS,
+        retriever_kwargs={"backend": MilvusBackend(uri, "lc")},
+        k=3,
+    )
+    docs = lc.invoke("capital", filter={"par": 1})
+    assert len(docs) == 3 and all(isinstance(d, Document) and d.metadata["par"] == 1 for d in docs)
+    core = HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "li"))
+    core.add_texts(SAMPLE_TEXTS, METAS, IDS)
+    nodes = LlamaRetriever(core, similarity_top_k=4).retrieve("capital")
+    assert [n.node.node_id for n in nodes] == [h.id for h in core.search("capital", k=4)]
+    flt = MetadataFilters(filters=[MetadataFilter(key="lang", value=["en", "fr"], operator="in")])
+    nodes = LlamaRetriever(core, similarity_top_k=4, filters=flt).retrieve("capital")
+    assert nodes and all(n.node.metadata["lang"] in ("en", "fr") for n in nodes)
+
+
+def test_codec_roundtrips() -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(300, 128)).astype(np.float16)
+    chunks = codec.encode_blob(vecs)
+    assert all(len(c) <= codec.CHUNK_CHARS for c in chunks) and len(chunks) > 1
+    packed, offsets = codec.decode_blobs([chunks, codec.encode_blob(vecs[:0])], 128, vecs.dtype)
+    assert np.array_equal(packed, vecs) and offsets.tolist() == [0, 300, 300]
+
+    assert codec.encode_sparse(sp.csr_matrix((1, 10), dtype=np.float32), 10) == {10: 1.0}
+    back = codec.decode_sparse([{10: 1.0}, {3: 0.5, 1: 2.0}], 10)
+    assert back.shape == (2, 10) and back[0].nnz == 0 and back[1, 1] == 2.0
+
+    p = BM25Params()
+    tf = sp.random(50, 200, density=0.05, random_state=1, format="csr", dtype=np.float64)
+    tf.data = np.ceil(tf.data * 300)
+    dl = np.asarray(tf.sum(axis=1)).reshape(-1)
+    avgdl = np.full(50, dl.mean())
+    rows = np.repeat(np.arange(50), np.diff(tf.indptr))
+    stored = sp.csr_matrix(
+        (bm25_tf(tf.data, dl[rows], dl.mean(), p).astype(np.float32), tf.indices, tf.indptr),
+        shape=tf.shape,
+    )
+    assert np.array_equal(codec.recover_tf(stored, dl, avgdl, p).toarray(), tf.toarray())
+
+
+def test_filters_translate_to_milvus_expressions() -> None:
+    assert milvus_expr(None) == ""
+    assert milvus_expr({"lang": "en", "year": [2023, 2024]}) == (
+        '(metadata["lang"] == "en") and (metadata["year"] == 2023 or metadata["year"] == 2024)'
+    )
+    assert milvus_expr({'q"k': True}) == '(metadata["q\\"k"] == true)'
+    with pytest.raises(ValueError, match="null"):
+        milvus_expr({"a": None})
+
+
+@pytest.mark.slow
+def test_msmarco_parity_with_memory(
+    msmarco_minilm: HybridRetriever, msmarco: BeirData, tmp_path: Path
+) -> None:
+    """MiniLM + BM25 on beir-mini msmarco: the same top-10 for >= 95% of the queries and
+    nDCG@10 within 0.005 of the memory backend."""
+    mil = HybridRetriever(
+        msmarco_minilm.encoder, backend=MilvusBackend(str(tmp_path / "ms.db"), "msmarco")
+    )
+    mil.add_from(msmarco_minilm, batch_size=1000)
+    assert len(mil) == len(msmarco_minilm)
+    queries = [q for q in msmarco.queries if q in msmarco.qrels]
+    runs: dict[str, dict[str, list[str]]] = {"memory": {}, "milvus": {}}
+    same = 0
+    for q in queries:
+        text = msmarco.queries[q]
+        enc = msmarco_minilm.encoder.encode_queries([text])
+        a = msmarco_minilm.search_encoded(enc, k=10, query_text=text)
+        b = mil.search_encoded(enc, k=10, query_text=text)
+        runs["memory"][q], runs["milvus"][q] = [h.id for h in a], [h.id for h in b]
+        same += runs["memory"][q] == runs["milvus"][q]
+    assert same >= 0.95 * len(queries)
+    nd = {name: evaluate_run(run, msmarco.qrels)["ndcg@10"] for name, run in runs.items()}
+    assert abs(nd["memory"] - nd["milvus"]) <= 0.005
