@@ -70,7 +70,8 @@ class HybridRetriever:
             or ``"none"``.
         rerank_top_n: How many fused results the reranker re-scores (at least ``k``).
         dense_dtype: ``"float32"`` or ``"float16"`` storage for dense vectors.
-        colbert_dtype: ``"float16"`` (default) or ``"float32"`` storage for ColBERT vectors.
+        colbert_dtype: ColBERT storage: ``"float16"`` (default, 2 bytes per dimension),
+            ``"float32"``, or ``"int8"`` (1 byte per dimension + a float32 scale per vector).
         bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
         backend: ``"memory"`` (in-process stores, :meth:`save`/:meth:`load` to disk) or a
             :class:`~m3_rag.stores.milvus.MilvusBackend` (Milvus Lite file or Milvus server;

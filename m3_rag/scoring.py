@@ -129,7 +129,12 @@ def colbert_scores_packed(query: np.ndarray, packed: np.ndarray, offsets: np.nda
 
 
 def colbert_scores_rows(
-    query: np.ndarray, packed: np.ndarray, offsets: np.ndarray, rows: np.ndarray, chunk: int = 1024
+    query: np.ndarray,
+    packed: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    chunk: int = 256,
+    scales: np.ndarray | None = None,
 ) -> np.ndarray:
     """MaxSim of one query against some documents of a packed store, without copying them out.
 
@@ -142,7 +147,9 @@ def colbert_scores_rows(
         packed: ``[T, d]`` all documents' vectors (float16 or float32).
         offsets: ``[n + 1]`` row offsets of all documents.
         rows: ``[c]`` the documents to score.
-        chunk: vectors per matrix product.
+        chunk: vectors per matrix product (256 keeps the float32 copy in cache; 1.5x faster
+            than 1024 in isolation at 10k docs x 200 tokens).
+        scales: ``[T]`` per-vector scales of int8 ``packed`` (``None`` for float data).
 
     Returns:
         ``[c]`` float32 scores; 0 for a document with no vectors.
@@ -162,6 +169,8 @@ def colbert_scores_rows(
     sims = torch.empty(total, q_t.shape[1])
     for s in range(0, total, chunk):
         sims[s : s + chunk] = data.index_select(0, index[s : s + chunk]).float() @ q_t
+    if scales is not None:  # (scale * codes) . q == scale * (codes . q)
+        sims *= torch.from_numpy(np.ascontiguousarray(scales, np.float32))[index][:, None]
     nonempty = lengths > 0
     maxes = torch.segment_reduce(sims, "max", lengths=torch.from_numpy(lengths[nonempty]), axis=0)
     out[nonempty] = maxes.mean(dim=1).numpy()

@@ -147,10 +147,17 @@ def test_unreachable_server_is_a_connection_error(tiny_encoder: M3Encoder) -> No
     assert time.monotonic() - start < 30
 
 
-def test_add_from_copies_without_encoding(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
-    mem = HybridRetriever(tiny_encoder)
+@pytest.mark.parametrize("colbert_dtype", ["float16", "int8"])
+def test_add_from_copies_without_encoding(
+    tiny_encoder: M3Encoder, tmp_path: Path, colbert_dtype: str
+) -> None:
+    mem = HybridRetriever(tiny_encoder, colbert_dtype=colbert_dtype)
     mem.add_texts(SAMPLE_TEXTS, METAS, IDS)
-    mil = HybridRetriever(tiny_encoder, backend=MilvusBackend(str(tmp_path / "c.db"), "copy"))
+    mil = HybridRetriever(
+        tiny_encoder,
+        colbert_dtype=colbert_dtype,
+        backend=MilvusBackend(str(tmp_path / "c.db"), "copy"),
+    )
     assert mil.add_from(mem, batch_size=7) == len(SAMPLE_TEXTS)
     for q in QUERIES:
         _assert_same(mem, mil, q, k=5)
@@ -189,7 +196,7 @@ def test_codec_roundtrips() -> None:
     vecs = rng.normal(size=(300, 128)).astype(np.float16)
     chunks = codec.encode_blob(vecs)
     assert all(len(c) <= codec.CHUNK_CHARS for c in chunks) and len(chunks) > 1
-    packed, offsets = codec.decode_blobs([chunks, codec.encode_blob(vecs[:0])], 128, vecs.dtype)
+    packed, offsets, _ = codec.decode_blobs([chunks, codec.encode_blob(vecs[:0])], 128, vecs.dtype)
     assert np.array_equal(packed, vecs) and offsets.tolist() == [0, 300, 300]
 
     assert codec.encode_sparse(sp.csr_matrix((1, 10), dtype=np.float32), 10) == {10: 1.0}

@@ -177,6 +177,27 @@ def test_save_load_round_trip(
     assert not list((tmp_path / "idx").glob("**/*.pkl"))
 
 
+def test_int8_colbert_saves_loads_and_ranks_like_float16(
+    tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    from m3_rag.testing import SAMPLE_TEXTS
+
+    half = HybridRetriever(tiny_encoder, weights=(0, 0, 1))
+    small = HybridRetriever(tiny_encoder, weights=(0, 0, 1), colbert_dtype="int8")
+    for r in (half, small):
+        r.add_texts(SAMPLE_TEXTS, ids=[str(i) for i in range(len(SAMPLE_TEXTS))])
+    small.save(tmp_path / "i8")
+    loaded = HybridRetriever.load(tmp_path / "i8", tiny_encoder)
+    assert loaded.backend.colbert is not None and loaded.backend.colbert.dtype == np.int8
+    for q in SAMPLE_TEXTS[:5]:
+        a, b = half.search(q, k=5), loaded.search(q, k=5)
+        assert loaded.search(q, k=5) == small.search(q, k=5)
+        for x in b:
+            ref = next((h for h in half.search(q, k=30) if h.id == x.id), None)
+            assert ref is not None and abs(ref.scores["colbert"] - x.scores["colbert"]) < 0.01
+        assert a[0].id == b[0].id
+
+
 def test_load_refuses_other_models_and_corruption(
     retriever: HybridRetriever, tiny_m3_bin_dir: Path, tiny_encoder: M3Encoder, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""In-memory stores (dense, lexical, ColBERT) and the backend that keeps them aligned."""
+"""Stores (dense, lexical, ColBERT) and the backends that keep them aligned (memory, Milvus)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
 from m3_rag.stores.lexical import BM25Params, LexicalStore
 from m3_rag.stores.memory import MemoryBackend
+from m3_rag.stores.milvus import MilvusBackend
 
 __all__ = [
     "BM25Params",
@@ -20,6 +21,7 @@ __all__ = [
     "IdRows",
     "LexicalStore",
     "MemoryBackend",
+    "MilvusBackend",
     "check_ids",
     "top_k",
 ]

@@ -60,13 +60,17 @@ def decode_sparse(rows: Sequence[Mapping[int, float]], vocab_size: int) -> sp.cs
     return m
 
 
-def encode_blob(vectors: np.ndarray) -> list[str]:
-    """``[t, dim]`` vectors (their storage dtype) -> base64 chunks for an ARRAY<VARCHAR>.
+def encode_blob(vectors: np.ndarray, scales: np.ndarray | None = None) -> list[str]:
+    """``[t, dim]`` vectors (their storage dtype; int8 with ``[t]`` float32 ``scales``
+    appended) -> base64 chunks for an ARRAY<VARCHAR>.
 
     Raises:
         ValueError: more than ``MAX_CHUNKS`` chunks (a document too long for one row).
     """
-    text = base64.b64encode(np.ascontiguousarray(vectors).tobytes()).decode("ascii")
+    raw = np.ascontiguousarray(vectors).tobytes()
+    if scales is not None:
+        raw += np.ascontiguousarray(scales, dtype=np.float32).tobytes()
+    text = base64.b64encode(raw).decode("ascii")
     chunks = [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
     if len(chunks) > MAX_CHUNKS:
         raise ValueError(
@@ -78,15 +82,24 @@ def encode_blob(vectors: np.ndarray) -> list[str]:
 
 def decode_blobs(
     blobs: Sequence[Sequence[str]], dim: int, dtype: np.dtype[Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each document's chunks -> packed ``[T, dim]`` vectors and ``[n + 1]`` offsets."""
-    mats = [
-        np.frombuffer(base64.b64decode("".join(b)), dtype=dtype).reshape(-1, dim) for b in blobs
-    ]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Each document's chunks -> packed ``[T, dim]`` vectors, ``[n + 1]`` offsets and, for
+    int8, ``[T]`` scales (else ``None``)."""
+    quantized = dtype == np.int8
+    per_vector = dim * dtype.itemsize + (4 if quantized else 0)
+    mats, scales = [], []
+    for b in blobs:
+        raw = base64.b64decode("".join(b))
+        t = len(raw) // per_vector
+        mats.append(np.frombuffer(raw, dtype=dtype, count=t * dim).reshape(t, dim))
+        if quantized:
+            scales.append(np.frombuffer(raw, dtype=np.float32, offset=t * dim * dtype.itemsize))
     lengths = np.fromiter((len(m) for m in mats), dtype=np.int64, count=len(mats))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     packed = np.concatenate(mats) if lengths.sum() else np.zeros((0, dim), dtype=dtype)
-    return packed, offsets
+    if not quantized:
+        return packed, offsets, None
+    return packed, offsets, np.concatenate(scales) if scales else np.zeros(0, np.float32)
 
 
 def recover_tf(

@@ -30,7 +30,7 @@ class MemoryBackend(IdRows):
         lexical: ``"m3"``, ``"bm25"`` or ``None`` (no lexical leg).
         vocab_size: Token-id space of the lexical store.
         dense_dtype: ``"float32"`` or ``"float16"``.
-        colbert_dtype: ``"float16"`` or ``"float32"``.
+        colbert_dtype: ``"float16"``, ``"float32"`` or ``"int8"`` (+ a scale per vector).
         bm25: BM25 parameters.
     """
 
@@ -89,7 +89,7 @@ class MemoryBackend(IdRows):
         if self.lexical is not None and lex_block is not None:
             self.lexical._insert(ids, lex_block)
         if self.colbert is not None and col is not None:
-            self.colbert._insert(ids, col[1], col[2])
+            self.colbert._insert(ids, col[1], col[2], col[3])
         self._texts.extend(texts)
         self._metadatas.extend(metadatas)
         self._append_ids(ids)

@@ -29,6 +29,14 @@ from tqdm.auto import tqdm
 from m3_rag.filters import Filter, milvus_expr, milvus_literal
 from m3_rag.scoring import colbert_scores_rows, sparse_matrix
 from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores._milvus_schema import (
+    check_config,
+    check_sizes,
+    config_of,
+    create_collections,
+    is_server,
+    str_list,
+)
 from m3_rag.stores.backend import BackendSpec, Candidates
 from m3_rag.stores.base import check_ids
 from m3_rag.stores.colbert import ColbertStore
@@ -38,9 +46,6 @@ from m3_rag.stores.lexical import BM25Params, LexicalStore, bm25_idf, bm25_tf
 __all__ = ["MilvusBackend"]
 
 MAX_TOPK = 16384  # Milvus's largest search limit
-MAX_ID_BYTES = 512
-MAX_TEXT_BYTES = 65535
-FORMAT = 1
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -137,7 +142,7 @@ class MilvusBackend:
         if self.spec is not None and self.spec != spec:
             raise ValueError(f"{self!r} is already open for another index")
         c = self.client
-        config = _config(spec)
+        config = config_of(spec)
         if c.has_collection(self.collection):
             if not c.has_collection(self.meta_collection):
                 raise ValueError(
@@ -146,7 +151,7 @@ class MilvusBackend:
                 )
             c.load_collection(self.meta_collection)
             stored = json.loads(self._meta_row("config")["value"])
-            _check_config(stored, config, self.collection, self.allow_model_mismatch)
+            check_config(stored, config, self.collection, self.allow_model_mismatch)
             c.load_collection(self.collection)
         else:
             self._create(spec)
@@ -157,46 +162,13 @@ class MilvusBackend:
         return self
 
     def _create(self, spec: BackendSpec) -> None:
-        from pymilvus import DataType
-
-        c = self.client
-        meta = c.create_schema(auto_id=False, enable_dynamic_field=False)
-        meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-        meta.add_field("value", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-        meta.add_field("vec", DataType.SPARSE_FLOAT_VECTOR)
-        meta_index = c.prepare_index_params()
-        meta_index.add_index("vec", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-        c.create_collection(
+        create_collections(
+            self.client,
+            spec,
+            self.collection,
             self.meta_collection,
-            schema=meta,
-            index_params=meta_index,
-            consistency_level="Strong",
-        )
-        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-        s.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-        s.add_field("metadata", DataType.JSON)
-        s.add_field("dense", DataType.FLOAT_VECTOR, dim=spec.dense_dim)
-        index = c.prepare_index_params()
-        index.add_index(
-            "dense", index_type=self.index_type, metric_type="IP", params=self.index_params
-        )
-        if spec.lexical:
-            s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-        if spec.lexical == "bm25":
-            s.add_field("dl", DataType.DOUBLE)
-            s.add_field("avgdl", DataType.DOUBLE)
-        if spec.colbert_dim:
-            s.add_field(
-                "colbert",
-                DataType.ARRAY,
-                element_type=DataType.VARCHAR,
-                max_capacity=codec.MAX_CHUNKS,
-                max_length=codec.CHUNK_CHARS,
-            )
-        c.create_collection(
-            self.collection, schema=s, index_params=index, consistency_level="Strong"
+            self.index_type,
+            self.index_params,
         )
 
     def drop(self) -> None:
@@ -294,19 +266,20 @@ class MilvusBackend:
             colbert is None
         ):
             raise ValueError("the encoded outputs do not match the stores of this backend")
-        _check_sizes(ids, texts)
+        check_sizes(ids, texts)
         vecs = DenseStore(spec.dense_dim)._prepare(ids, dense)[1].astype(np.float32)
         rows: list[dict[str, Any]] = [
             {"id": i, "text": t, "metadata": m, "dense": v}
             for i, t, m, v in zip(ids, texts, metadatas, vecs, strict=True)
         ]
         if spec.colbert_dim and colbert is not None:
-            _, block, lengths = ColbertStore(spec.colbert_dim, spec.colbert_dtype)._prepare(
-                ids, colbert
-            )
+            store = ColbertStore(spec.colbert_dim, spec.colbert_dtype)
+            _, block, lengths, scales = store._prepare(ids, colbert)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for r, a, b in zip(rows, offsets[:-1], offsets[1:], strict=True):
-                r["colbert"] = codec.encode_blob(block[a:b])
+                r["colbert"] = codec.encode_blob(
+                    block[a:b], None if scales is None else scales[a:b]
+                )
         if spec.lexical and lexical is not None:
             block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
             if spec.lexical == "bm25":
@@ -317,7 +290,7 @@ class MilvusBackend:
         show = len(steps) > 1 if self.show_progress is None else self.show_progress
         for start in tqdm(steps, desc="Milvus upsert", unit="batch", disable=not show):
             self.client.upsert(self.collection, rows[start : start + self.batch_size])
-        if not _is_server(self.uri) and len(rows) >= self.batch_size:
+        if not is_server(self.uri) and len(rows) >= self.batch_size:
             self.client.flush(self.collection)  # Milvus Lite indexes sealed segments only
         if spec.lexical == "bm25":
             self._write_stats()
@@ -369,7 +342,7 @@ class MilvusBackend:
             raise KeyError(f"unknown ids: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for start in range(0, len(ids), self.batch_size):
             part = ids[start : start + self.batch_size]
-            self.client.delete(self.collection, filter=f"id in {_str_list(part)}")
+            self.client.delete(self.collection, filter=f"id in {str_list(part)}")
         if spec.lexical == "bm25":
             self._forget(found)
             self._write_stats()
@@ -386,7 +359,7 @@ class MilvusBackend:
             part = list(ids[start : start + step])
             found += self.client.query(
                 self.collection,
-                filter=f"id in {_str_list(part)}",
+                filter=f"id in {str_list(part)}",
                 output_fields=out_fields,
                 limit=len(part),
             )
@@ -470,8 +443,9 @@ class MilvusBackend:
             raise ValueError("this index has no ColBERT vectors")
         by_id = {r["id"]: r["colbert"] for r in self._fetch(cands.ids, ["colbert"])}
         blobs = [by_id.get(i, []) for i in cands.ids]
-        packed, offsets = codec.decode_blobs(blobs, spec.colbert_dim, np.dtype(spec.colbert_dtype))
-        return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)))
+        dtype = np.dtype(spec.colbert_dtype)
+        packed, offsets, scales = codec.decode_blobs(blobs, spec.colbert_dim, dtype)
+        return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)), scales=scales)
 
     def documents(
         self, cands: Candidates, order: np.ndarray
@@ -485,7 +459,7 @@ class MilvusBackend:
         """Every stored document as ``{"id", "text", "metadata"}``, 1,000 rows per request."""
         self._spec()
         fields = ["id", "text", "metadata"]
-        if _is_server(self.uri):  # a server pages consistently with its query iterator
+        if is_server(self.uri):  # a server pages consistently with its query iterator
             it = self.client.query_iterator(
                 self.collection, batch_size=1000, filter="", output_fields=fields
             )
@@ -502,55 +476,3 @@ class MilvusBackend:
                 break
             for r in batch:
                 yield {"id": r["id"], "text": r["text"], "metadata": r["metadata"] or {}}
-
-
-def _is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
-
-
-def _config(spec: BackendSpec) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "model": spec.model,
-        "dense_dim": spec.dense_dim,
-        "colbert_dim": spec.colbert_dim,
-        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
-        "lexical": spec.lexical,
-        "vocab_size": spec.vocab_size,
-        "bm25": (spec.bm25 or BM25Params()).as_dict() if spec.lexical == "bm25" else None,
-    }
-
-
-def _check_config(
-    stored: dict[str, Any], wanted: dict[str, Any], name: str, allow_model_mismatch: bool
-) -> None:
-    if stored.get("format") != FORMAT:
-        raise ValueError(f"collection {name!r} has format {stored.get('format')}, need {FORMAT}")
-    if stored["model"] != wanted["model"] and not allow_model_mismatch:
-        raise ValueError(
-            f"collection {name!r} was built with model {stored['model']!r}, the encoder is "
-            f"{wanted['model']!r}; pass MilvusBackend(..., allow_model_mismatch=True) if they "
-            "are the same model"
-        )
-    for key in ("dense_dim", "colbert_dim", "colbert_dtype", "lexical", "vocab_size", "bm25"):
-        if stored.get(key) != wanted[key]:
-            raise ValueError(
-                f"collection {name!r} has {key}={stored.get(key)!r}, this retriever needs "
-                f"{wanted[key]!r}; use another collection or the settings it was built with"
-            )
-
-
-def _check_sizes(ids: Sequence[str], texts: Sequence[str]) -> None:
-    for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
-        if len(doc_id.encode()) > MAX_ID_BYTES:
-            raise ValueError(f"ids[{i}] is longer than {MAX_ID_BYTES} bytes")
-        milvus_literal(doc_id)  # no control characters: ids appear in expressions
-        if len(text.encode()) > MAX_TEXT_BYTES:
-            raise ValueError(
-                f"texts[{i}] is {len(text.encode())} bytes, over Milvus's {MAX_TEXT_BYTES}; "
-                "split long texts (m3_rag.sources.chunk_text)"
-            )
-
-
-def _str_list(values: Sequence[str]) -> str:
-    return "[" + ", ".join(milvus_literal(v) for v in values) + "]"
