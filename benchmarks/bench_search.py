@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from _synthetic import query_terms, unit_rows, zipf_terms
 
 from m3_rag import EncodeOutput, HybridRetriever, M3Encoder
 from m3_rag.stores.base import top_k
+from m3_rag.stores.memory import MemoryBackend
 from m3_rag.testing import build_m3_checkpoint
 
 DIM = 1024
@@ -47,10 +49,15 @@ def _stats(times: list[float]) -> dict[str, float]:
 
 
 def build(
-    encoder: M3Encoder, n: int, colbert_tokens: int, seed: int = 0, backend: Any = "memory"
+    encoder: M3Encoder,
+    n: int,
+    colbert_tokens: int,
+    seed: int = 0,
+    backend: Any = "memory",
+    colbert_dtype: str = "float16",
 ) -> HybridRetriever:
     rng = np.random.default_rng(seed)
-    r = HybridRetriever(encoder, candidates=100, backend=backend)
+    r = HybridRetriever(encoder, candidates=100, backend=backend, colbert_dtype=colbert_dtype)
     chunk = 2000
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
@@ -122,6 +129,7 @@ def main() -> None:
         "(fp16; 100k x 200 x 1024 would need 41 GB)",
     )
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--colbert-dtype", default="float16", choices=["float16", "float32", "int8"])
     ap.add_argument("--out", default="benchmarks/results/bench_search.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -136,12 +144,22 @@ def main() -> None:
     )
     for n in args.sizes:
         t = time.perf_counter()
-        r = build(encoder, n, tokens[n])
+        r = build(encoder, n, tokens[n], colbert_dtype=args.colbert_dtype)
         build_s = time.perf_counter() - t
+        b = r.backend
+        assert isinstance(b, MemoryBackend) and b.lexical is not None and b.colbert is not None
         row = {
             "docs": n,
             "colbert_tokens_per_doc": tokens[n],
+            "colbert_dtype": args.colbert_dtype,
             "build_s": build_s,
+            "bytes_per_doc": {
+                "dense": b.dense.nbytes / n,
+                "lexical": b.lexical.nbytes / n,
+                "colbert": b.colbert.nbytes / n,
+            },
+            "colbert_bytes_per_dim": b.colbert.nbytes / (b.colbert.n_vectors * DIM),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             **bench(r, args.queries),
         }
         results.append(row)
@@ -158,6 +176,16 @@ def main() -> None:
                 f"{row[leg]['p50_ms']:>8.2f} {row[leg]['p95_ms']:>8.2f}"
             )
         print(f"{'':>8} {'':>7} {'(candidates)':<16} {row['candidates']['mean']:>8.0f}")
+    print(
+        f"\n{'docs':>8} {'dense B/doc':>12} {'lexical B/doc':>14} {'colbert B/doc':>14} "
+        f"{'colbert B/dim':>14} {'peak RSS GiB':>13}"
+    )
+    for row in results:
+        m = row["bytes_per_doc"]
+        print(
+            f"{row['docs']:>8} {m['dense']:>12.0f} {m['lexical']:>14.0f} {m['colbert']:>14.0f} "
+            f"{row['colbert_bytes_per_dim']:>14.3f} {row['peak_rss_gib']:>13.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
