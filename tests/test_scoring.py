@@ -104,3 +104,55 @@ def test_rrf_fusion_hand_computed() -> None:
     want = [1 / 61 + 1 / 63, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert int(np.argmax(got)) == 1
+
+
+@pytest.mark.parametrize("n", [0, 5, 20_000, 50_001])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_dense_scan_matches_numpy(n: int, dtype: type) -> None:
+    """Below 16,384 rows the scan runs inline, above it is split over the workers."""
+    rng = np.random.default_rng(n)
+    docs = _unit(rng, n, 8).astype(dtype)
+    q = _unit(rng, 8)
+    got = scoring.dense_scan(docs, q, chunk=1000)
+    assert got.dtype == np.float32 and got.shape == (n,)
+    np.testing.assert_allclose(got, docs.astype(np.float32) @ q, atol=1e-6)
+
+
+def test_dense_scan_rejects_wrong_dims() -> None:
+    with pytest.raises(ValueError, match="dims"):
+        scoring.dense_scan(np.zeros((3, 4), np.float32), np.zeros(5, np.float32))
+
+
+def test_run_split_covers_rows_and_keeps_thread_settings() -> None:
+    import threading
+
+    import torch
+
+    from m3_rag._parallel import run_split, split_ranges
+
+    assert split_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert split_ranges(2, 8) == [(0, 1), (1, 2)]
+    before = torch.get_num_threads()
+    seen = np.zeros(100_000, np.int64)
+    workers: set[int] = set()
+
+    def mark(a: int, b: int) -> None:
+        seen[a:b] += 1
+        workers.add(torch.get_num_threads())
+
+    run_split(mark, len(seen), min_rows=1000)
+    assert (seen == 1).all()
+    assert torch.get_num_threads() == before
+    if before > 1:
+        assert workers == {1}  # the workers run torch single-threaded
+    fresh: list[int] = []  # a thread that has not used torch yet gets the process default
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [before]
+
+    def boom(a: int, b: int) -> None:
+        raise RuntimeError(f"rows {a}:{b}")
+
+    with pytest.raises(RuntimeError, match="rows"):
+        run_split(boom, 100_000, min_rows=1000)

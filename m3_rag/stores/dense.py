@@ -7,11 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from m3_rag.scoring import dense_scan
 from m3_rag.stores.base import IdRows, check_ids
 
 __all__ = ["DenseStore"]
-
-_CHUNK = 16384  # rows converted to float32 at a time when stored as float16
 
 
 class DenseStore(IdRows):
@@ -80,13 +79,7 @@ class DenseStore(IdRows):
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise ValueError(f"query has {q.shape[0]} dims, the store {self.dim}")
-        data = self.vectors
-        if self.dtype == np.float32:
-            return data @ q
-        out = np.empty(len(data), dtype=np.float32)
-        for s in range(0, len(data), _CHUNK):
-            out[s : s + _CHUNK] = data[s : s + _CHUNK].astype(np.float32) @ q
-        return out
+        return dense_scan(self.vectors, q)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "dtype": str(self.dtype)}

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from m3_rag.filters import Filter, milvus_expr, milvus_literal
-from m3_rag.scoring import colbert_scores_rows, sparse_matrix
+from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_matrix
 from m3_rag.stores import _milvus_codec as codec
 from m3_rag.stores._milvus_schema import (
     check_config,
@@ -395,7 +395,7 @@ class MilvusBackend:
         lexical = self._lexical_scores(rows, lex_q) if lex_q is not None else None
         return Candidates(
             ids=[r["id"] for r in rows],
-            dense=dense @ np.asarray(dense_query, dtype=np.float32),
+            dense=dense_scan(dense, dense_query) if len(rows) else np.zeros(0, np.float32),
             lexical=lexical,
             rows=np.arange(len(rows), dtype=np.int64),
             payload=[(r["id"], r["text"], r["metadata"] or {}) for r in rows],
