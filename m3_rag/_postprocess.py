@@ -12,29 +12,60 @@ import torch.nn.functional as F
 
 
 def plan_batches(
-    lengths: np.ndarray, batch_size: int, max_tokens: int | None = None
+    lengths: np.ndarray,
+    batch_size: int,
+    max_tokens: int | None = None,
+    overhead_tokens: int | None = None,
 ) -> list[np.ndarray]:
     """Group texts into batches, longest first (padding only to each batch's longest text).
+
+    With ``overhead_tokens`` the sorted texts are cut where the total cost is lowest: each
+    batch costs its padded size ``rows * longest`` plus a fixed ``overhead_tokens`` per
+    forward pass (dynamic programming, optimal for that cost). Mixed lengths then get small
+    batches with little padding, runs of similar lengths big ones. Without it, batches are
+    ``batch_size`` consecutive texts (FlagEmbedding's plan).
 
     Args:
         lengths: ``[n]`` token counts.
         batch_size: Most texts per batch.
-        max_tokens: Optional token budget per batch, padding included (``rows * longest``):
-            short texts then share big batches and long ones get small batches.
+        max_tokens: Optional token budget per batch, padding included (``rows * longest``;
+            a text longer than the budget gets a batch of its own).
+        overhead_tokens: Cost of one forward pass in token-equivalents, ``None`` for
+            fixed-count batches.
 
     Returns:
-        Index arrays into ``lengths``; every text in exactly one batch.
+        Index arrays into ``lengths``, longest batch first; every text in exactly one batch.
     """
     order = np.argsort(-lengths, kind="stable")
-    if max_tokens is None:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches, start = [], 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        rows = int(min(batch_size, max(1, max_tokens // longest)))
-        batches.append(order[start : start + rows])
-        start += rows
-    return batches
+    if overhead_tokens is None:
+        if max_tokens is None:
+            return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches, start = [], 0
+        while start < len(order):
+            longest = max(int(lengths[order[start]]), 1)
+            rows = int(min(batch_size, max(1, max_tokens // longest)))
+            batches.append(order[start : start + rows])
+            start += rows
+        return batches
+    s = np.maximum(lengths[order].astype(np.int64), 1)
+    n = len(s)
+    cost = np.zeros(n + 1, dtype=np.int64)  # cost[j]: best plan of the first j sorted texts
+    cut = np.zeros(n + 1, dtype=np.int64)  # where that plan's last batch starts
+    for j in range(1, n + 1):
+        starts = np.arange(j - 1, max(j - batch_size, 0) - 1, -1)  # rows = j - starts
+        size = (j - starts) * s[starts]  # padded tokens of the batch starts:j
+        total = cost[starts] + size + overhead_tokens
+        if max_tokens is not None:  # one row is always allowed
+            total = np.where(
+                (starts == j - 1) | (size <= max_tokens), total, np.iinfo(np.int64).max
+            )
+        best = int(np.argmin(total))
+        cost[j], cut[j] = total[best], starts[best]
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((int(cut[j]), j))
+        j = int(cut[j])
+    return [order[a:b] for a, b in reversed(bounds)]
 
 
 def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:

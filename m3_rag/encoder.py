@@ -32,6 +32,10 @@ __all__ = ["EncodeOutput", "M3Encoder"]
 
 logger = logging.getLogger(__name__)
 
+# One CPU forward pass costs about as much as 45 extra tokens (fp32, 2 cores: a 16-token text
+# alone runs at 30% of the token rate of batches of 256+ tokens); batch planning uses 64.
+_CPU_PASS_OVERHEAD = 64
+
 Weights3 = tuple[float, float, float]
 
 
@@ -67,7 +71,10 @@ class M3Encoder:
             float16 on CUDA, float32 on CPU.
         max_length: Token limit for :meth:`encode` and :meth:`encode_documents` (capped by
             the model's own limit).
-        batch_size: Texts per forward pass (at most).
+        batch_size: Texts per forward pass (at most). On CPU the length-sorted texts are
+            cut where padded tokens plus a per-pass overhead are lowest, so mixed lengths get
+            small batches with little padding (1% instead of 30% on 32 texts of 16-512
+            tokens); on GPU batches are ``batch_size`` consecutive sorted texts.
         max_tokens_per_batch: Optional token budget per forward pass, padding included:
             short texts share big batches, long ones get small ones (bounds memory; default
             ``None``: batches of ``batch_size`` texts).
@@ -240,7 +247,8 @@ class M3Encoder:
             return_token_type_ids=False,
         )["input_ids"]
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        batches = plan_batches(lengths, bs, self.max_tokens_per_batch)
+        overhead = _CPU_PASS_OVERHEAD if self.device.type == "cpu" else None
+        batches = plan_batches(lengths, bs, self.max_tokens_per_batch, overhead)
         progress = n > 256 if show_progress is None else show_progress
         for idx in tqdm(batches, desc="Encoding", unit="batch", disable=not progress):
             out = self._forward(
