@@ -10,6 +10,7 @@ takes 20 ms without a second thread pool fighting torch's.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ __all__ = ["run_split", "split_ranges"]
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # a forked child inherits the pool object but not its threads
 
 
 def _one_thread() -> None:
@@ -31,11 +33,11 @@ def _one_thread() -> None:
 
 
 def _get_pool(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _lock:
-        if _pool is None or _pool_size < size:
+        if _pool is None or _pool_size < size or _pool_pid != os.getpid():
             threads = torch.get_num_threads()
-            if _pool is not None:
+            if _pool is not None and _pool_pid == os.getpid():
                 _pool.shutdown(wait=False)
             pool = ThreadPoolExecutor(size, "m3-rag-scan", initializer=_one_thread)
             barrier = threading.Barrier(size)  # start every worker now ...
@@ -44,7 +46,7 @@ def _get_pool(size: int) -> ThreadPoolExecutor:
             # ... then undo the side effect of their set_num_threads(1) on torch's
             # process-wide default (read by threads that have not used torch yet)
             torch.set_num_threads(threads)
-            _pool, _pool_size = pool, size
+            _pool, _pool_size, _pool_pid = pool, size, os.getpid()
         return _pool
 
 

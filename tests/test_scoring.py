@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -156,3 +159,25 @@ def test_run_split_covers_rows_and_keeps_thread_settings() -> None:
 
     with pytest.raises(RuntimeError, match="rows"):
         run_split(boom, 100_000, min_rows=1000)
+
+
+def _scan_in_child(conn: Any) -> None:
+    docs = np.ones((40_000, 4), np.float32)
+    conn.send(float(scoring.dense_scan(docs, np.ones(4, np.float32)).sum()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_dense_scan_works_in_a_forked_child() -> None:
+    """A forked child inherits the worker pool object but not its threads: it must not hang."""
+    import multiprocessing as mp
+
+    scoring.dense_scan(np.ones((40_000, 4), np.float32), np.ones(4, np.float32))  # pool up
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_scan_in_child, args=(child,))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("dense_scan hung in a forked child")
+    assert parent.recv() == 160_000.0
