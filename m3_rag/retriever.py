@@ -14,10 +14,16 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from m3_rag import scoring
-from m3_rag._inputs import check_count, check_metadatas, check_texts, check_weights
+from m3_rag._inputs import (
+    check_count,
+    check_metadatas,
+    check_query,
+    check_texts,
+    check_weights,
+)
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
-from m3_rag.persist import read_index, write_index
+from m3_rag.persist import IndexFormatError, read_index, write_index
 from m3_rag.rerank import Reranker
 from m3_rag.stores.backend import BackendSpec
 from m3_rag.stores.base import check_ids, top_k
@@ -279,8 +285,7 @@ class HybridRetriever:
             weights, fusion, candidates: Per-call overrides of the constructor's settings.
             rerank: Use the reranker (default: when one is set).
         """
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        query = check_query(query)
         opts = self._options(k, filter, weights, fusion, candidates, rerank, query)
         if opts.k == 0 or self._known_empty():
             return []
@@ -446,39 +451,51 @@ class HybridRetriever:
                 from another path) or its dimensions do not fit ``encoder``.
         """
         manifest, arrays, docs = read_index(path)
-        if manifest["model"] != encoder.model_name and not allow_model_mismatch:
+        model, cfg = manifest.get("model"), manifest.get("retriever")
+        if not isinstance(model, str) or not isinstance(cfg, dict):
+            raise IndexFormatError(f"{path}: manifest.json needs 'model' and 'retriever'")
+        if model != encoder.model_name and not allow_model_mismatch:
             raise ValueError(
-                f"index {path} was built with model {manifest['model']!r}, the encoder is "
+                f"index {path} was built with model {model!r}, the encoder is "
                 f"{encoder.model_name!r}; pass allow_model_mismatch=True if they are the same model"
             )
         if (
-            manifest["dense_dim"] != encoder.dense_dim
-            or manifest["colbert_dim"] != encoder.colbert_dim
+            manifest.get("dense_dim") != encoder.dense_dim
+            or manifest.get("colbert_dim") != encoder.colbert_dim
         ):
             raise ValueError(
                 f"index {path} has dense/ColBERT dims "
-                f"{manifest['dense_dim']}/{manifest['colbert_dim']}, "
+                f"{manifest.get('dense_dim')}/{manifest.get('colbert_dim')}, "
                 f"the encoder {encoder.dense_dim}/{encoder.colbert_dim}"
             )
-        cfg = manifest["retriever"]
-        self = cls(
-            encoder,
-            reranker,
-            cfg["weights"],
-            cfg["fusion"],
-            cfg["candidates"],
-            cfg["lexical"],
-            rerank_top_n=cfg["rerank_top_n"],
-            dense_dtype=manifest["dense_dtype"],
-            colbert_dtype=manifest["colbert_dtype"] or "float16",
-            bm25=BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None,
-        )
-        if manifest["vocab_size"] is not None and manifest["vocab_size"] != encoder.vocab_size:
+        vocab = manifest.get("vocab_size")
+        if vocab is not None and vocab != encoder.vocab_size:
             raise ValueError(
-                f"index {path} has vocabulary size {manifest['vocab_size']}, "
-                f"the encoder {encoder.vocab_size}"
+                f"index {path} has vocabulary size {vocab}, the encoder {encoder.vocab_size}"
             )
-        self.backend = MemoryBackend.from_state(manifest, arrays, docs)
+        backend = MemoryBackend.from_state(manifest, arrays, docs)
+        try:
+            self = cls(
+                encoder,
+                reranker,
+                cfg["weights"],
+                cfg["fusion"],
+                cfg["candidates"],
+                cfg["lexical"],
+                rerank_top_n=cfg["rerank_top_n"],
+                dense_dtype=manifest["dense_dtype"],
+                colbert_dtype=manifest["colbert_dtype"] or "float16",
+                bm25=BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            msg = f"{path}: manifest.json has a bad retriever setting: {e}"
+            raise IndexFormatError(msg) from None
+        if self.lexical != manifest["lexical"]:
+            raise IndexFormatError(
+                f"{path}: manifest.json says lexical {manifest['lexical']!r} for the stores and "
+                f"{cfg['lexical']!r} for the retriever"
+            )
+        self.backend = backend
         return self
 
 

@@ -258,8 +258,9 @@ def weighted_fusion(scores: Mapping[str, np.ndarray], weights: Mapping[str, floa
     total = float(sum(weights[m] for m in modes))
     if not modes or total <= 0:
         raise ValueError(f"weights {dict(weights)} give no positive weight to modes {list(scores)}")
-    fused = sum(np.asarray(scores[m], np.float32) * np.float32(weights[m]) for m in modes)
-    return np.asarray(fused, dtype=np.float32) / np.float32(total)
+    # float64: a weight near the float32 maximum cannot overflow to inf or NaN
+    fused = sum(np.asarray(scores[m], np.float64) * float(weights[m]) for m in modes)
+    return np.asarray(np.asarray(fused) / total, dtype=np.float32)
 
 
 def rrf_fusion(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Record", "chunk_text", "demo_corpus", "read_source"]
+__all__ = ["ENCODING_ERRORS", "TEXT_GLOBS", "Record", "chunk_text", "demo_corpus", "read_source"]
 
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_GLOBS = ("*.txt", "*.md")
+ENCODING_ERRORS = ("skip", "strict", "replace")
 # cut points, best first: paragraph break, sentence end, any whitespace
 _BREAKS = (re.compile(r"\n\s*\n"), re.compile(r"(?<=[.!?。！？])\s*"), re.compile(r"\s+"))
 
@@ -62,59 +64,110 @@ def chunk_text(text: str, size: int = 1000, overlap: int = 150) -> list[str]:
 
 
 def read_source(
-    source: str | Path, chunk_size: int = 1000, chunk_overlap: int = 150
+    source: str | Path,
+    chunk_size: int = 1000,
+    chunk_overlap: int = 150,
+    *,
+    globs: Sequence[str] = TEXT_GLOBS,
+    encoding_errors: str = "skip",
+    on_skip: Callable[[str], None] | None = None,
 ) -> list[Record]:
-    """Records of a folder of .txt/.md files (chunked) or a JSONL file.
+    """Records of a folder of text files (chunked) or a JSONL file.
 
     JSONL lines: ``{"_id" or "id", "text", "title"?, ...}``; other fields become metadata,
     ``title`` is prefixed to the text. Folder chunks get ``{"source", "chunk"}`` metadata.
 
+    Args:
+        source: A folder or a ``.jsonl`` file.
+        chunk_size, chunk_overlap: Folder chunking (characters).
+        globs: File-name patterns a folder's files must match (any of them; ``*.txt``,
+            ``docs/**/*.rst``...), relative to the folder.
+        encoding_errors: A folder file that is not UTF-8: ``"skip"`` it (``on_skip`` is told
+            why), stop (``"strict"``, ValueError), or decode it with U+FFFD (``"replace"``).
+        on_skip: Called with a one-line reason for each skipped file.
+
     Raises:
-        FileNotFoundError: missing source. ValueError: wrong format or no text at all.
+        FileNotFoundError: missing source. ValueError: wrong format, duplicate ids, or no
+            text at all.
     """
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(
+            f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}"
+        )
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"source {path} does not exist")
-    records = _read_jsonl(path) if path.is_file() else _read_folder(path, chunk_size, chunk_overlap)
+    if path.is_file():
+        records = _read_jsonl(path)
+    else:
+        records = _read_folder(path, chunk_size, chunk_overlap, globs, encoding_errors, on_skip)
     if not records:
         raise ValueError(f"{path} holds no text to index (empty corpus)")
     return records
 
 
-def _read_folder(path: Path, size: int, overlap: int) -> list[Record]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+def _read_folder(
+    path: Path,
+    size: int,
+    overlap: int,
+    globs: Sequence[str],
+    encoding_errors: str,
+    on_skip: Callable[[str], None] | None,
+) -> list[Record]:
+    # a bare name pattern (*.txt) matches at any depth; one with a / is relative to the folder
+    found = (path.rglob(pat) if "/" not in pat else path.glob(pat) for pat in globs)
+    files = sorted({p for matches in found for p in matches if p.is_file()})
     if not files:
-        raise ValueError(f"{path} has no .txt or .md files")
+        raise ValueError(f"{path} has no files matching {', '.join(globs)} (see --glob)")
     out = []
     for file in files:
         rel = file.relative_to(path).as_posix()
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8", errors=_ERRORS[encoding_errors])
         except UnicodeDecodeError as e:
-            raise ValueError(f"{file} is not UTF-8 text: {e}") from e
+            if encoding_errors == "strict":
+                raise ValueError(
+                    f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); pass "
+                    "--encoding-errors skip or replace"
+                ) from None
+            if on_skip is not None:
+                on_skip(f"skipped {file}: not UTF-8 text ({e.reason} at byte {e.start})")
+            continue
         for i, chunk in enumerate(chunk_text(text, size, overlap)):
             out.append(Record(f"{rel}#{i}", chunk, {"source": rel, "chunk": i}))
     return out
 
 
+_ERRORS = {"skip": "strict", "strict": "strict", "replace": "replace"}
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     if path.suffix.lower() not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: expected a folder of .txt/.md files or a .jsonl file")
+        raise ValueError(f"{path}: expected a folder of text files or a .jsonl file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{n}: each line needs a 'text' string")
-            doc_id = row.pop("_id", None) or row.pop("id", None) or f"line-{n}"
-            text = row.pop("text")
-            title = row.get("title")
-            out.append(Record(str(doc_id), f"{title}\n{text}" if title else text, row))
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(enumerate(f, start=1))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:120]}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{n}: each line needs a 'text' string")
+        doc_id = row.pop("_id", None) or row.pop("id", None) or f"line-{n}"
+        doc_id = str(doc_id)
+        if doc_id in seen:
+            raise ValueError(f"{path}:{n}: duplicate id {doc_id!r} (first on line {seen[doc_id]})")
+        seen[doc_id] = n
+        text = row.pop("text")
+        title = row.get("title")
+        out.append(Record(doc_id, f"{title}\n{text}" if title else text, row))
     return out
 
 

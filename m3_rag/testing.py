@@ -52,12 +52,13 @@ def build_tokenizer(
     Returns:
         The loaded ``transformers`` tokenizer.
     """
+    import transformers
     from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
 
-    try:  # transformers 4.x name; an alias of the tokenizers-backed class in 5.x
-        from transformers import XLMRobertaTokenizerFast as TokenizerClass  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover
-        from transformers import XLMRobertaTokenizer as TokenizerClass
+    # transformers 4.x name; in 5.x an alias of the tokenizers-backed XLMRobertaTokenizer
+    fast = getattr(transformers, "XLMRobertaTokenizerFast", None)
+    TokenizerClass: Any = fast or transformers.XLMRobertaTokenizer
 
     corpus = (texts or SAMPLE_TEXTS) * 20
     sp = SentencePieceUnigramTokenizer()
@@ -67,6 +68,13 @@ def build_tokenizer(
         special_tokens=_SPECIALS,
         unk_token="<unk>",
         show_progress=False,
+    )
+    # XLM-R's template, as transformers' XLMRobertaConverter writes it: transformers 5 adds it
+    # by itself, 4.x keeps the bare tokenizer's (none: no <s> </s>, empty text -> 0 tokens)
+    sp._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
     )
     tok = TokenizerClass(
         tokenizer_object=sp._tokenizer,
@@ -159,9 +167,14 @@ def build_m3_checkpoint(
     if with_heads:
         colbert = torch.nn.Linear(hidden, colbert_dim or hidden)
         sparse = torch.nn.Linear(hidden, 1)
-        # most tokens get a positive, varied weight (a default init leaves few above zero)
+        # most tokens get a positive, varied weight: random hidden states share a large
+        # common component, so the bias is centred on this model's own projections (60% > 0)
         torch.nn.init.normal_(sparse.weight, 0.0, 0.3)
-        torch.nn.init.constant_(sparse.bias, 0.3)
+        with torch.no_grad():
+            batch = tok(SAMPLE_TEXTS, padding=True, truncation=True, return_tensors="pt")
+            hidden_states = model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+            proj = (hidden_states @ sparse.weight.T).reshape(-1)
+            sparse.bias.fill_(-float(torch.quantile(proj, 0.4)))
         torch.save(colbert.state_dict(), out / "colbert_linear.pt")
         torch.save(sparse.state_dict(), out / "sparse_linear.pt")
     return out

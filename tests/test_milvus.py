@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import BeirData, evaluate_run
@@ -17,8 +18,8 @@ from m3_rag.stores import _milvus_codec as codec
 from m3_rag.stores.lexical import BM25Params, bm25_tf
 from m3_rag.testing import SAMPLE_TEXTS
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
+require("pymilvus", "pip install -e '.[milvus]'")
+require("milvus_lite", "pip install -e '.[milvus]'")
 
 from m3_rag.stores.milvus import MilvusBackend
 

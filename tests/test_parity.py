@@ -6,12 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MULTILINGUAL
+from conftest import MULTILINGUAL, require
 
 from m3_rag import M3Encoder, Reranker
 from m3_rag.testing import SAMPLE_TEXTS
 
-FlagEmbedding = pytest.importorskip("FlagEmbedding")
+FlagEmbedding = require(
+    "FlagEmbedding",
+    "the parity oracle; install the reference environment: "
+    'pip install -e ".[dev]" -c constraints.txt (transformers 4.57.6)',
+)
 pytestmark = pytest.mark.parity
 
 MAX_LEN = 24  # the long texts are cut: truncation is part of the parity

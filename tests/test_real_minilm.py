@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
 from m3_rag import M3Encoder
 
@@ -34,7 +35,7 @@ def test_loads_as_dense_only_mean_pooling(minilm: M3Encoder) -> None:
 
 
 def test_dense_equals_sentence_transformers(minilm: M3Encoder, minilm_dir: Path) -> None:
-    st = pytest.importorskip("sentence_transformers")
+    st = require("sentence_transformers", "the dense oracle; pip install -e '.[dev]'")
     model = st.SentenceTransformer(str(minilm_dir), device="cpu")
     ref = model.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=True, batch_size=2)
     out = minilm.encode(TEXTS, batch_size=4)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import resign
 
 from m3_rag import HybridRetriever, IndexFormatError, M3Encoder, Reranker, SearchHit
 from m3_rag.testing import SAMPLE_TEXTS
@@ -214,10 +215,17 @@ def test_load_refuses_other_models_and_corruption(
     snap = next((tmp_path / "idx").glob("snap-*"))
     manifest = json.loads((snap / "manifest.json").read_text())
     (snap / "manifest.json").write_text(json.dumps(manifest | {"version": 99}))
+    with pytest.raises(IndexFormatError, match=r"manifest\.json does not match its checksum"):
+        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    resign(tmp_path / "idx")  # past the checksums, the contents are checked too
     with pytest.raises(IndexFormatError, match="version 99"):
         HybridRetriever.load(tmp_path / "idx", tiny_encoder)
     (snap / "manifest.json").write_text(json.dumps(manifest))
+    resign(tmp_path / "idx")
     np.save(snap / "dense_vectors.npy", np.zeros((3, 32), np.float32))
+    with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy does not match its checksum"):
+        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    resign(tmp_path / "idx")
     with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy has shape"):
         HybridRetriever.load(tmp_path / "idx", tiny_encoder)
     with pytest.raises(FileNotFoundError, match="no m3-rag index"):

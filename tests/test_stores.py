@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -105,7 +106,7 @@ def test_lexical_delete_and_update_leave_no_stale_rows() -> None:
     query=st.lists(st.integers(0, 14), min_size=1, max_size=6),
 )
 def test_bm25_equals_rank_bm25(corpus: list[list[int]], query: list[int]) -> None:
-    rank_bm25 = pytest.importorskip("rank_bm25")
+    rank_bm25 = require("rank_bm25", "the BM25 oracle; pip install rank-bm25")
     if not any(corpus):  # rank-bm25 divides by an average length of 0
         return
     ref = rank_bm25.BM25Okapi([[str(t) for t in doc] for doc in corpus])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,15 +16,37 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
 from m3_rag import HybridRetriever, M3Encoder, Reranker, SearchHit
+from m3_rag._inputs import SCORES_KEY
 
 
 def hit_to_document(hit: SearchHit) -> Document:
-    """A LangChain ``Document`` with the hit's id and ``metadata['scores']``."""
+    """A LangChain ``Document`` with the hit's id, its metadata (a private copy) and
+    ``metadata["m3_rag_scores"]`` = ``{"score": final, "dense", "sparse"|"bm25", "colbert",
+    "fused", "rerank"?}`` (the key is reserved: the index refuses user metadata holding it)."""
     return Document(
         id=hit.id,
         page_content=hit.text,
-        metadata={**hit.metadata, "scores": dict(hit.scores), "score": hit.score},
+        metadata={**hit.metadata, SCORES_KEY: {"score": hit.score, **hit.scores}},
     )
+
+
+def check_id_list(ids: Any, name: str = "ids") -> list[str]:
+    """Refuse a bare ``str`` (it would be read as one id per character)."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(
+            f"{name} must be a list of ids, got a single {type(ids).__name__}; pass [{ids!r}]"
+        )
+    return list(ids)
+
+
+def document_ids(documents: Sequence[Document], ids: Sequence[str] | None) -> list[str] | None:
+    """The ids to store: ``ids`` when given, else each document's own ``id``, a new UUID for
+    the documents without one (``None`` when no document has one)."""
+    if ids is not None:
+        return check_id_list(ids)
+    if not any(d.id for d in documents):
+        return None
+    return [d.id or uuid.uuid4().hex for d in documents]
 
 
 class M3Retriever(BaseRetriever):
@@ -36,7 +59,7 @@ class M3Retriever(BaseRetriever):
 
             retriever = M3Retriever.from_texts(["BGE-M3 is multilingual.", "..."], encoder=enc, k=4)
             docs = retriever.invoke("which languages?", k=2, filter={"lang": "en"})
-            docs[0].metadata["scores"]   # dense, sparse, colbert, fused (and rerank)
+            docs[0].metadata["m3_rag_scores"]   # score, dense, sparse, colbert, fused (rerank)
 
     Attributes:
         retriever: The core :class:`m3_rag.HybridRetriever` (holds the index).
@@ -80,7 +103,7 @@ class M3Retriever(BaseRetriever):
     ) -> M3Retriever:
         """Index LangChain documents (their ``id`` is kept when set)."""
         docs = list(documents)
-        ids = [d.id for d in docs if d.id] if docs and all(d.id for d in docs) else None
+        ids = document_ids(docs, kwargs.pop("ids", None))
         return cls.from_texts(
             [d.page_content for d in docs],
             encoder,
@@ -92,13 +115,12 @@ class M3Retriever(BaseRetriever):
     def add_documents(
         self, documents: Sequence[Document], ids: Sequence[str] | None = None
     ) -> list[str]:
-        """Add (or replace, same id) documents; returns their ids."""
-        if ids is None and documents and all(d.id for d in documents):
-            ids = [d.id for d in documents if d.id]
+        """Add (or replace, same id) documents; returns their ids (each document's own
+        ``id`` is kept; a document without one gets a new UUID)."""
         return self.retriever.add_texts(
             [d.page_content for d in documents],
-            metadatas=[dict(d.metadata) for d in documents],
-            ids=ids,
+            metadatas=[d.metadata for d in documents],
+            ids=document_ids(documents, ids),
         )
 
     def add_texts(
@@ -107,11 +129,13 @@ class M3Retriever(BaseRetriever):
         metadatas: Sequence[dict[str, Any]] | None = None,
         ids: Sequence[str] | None = None,
     ) -> list[str]:
-        return self.retriever.add_texts(list(texts), metadatas=metadatas, ids=ids)
+        return self.retriever.add_texts(
+            list(texts), metadatas=metadatas, ids=None if ids is None else check_id_list(ids)
+        )
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Delete by id (an unknown id raises ``KeyError`` and deletes nothing)."""
-        self.retriever.delete(list(ids))
+        """Delete by id (a list; an unknown id raises ``KeyError`` and deletes nothing)."""
+        self.retriever.delete(check_id_list(ids))
 
     # ------------------------------------------------------------------ retrieval
     def _search(self, query: str, **kwargs: Any) -> list[Document]:

@@ -24,8 +24,7 @@ from llama_index.core.vector_stores.types import (
 )
 
 from m3_rag import HybridRetriever, M3Encoder, Reranker
-
-SCORE_KEY = "scores"
+from m3_rag._inputs import SCORES_KEY
 
 
 def _match(op: FilterOperator, have: Any, want: Any) -> bool:
@@ -73,10 +72,14 @@ def to_core_filter(
     """
     if filters is None or not filters.filters:
         return None
+    # EQ takes one value (EQ with a list means "equals that list", not any-of: the general
+    # path below), IN takes a list of values
     simple = filters.condition in (None, FilterCondition.AND) and all(
         isinstance(f, MetadataFilter)
-        and f.operator in (FilterOperator.EQ, FilterOperator.IN)
-        and isinstance(f.value, (str, int, float, bool, list))
+        and (
+            (f.operator == FilterOperator.EQ and isinstance(f.value, (str, int, float, bool)))
+            or (f.operator == FilterOperator.IN and isinstance(f.value, list))
+        )
         for f in filters.filters
     )
     if simple:
@@ -168,7 +171,11 @@ class M3Retriever(BaseRetriever):
         return self.retriever.add_texts(texts, metadatas=metas, ids=[n.node_id for n in nodes])
 
     def delete(self, node_ids: Sequence[str]) -> None:
-        """Delete nodes by id (an unknown id raises ``KeyError`` and deletes nothing)."""
+        """Delete nodes by id (a list; an unknown id raises ``KeyError``, nothing deleted)."""
+        if isinstance(node_ids, (str, bytes)):
+            raise TypeError(
+                f"node_ids must be a list of ids, got a single str; pass [{node_ids!r}]"
+            )
         self.retriever.delete(list(node_ids))
 
     def persist(self, persist_dir: str | os.PathLike[str]) -> None:
@@ -204,9 +211,9 @@ class M3Retriever(BaseRetriever):
             node = TextNode(
                 id_=h.id,
                 text=h.text,
-                metadata={**h.metadata, SCORE_KEY: dict(h.scores)},
-                excluded_embed_metadata_keys=[SCORE_KEY],
-                excluded_llm_metadata_keys=[SCORE_KEY],
+                metadata={**h.metadata, SCORES_KEY: {"score": h.score, **h.scores}},
+                excluded_embed_metadata_keys=[SCORES_KEY],
+                excluded_llm_metadata_keys=[SCORES_KEY],
             )
             out.append(NodeWithScore(node=node, score=float(h.score)))
         return out

@@ -3,6 +3,7 @@ at module level)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ __all__ = [
     "MAX_ID_BYTES",
     "MAX_TEXT_BYTES",
     "check_config",
+    "check_json",
     "check_sizes",
     "config_of",
     "create_collections",
@@ -118,6 +120,33 @@ def check_sizes(ids: Sequence[str], texts: Sequence[str]) -> None:
                 f"texts[{i}] is {len(text.encode())} bytes, over Milvus's {MAX_TEXT_BYTES}; "
                 "split long texts (m3_rag.sources.chunk_text)"
             )
+
+
+MAX_JSON_BYTES = 65536
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_json(value: Any, name: str) -> None:
+    """Refuse metadata Milvus's JSON field cannot hold: integers outside int64, or more than
+    ``MAX_JSON_BYTES`` once encoded.
+
+    Raises:
+        ValueError: naming ``name``.
+    """
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            raise ValueError(
+                f"{name} holds the integer {v}, outside Milvus's 64-bit range; store it as a str"
+            )
+    size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{name} is {size} bytes of JSON, over Milvus's {MAX_JSON_BYTES}")
 
 
 def str_list(values: Sequence[str]) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from m3_rag._inputs import check_unicode
 from m3_rag.persist import read_index, write_index
 
 __all__ = ["IdRows", "check_ids", "top_k"]
@@ -32,6 +33,7 @@ def check_ids(ids: Any, n: int | None = None) -> list[str]:
             raise TypeError(f"ids[{i}] is {type(x).__name__}, expected str")
         if not x:
             raise ValueError(f"ids[{i}] is empty; ids must be non-empty strings")
+        check_unicode(x, f"ids[{i}]")
     if len(set(out)) != len(out):
         seen: set[str] = set()
         dup = next(x for x in out if x in seen or seen.add(x))  # type: ignore[func-returns-value]

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from m3_rag.persist import IndexFormatError
 from m3_rag.scoring import colbert_scores_rows
 from m3_rag.stores.base import IdRows, check_ids
 
@@ -169,20 +170,35 @@ class ColbertStore(IdRows):
         dtype: str = "float16",
         dim: int | None = None,
     ) -> ColbertStore:
-        vecs, offsets = arrays["vectors"], arrays["offsets"].astype(np.int64)
+        vecs, offsets = arrays["vectors"], arrays["offsets"]
+        if vecs.ndim != 2 or offsets.ndim != 1 or offsets.dtype.kind not in "iu":
+            raise IndexFormatError("colbert_vectors.npy must be 2-d, colbert_offsets.npy 1-d ints")
+        offsets = offsets.astype(np.int64)
         if (
             len(offsets) != len(ids) + 1
+            or int(offsets[0]) != 0
             or int(offsets[-1]) != len(vecs)
             or (np.diff(offsets) < 0).any()
         ):
-            raise ValueError("ColBERT offsets are inconsistent with the stored vectors")
+            raise IndexFormatError("colbert_offsets.npy is inconsistent with the stored vectors")
         if dim is not None and vecs.shape[1] != dim:
-            raise ValueError(f"ColBERT vectors have dim {vecs.shape[1]}, expected {dim}")
+            raise IndexFormatError(f"colbert_vectors.npy has dim {vecs.shape[1]}, expected {dim}")
+        if vecs.dtype != np.dtype(dtype):
+            raise IndexFormatError(
+                f"colbert_vectors.npy is {vecs.dtype}, the manifest says {dtype}"
+            )
         store = cls(vecs.shape[1], dtype)
         if store._scales is not None:
-            if vecs.dtype != np.int8 or len(arrays.get("scales", ())) != len(vecs):
-                raise ValueError("int8 ColBERT vectors need int8 data and one scale per vector")
-            store._scales = np.ascontiguousarray(arrays["scales"], dtype=np.float32)
+            scales = arrays.get("scales")
+            if scales is None or scales.ndim != 1 or len(scales) != len(vecs):
+                raise IndexFormatError(
+                    "int8 ColBERT vectors need colbert_scales.npy, one per vector"
+                )
+            if scales.dtype.kind != "f" or not (np.isfinite(scales).all() and (scales > 0).all()):
+                raise IndexFormatError("colbert_scales.npy must hold finite scales > 0")
+            store._scales = np.ascontiguousarray(scales, dtype=np.float32)
+        elif not np.isfinite(vecs).all():
+            raise IndexFormatError("colbert_vectors.npy holds NaN or inf")
         store._data = np.ascontiguousarray(vecs, dtype=store.dtype)
         store._n_rows = len(vecs)
         store._offsets = offsets

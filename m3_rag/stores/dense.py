@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from m3_rag.persist import IndexFormatError
 from m3_rag.scoring import dense_scan
 from m3_rag.stores.base import IdRows, check_ids
 
@@ -98,9 +99,11 @@ class DenseStore(IdRows):
     ) -> DenseStore:
         vecs = arrays["vectors"]
         if vecs.ndim != 2 or len(vecs) != len(ids) or (dim is not None and vecs.shape[1] != dim):
-            raise ValueError(
-                f"dense vectors of shape {vecs.shape} do not fit {len(ids)} ids of dim {dim}"
+            raise IndexFormatError(
+                f"dense_vectors.npy of shape {vecs.shape} does not fit {len(ids)} ids of dim {dim}"
             )
+        if vecs.dtype.kind != "f" or not np.isfinite(vecs).all():
+            raise IndexFormatError("dense_vectors.npy must hold finite floats (NaN or inf found)")
         store = cls(vecs.shape[1], dtype)
         store._data = np.ascontiguousarray(vecs, dtype=store.dtype)
         store._append_ids(ids)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3_rag.persist import IndexFormatError
 from m3_rag.scoring import sparse_matrix
 from m3_rag.stores.base import IdRows, check_ids
 
@@ -206,10 +207,25 @@ class LexicalStore(IdRows):
     ) -> LexicalStore:
         store = cls(vocab_size, kind, BM25Params(**bm25) if isinstance(bm25, dict) else bm25)
         indptr, indices, data = arrays["indptr"], arrays["indices"], arrays["data"]
+        if (
+            indptr.ndim != 1
+            or indices.ndim != 1
+            or data.ndim != 1
+            or indptr.dtype.kind not in "iu"
+            or indices.dtype.kind not in "iu"
+            or data.dtype.kind != "f"
+        ):
+            raise IndexFormatError("lexical_*.npy must be 1-d integer indptr/indices, float data")
         if len(indptr) != len(ids) + 1 or len(indices) != len(data) or int(indptr[-1]) != len(data):
-            raise ValueError("lexical arrays are inconsistent with the number of documents")
+            raise IndexFormatError(
+                "lexical_indptr.npy is inconsistent with the number of documents and terms"
+            )
+        if int(indptr[0]) != 0 or (np.diff(indptr) < 0).any():
+            raise IndexFormatError("lexical_indptr.npy must start at 0 and never decrease")
         if len(indices) and (int(indices.max()) >= vocab_size or int(indices.min()) < 0):
-            raise ValueError("lexical token ids are out of range for the vocabulary")
+            raise IndexFormatError("lexical_indices.npy has token ids outside the vocabulary")
+        if len(data) and (not np.isfinite(data).all() or float(data.min()) < 0):
+            raise IndexFormatError("lexical_data.npy must hold finite weights >= 0")
         store._docs = sp.csr_matrix(
             (data.astype(np.float32), indices, indptr), shape=(len(ids), vocab_size)
         )

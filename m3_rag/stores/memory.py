@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,9 +12,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag.filters import Filter, filter_mask
-from m3_rag.persist import read_index, write_index
+from m3_rag.persist import IndexFormatError, read_index, write_index
 from m3_rag.stores.backend import Candidates, DocBatch
 from m3_rag.stores.base import IdRows, check_ids, top_k
+from m3_rag.stores.colbert import DTYPES as COLBERT_DTYPES
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
 from m3_rag.stores.lexical import BM25Params, LexicalStore
@@ -113,7 +115,9 @@ class MemoryBackend(IdRows):
     # ---------------------------------------------------------------- reading
     def get(self, rows: np.ndarray) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of each row."""
-        return [(self._ids[r], self._texts[r], dict(self._metadatas[r])) for r in rows.tolist()]
+        return [
+            (self._ids[r], self._texts[r], copy.deepcopy(self._metadatas[r])) for r in rows.tolist()
+        ]
 
     def documents(
         self, cands: Candidates, order: np.ndarray
@@ -175,7 +179,7 @@ class MemoryBackend(IdRows):
             yield DocBatch(
                 ids=[self._ids[r] for r in rows.tolist()],
                 texts=[self._texts[r] for r in rows.tolist()],
-                metadatas=[dict(self._metadatas[r]) for r in rows.tolist()],
+                metadatas=[copy.deepcopy(self._metadatas[r]) for r in rows.tolist()],
                 dense=self.dense.vectors[rows].astype(np.float32),
                 lexical=None if self.lexical is None else self.lexical._matrix()[rows],
                 colbert=colbert,
@@ -213,11 +217,26 @@ class MemoryBackend(IdRows):
     def from_state(
         cls, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], docs: list[dict[str, Any]]
     ) -> MemoryBackend:
+        """Rebuild a backend from :func:`~m3_rag.persist.read_index` output.
+
+        Raises:
+            IndexFormatError: a configuration value of the wrong type, or arrays that are
+                inconsistent, non-finite or out of range (the message names the file).
+        """
+        check_config(config)
         ids = [d["id"] for d in docs]
 
         def pick(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
+        for prefix, need in (("dense_", ("vectors",)), ("lexical_", ("indptr", "indices", "data"))):
+            if prefix == "lexical_" and not config["lexical"]:
+                continue
+            missing = [n for n in need if n not in pick(prefix)]
+            if missing:
+                raise IndexFormatError(f"the index has no {prefix}{missing[0]}.npy")
+        if config["colbert_dim"] and not {"vectors", "offsets"} <= set(pick("colbert_")):
+            raise IndexFormatError("the index has no colbert_vectors.npy / colbert_offsets.npy")
         self = cls(
             config["dense_dim"],
             config["colbert_dim"],
@@ -227,16 +246,53 @@ class MemoryBackend(IdRows):
             colbert_dtype=config["colbert_dtype"] or "float16",
             bm25=BM25Params(**config["bm25"]) if config.get("bm25") else None,
         )
-        self.dense = DenseStore.from_state(ids, pick("dense_"), config["dense_dtype"])
-        if self.dense.dim != config["dense_dim"]:
-            raise ValueError("dense vectors do not have the manifest's dimension")
+        self.dense = DenseStore.from_state(
+            ids, pick("dense_"), config["dense_dtype"], config["dense_dim"]
+        )
         if config["lexical"]:
             self.lexical = LexicalStore.from_state(
                 ids, pick("lexical_"), config["vocab_size"], config["lexical"], config.get("bm25")
             )
         if config["colbert_dim"]:
-            self.colbert = ColbertStore.from_state(ids, pick("colbert_"), config["colbert_dtype"])
+            self.colbert = ColbertStore.from_state(
+                ids, pick("colbert_"), config["colbert_dtype"], config["colbert_dim"]
+            )
         self._texts = [d["text"] for d in docs]
         self._metadatas = [d.get("metadata") or {} for d in docs]
         self._append_ids(ids)
         return self
+
+
+def _is_int(x: Any, minimum: int = 1) -> bool:
+    return type(x) is int and x >= minimum
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Check the types and ranges of a saved memory backend's configuration.
+
+    Raises:
+        IndexFormatError: naming the first bad key.
+    """
+    checks: dict[str, Any] = {
+        "dense_dim": _is_int,
+        "dense_dtype": lambda x: x in ("float32", "float16"),
+        "colbert_dim": lambda x: x is None or _is_int(x),
+        "colbert_dtype": lambda x: x is None or x in COLBERT_DTYPES,
+        "lexical": lambda x: x in (None, "m3", "bm25"),
+        "vocab_size": lambda x: x is None or _is_int(x),
+        "bm25": lambda x: (
+            x is None
+            or (
+                isinstance(x, dict)
+                and set(x) == {"k1", "b", "epsilon"}
+                and all(type(v) in (int, float) and np.isfinite(v) for v in x.values())
+            )
+        ),
+    }
+    for key, ok in checks.items():
+        if key not in config or not ok(config[key]):
+            raise IndexFormatError(f"manifest.json: bad or missing {key!r}: {config.get(key)!r}")
+    if config["lexical"] and not config["vocab_size"]:
+        raise IndexFormatError("manifest.json: a lexical index needs 'vocab_size'")
+    if config["colbert_dim"] and not config["colbert_dtype"]:
+        raise IndexFormatError("manifest.json: a ColBERT index needs 'colbert_dtype'")

@@ -16,6 +16,7 @@ returned scores are always exact.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import re
@@ -31,6 +32,7 @@ from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_matrix
 from m3_rag.stores import _milvus_codec as codec
 from m3_rag.stores._milvus_schema import (
     check_config,
+    check_json,
     check_sizes,
     config_of,
     create_collections,
@@ -108,6 +110,7 @@ class MilvusBackend:
         self._df = np.zeros(0)
         self._n_docs, self._total_len = 0, 0.0
         self._idf: np.ndarray | None = None
+        self._stats_dirty = False
 
     def __repr__(self) -> str:
         return f"MilvusBackend(uri={self.uri!r}, collection={self.collection!r})"
@@ -159,6 +162,8 @@ class MilvusBackend:
         self.spec = spec
         if spec.lexical == "bm25":
             self._read_stats()
+            if self._stats_dirty or self._n_docs != len(self):
+                self._recompute_stats()  # a write was killed or failed half-way
         return self
 
     def _create(self, spec: BackendSpec) -> None:
@@ -208,24 +213,41 @@ class MilvusBackend:
         spec = self._spec()
         self._df = np.zeros(spec.vocab_size, dtype=np.float64)
         self._n_docs, self._total_len, self._idf = 0, 0.0, None
+        self._stats_dirty = False
         try:
             row = self._meta_row("bm25")
         except ValueError:
             return
         stats = json.loads(row["value"])
         self._n_docs, self._total_len = int(stats["n"]), float(stats["total_len"])
+        self._stats_dirty = bool(stats.get("dirty", False))
         df = codec.decode_sparse([row["vec"]], spec.vocab_size)
         self._df[df.indices] = df.data
 
-    def _write_stats(self) -> None:
+    def _write_stats(self, dirty: bool = False) -> None:
+        """Store the BM25 statistics; ``dirty=True`` marks a write in progress (a reader that
+        opens the collection then recomputes them from the rows)."""
         nz = np.flatnonzero(self._df)
         vec = dict(zip(nz.tolist(), self._df[nz].tolist(), strict=True))
         self._write_meta(
             "bm25",
-            {"n": self._n_docs, "total_len": self._total_len},
+            {"n": self._n_docs, "total_len": self._total_len, "dirty": dirty},
             vec or {self._spec().vocab_size: 1.0},
         )
         self._idf = None
+
+    def _recompute_stats(self) -> None:
+        """Rebuild the BM25 statistics from the stored rows (O(corpus); after a failed or
+        killed write only)."""
+        df = np.zeros(self._spec().vocab_size, dtype=np.float64)
+        n, total = 0, 0.0
+        for batch in self._pages(["id", "sparse", "dl", "avgdl"]):
+            tf = self._stored_tf(batch)
+            df += np.bincount(tf.indices, minlength=len(df))
+            n += len(batch)
+            total += float(sum(float(r["dl"]) for r in batch))
+        self._df, self._n_docs, self._total_len = df, n, total
+        self._write_stats()
 
     def _bm25_idf(self) -> np.ndarray:
         if self._idf is None:
@@ -267,6 +289,8 @@ class MilvusBackend:
         ):
             raise ValueError("the encoded outputs do not match the stores of this backend")
         check_sizes(ids, texts)
+        for i, m in enumerate(metadatas):
+            check_json(m, f"metadatas[{i}]")
         vecs = DenseStore(spec.dense_dim)._prepare(ids, dense)[1].astype(np.float32)
         rows: list[dict[str, Any]] = [
             {"id": i, "text": t, "metadata": m, "dense": v}
@@ -280,47 +304,81 @@ class MilvusBackend:
                 r["colbert"] = codec.encode_blob(
                     block[a:b], None if scales is None else scales[a:b]
                 )
+        stats = None
         if spec.lexical and lexical is not None:
             block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
             if spec.lexical == "bm25":
-                block = self._bm25_rows(ids, block, rows)
+                block, stats = self._bm25_rows(ids, block, rows)
             for r, i in zip(rows, range(len(rows)), strict=True):
                 r["sparse"] = codec.encode_sparse(block[i], spec.vocab_size)
+        # everything is validated and encoded: now write, undoing what was written on failure
+        existing = [r["id"] for r in self._fetch(ids, [])]
+        old = {r["id"]: r for r in self._fetch(existing, ["*"])}
+        if stats is not None:
+            self._write_stats(dirty=True)
         steps = range(0, len(rows), self.batch_size)
         show = len(steps) > 1 if self.show_progress is None else self.show_progress
-        for start in tqdm(steps, desc="Milvus upsert", unit="batch", disable=not show):
-            self.client.upsert(self.collection, rows[start : start + self.batch_size])
+        done = 0
+        try:
+            for start in tqdm(steps, desc="Milvus upsert", unit="batch", disable=not show):
+                self.client.upsert(self.collection, rows[start : start + self.batch_size])
+                done = start + self.batch_size
+        except Exception as e:
+            self._rollback([r["id"] for r in rows[:done]], old)
+            raise RuntimeError(
+                f"Milvus refused the write of documents {done}..{done + self.batch_size - 1} "
+                f"({type(e).__name__}: {e}); the {min(done, len(rows))} documents written "
+                "before were rolled back"
+            ) from e
         if not is_server(self.uri) and len(rows) >= self.batch_size:
             self.client.flush(self.collection)  # Milvus Lite indexes sealed segments only
-        if spec.lexical == "bm25":
+        if stats is not None:
+            self._df, self._n_docs, self._total_len = stats
             self._write_stats()
+
+    def _rollback(self, written: list[str], old: dict[str, dict[str, Any]]) -> None:
+        """Remove the new ids written by a failed add and put back the rows it replaced;
+        then bring the BM25 statistics back in line with the rows."""
+        try:
+            new = [i for i in written if i not in old]
+            for start in range(0, len(new), self.batch_size):
+                part = new[start : start + self.batch_size]
+                self.client.delete(self.collection, filter=f"id in {str_list(part)}")
+            back = [old[i] for i in written if i in old]
+            for start in range(0, len(back), self.batch_size):
+                self.client.upsert(self.collection, back[start : start + self.batch_size])
+        finally:
+            if self._spec().lexical == "bm25":
+                self._recompute_stats()
 
     def _bm25_rows(
         self, ids: list[str], counts: sp.csr_matrix, rows: list[dict[str, Any]]
-    ) -> sp.csr_matrix:
-        """Update the corpus statistics for ``counts`` replacing any stored ``ids``; return
-        the stored BM25 document-side weights (and set ``dl``/``avgdl`` on ``rows``)."""
-        old = self._fetch(ids, ["dl", "avgdl"])
-        self._forget(old)
+    ) -> tuple[sp.csr_matrix, tuple[np.ndarray, int, float]]:
+        """The stored BM25 document-side weights of ``counts`` (``dl``/``avgdl`` are set on
+        ``rows``) and the corpus statistics once they replace any stored ``ids``; the
+        backend's own statistics are not changed (the caller commits them after the write)."""
+        df, n, total = self._forget(self._fetch(ids, ["dl", "avgdl"]))
         dl = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-        self._df += np.bincount(counts.indices, minlength=len(self._df))
-        self._n_docs += len(ids)
-        self._total_len += float(dl.sum())
-        avgdl = self._avgdl
+        df = df + np.bincount(counts.indices, minlength=len(df))
+        n += len(ids)
+        total += float(dl.sum())
+        avgdl = total / n if n else 1.0
         doc_rows = np.repeat(np.arange(len(ids)), np.diff(counts.indptr))
         data = bm25_tf(counts.data, dl[doc_rows], avgdl, self._bm25()).astype(np.float32)
         for r, length in zip(rows, dl.tolist(), strict=True):
             r["dl"], r["avgdl"] = length, avgdl
-        return sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape)
+        weights = sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape)
+        return weights, (df, n, total)
 
-    def _forget(self, old: list[dict[str, Any]]) -> None:
-        """Remove stored rows (with ``sparse``, ``dl``, ``avgdl``) from the BM25 statistics."""
+    def _forget(self, old: list[dict[str, Any]]) -> tuple[np.ndarray, int, float]:
+        """The BM25 statistics without stored rows ``old`` (with ``sparse``, ``dl``,
+        ``avgdl``): ``(df, n, total_len)``, new objects."""
         if not old:
-            return
+            return self._df.copy(), self._n_docs, self._total_len
         tf = self._stored_tf(old)
-        self._df -= np.bincount(tf.indices, minlength=len(self._df))
-        self._n_docs -= len(old)
-        self._total_len -= float(sum(float(r["dl"]) for r in old))
+        df = self._df - np.bincount(tf.indices, minlength=len(self._df))
+        total = self._total_len - float(sum(float(r["dl"]) for r in old))
+        return df, self._n_docs - len(old), total
 
     def _stored_tf(self, rows: list[dict[str, Any]]) -> sp.csr_matrix:
         spec = self._spec()
@@ -340,11 +398,19 @@ class MilvusBackend:
         missing = sorted(set(ids) - {r["id"] for r in found})
         if missing:
             raise KeyError(f"unknown ids: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        for start in range(0, len(ids), self.batch_size):
-            part = ids[start : start + self.batch_size]
-            self.client.delete(self.collection, filter=f"id in {str_list(part)}")
         if spec.lexical == "bm25":
-            self._forget(found)
+            stats = self._forget(found)
+            self._write_stats(dirty=True)
+        try:
+            for start in range(0, len(ids), self.batch_size):
+                part = ids[start : start + self.batch_size]
+                self.client.delete(self.collection, filter=f"id in {str_list(part)}")
+        except Exception:
+            if spec.lexical == "bm25":
+                self._recompute_stats()
+            raise
+        if spec.lexical == "bm25":
+            self._df, self._n_docs, self._total_len = stats
             self._write_stats()
 
     # ---------------------------------------------------------------- reading
@@ -354,7 +420,8 @@ class MilvusBackend:
         spec = self._spec()
         out_fields = ["id", *fields] + (["sparse"] if spec.lexical else [])
         found: list[dict[str, Any]] = []
-        step = 32 if "colbert" in fields else 512  # keep replies far below gRPC limits
+        # keep replies far below gRPC limits
+        step = 32 if "colbert" in fields or "*" in fields else 512
         for start in range(0, len(ids), step):
             part = list(ids[start : start + step])
             found += self.client.query(
@@ -451,28 +518,29 @@ class MilvusBackend:
         self, cands: Candidates, order: np.ndarray
     ) -> list[tuple[str, str, dict[str, Any]]]:
         return [
-            (cands.payload[i][0], cands.payload[i][1], dict(cands.payload[i][2]))
+            (cands.payload[i][0], cands.payload[i][1], copy.deepcopy(cands.payload[i][2]))
             for i in order.tolist()
         ]
 
-    def docs(self) -> Iterator[dict[str, Any]]:
-        """Every stored document as ``{"id", "text", "metadata"}``, 1,000 rows per request."""
+    def _pages(self, fields: list[str]) -> Iterator[list[dict[str, Any]]]:
+        """Every stored row's ``fields``, 1,000 rows per request."""
         self._spec()
-        fields = ["id", "text", "metadata"]
         if is_server(self.uri):  # a server pages consistently with its query iterator
             it = self.client.query_iterator(
                 self.collection, batch_size=1000, filter="", output_fields=fields
             )
-            batches: Iterator[list[dict[str, Any]]] = iter(it.next, [])
-        else:  # Milvus Lite has no iterator; it pages by offset in a fixed order
-            batches = (
-                self.client.query(
-                    self.collection, filter="", output_fields=fields, limit=1000, offset=start
-                )
-                for start in itertools.count(0, 1000)
+            yield from iter(it.next, [])
+            return
+        for start in itertools.count(0, 1000):  # Milvus Lite: offsets in a fixed order
+            batch = self.client.query(
+                self.collection, filter="", output_fields=fields, limit=1000, offset=start
             )
-        for batch in batches:
             if not batch:
-                break
+                return
+            yield batch
+
+    def docs(self) -> Iterator[dict[str, Any]]:
+        """Every stored document as ``{"id", "text", "metadata"}``, 1,000 rows per request."""
+        for batch in self._pages(["id", "text", "metadata"]):
             for r in batch:
                 yield {"id": r["id"], "text": r["text"], "metadata": r["metadata"] or {}}
