@@ -131,7 +131,7 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
         len(w) != 3
         or any(not np.isfinite(x) or x < 0 for x in w)
         or sum(w) <= 0
-        or not np.isfinite(np.float32(sum(w)))
+        or sum(w) > float(np.finfo(np.float32).max)
     ):
         raise ValueError(
             f"weights must be three finite numbers >= 0 with a positive sum that fits float32 "

@@ -405,7 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure is one line on stderr and exit 2 (130 on Ctrl-C)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(_join_negative_values(raw))
+        try:
+            args = build_parser().parse_args(_join_negative_values(raw))
+        except SystemExit as e:  # --help (0) or a usage error, already printed in one line
+            return e.code if isinstance(e.code, int) else 2
         return int(args.func(args))
     except CliError as e:
         print(f"m3-rag: {_one_line(str(e))}", file=sys.stderr)

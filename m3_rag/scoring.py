@@ -268,6 +268,10 @@ def rrf_fusion(
 ) -> np.ndarray:
     """Reciprocal-rank fusion: ``sum_m w_m / (k + rank_m)`` with ranks from 1 (best).
 
+    Tied scores share the best rank of their group (competition ranking, "1224"), so the
+    result does not depend on the order of the candidates (e.g. documents with no lexical
+    match all tie at 0).
+
     Args:
         scores: mode name -> ``[n]`` scores over the same candidates (higher is better).
         weights: optional per-mode multipliers (default 1 for every mode).
@@ -282,9 +286,8 @@ def rrf_fusion(
         if w == 0.0:
             continue
         s = np.asarray(s, dtype=np.float64)
-        order = np.argsort(-s, kind="stable")
-        ranks = np.empty(len(s), dtype=np.float64)
-        ranks[order] = np.arange(1, len(s) + 1)
+        # rank = 1 + number of strictly better scores
+        ranks = 1.0 + np.searchsorted(np.sort(-s), -s, side="left")
         part = w / (k + ranks)
         fused = part if fused is None else fused + part
     if fused is None:

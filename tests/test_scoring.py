@@ -181,3 +181,16 @@ def test_dense_scan_works_in_a_forked_child() -> None:
         proc.kill()
         pytest.fail("dense_scan hung in a forked child")
     assert parent.recv() == 160_000.0
+
+
+def test_rrf_ties_share_a_rank_whatever_the_candidate_order() -> None:
+    """Documents without a lexical match all score 0: their RRF credit must not depend on
+    the order the backend listed the candidates in (it did: Milvus and memory differed)."""
+    s = {"dense": np.array([0.9, 0.8, 0.7, 0.6]), "bm25": np.array([2.0, 0.0, 1.0, 0.0])}
+    got = scoring.rrf_fusion(s, k=60)
+    np.testing.assert_allclose(
+        got, [1 / 61 + 1 / 61, 1 / 62 + 1 / 63, 1 / 63 + 1 / 62, 1 / 64 + 1 / 63], rtol=1e-6
+    )
+    perm = np.array([3, 1, 0, 2])
+    shuffled = scoring.rrf_fusion({m: v[perm] for m, v in s.items()}, k=60)
+    np.testing.assert_array_equal(shuffled, got[perm])

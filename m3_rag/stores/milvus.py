@@ -235,6 +235,7 @@ class MilvusBackend:
             vec or {self._spec().vocab_size: 1.0},
         )
         self._idf = None
+        self._stats_dirty = dirty
 
     def _recompute_stats(self) -> None:
         """Rebuild the BM25 statistics from the stored rows (O(corpus); after a failed or
