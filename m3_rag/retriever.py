@@ -26,7 +26,7 @@ from m3_rag.filters import Filter, check_filter
 from m3_rag.persist import IndexFormatError, read_index, write_index
 from m3_rag.rerank import Reranker
 from m3_rag.stores.backend import BackendSpec
-from m3_rag.stores.base import check_ids, top_k
+from m3_rag.stores.base import check_ids
 from m3_rag.stores.lexical import BM25Params
 from m3_rag.stores.memory import MemoryBackend
 from m3_rag.stores.milvus import MilvusBackend
@@ -373,7 +373,9 @@ class HybridRetriever:
                 per_mode["colbert"] = self.backend.colbert_scores(q.colbert[0], cands)
             fused = self._fuse(per_mode, w, how)
             n_keep = max(k, self.rerank_top_n) if use_rerank else k
-            order = top_k(fused, n_keep)
+            # best first; equal scores by id, so every backend ranks ties alike
+            ids = np.asarray(cands.ids)
+            order = np.lexsort((ids, -fused.astype(np.float64)))[:n_keep]
             docs = self.backend.documents(cands, order)
         scores = [
             {m: float(s[i]) for m, s in per_mode.items()} | {"fused": float(fused[i])}

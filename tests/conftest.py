@@ -39,7 +39,7 @@ def require(module: str, why: str) -> Any:
         msg = f"{module} cannot be imported ({type(e).__name__}: {e}); {why}"
         if IN_CI:
             pytest.fail(f"CI must run every check: {msg}", pytrace=False)
-        pytest.skip(msg)
+        pytest.skip(msg, allow_module_level=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
