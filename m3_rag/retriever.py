@@ -21,10 +21,12 @@ from m3_rag._inputs import (
     check_texts,
     check_weights,
 )
+from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, analyzer_from_config, term_counts
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
 from m3_rag.persist import IndexFormatError, read_index, write_index
 from m3_rag.rerank import Reranker
+from m3_rag.scoring import sparse_matrix
 from m3_rag.stores.backend import BackendSpec
 from m3_rag.stores.base import check_ids
 from m3_rag.stores.lexical import BM25Params
@@ -79,6 +81,13 @@ class HybridRetriever:
         colbert_dtype: ColBERT storage: ``"float16"`` (default, 2 bytes per dimension),
             ``"float32"``, or ``"int8"`` (1 byte per dimension + a float32 scale per vector).
         bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
+        analyzer: How the BM25 leg turns text into terms: ``"unicode"`` (default: a
+            multilingual :class:`~m3_rag.analysis.UnicodeAnalyzer` with an English Snowball
+            stemmer, which measured best; terms hashed to ids),
+            ``"model"`` (the model's own tokenizer, one term per token id), a
+            :class:`~m3_rag.analysis.UnicodeAnalyzer` (e.g. with a stemmer), or any callable
+            ``str -> list[str]`` (then pass the same callable again to :meth:`load`).
+            Recorded in the index. Unused by the M3 lexical leg.
         backend: ``"memory"`` (in-process stores, :meth:`save`/:meth:`load` to disk) or a
             :class:`~m3_rag.stores.milvus.MilvusBackend` (Milvus Lite file or Milvus server;
             the collection persists by itself and is reopened by passing it again).
@@ -98,6 +107,7 @@ class HybridRetriever:
         colbert_dtype: str = "float16",
         bm25: BM25Params | None = None,
         backend: str | MilvusBackend = "memory",
+        analyzer: str | Analyzer = "unicode",
     ) -> None:
         if not isinstance(encoder, M3Encoder):
             raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
@@ -118,6 +128,19 @@ class HybridRetriever:
                 f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only"
             )
         self.lexical = None if lexical == "none" else lexical
+        self.analyzer: Analyzer | None = None  # None: the model's tokenizer
+        if analyzer == "unicode":
+            self.analyzer = UnicodeAnalyzer()
+        elif analyzer != "model":
+            if not callable(analyzer):
+                raise TypeError(
+                    "analyzer must be 'unicode', 'model', a UnicodeAnalyzer or a callable "
+                    f"str -> list[str], got {analyzer!r}"
+                )
+            self.analyzer = analyzer
+        vocab_size = encoder.vocab_size
+        if self.lexical == "bm25" and self.analyzer is not None:
+            vocab_size = HASH_SPACE
         self.backend: MemoryBackend | MilvusBackend
         if isinstance(backend, MilvusBackend):
             spec = BackendSpec(
@@ -125,10 +148,11 @@ class HybridRetriever:
                 encoder.dense_dim,
                 encoder.colbert_dim,
                 self.lexical,
-                encoder.vocab_size,
+                vocab_size,
                 dense_dtype=dense_dtype,
                 colbert_dtype=colbert_dtype,
                 bm25=bm25,
+                analyzer=self._analyzer_config(),
             )
             self.backend = backend.open(spec)
         elif backend == "memory":
@@ -136,7 +160,7 @@ class HybridRetriever:
                 encoder.dense_dim,
                 encoder.colbert_dim,
                 self.lexical,
-                encoder.vocab_size,
+                vocab_size,
                 dense_dtype=dense_dtype,
                 colbert_dtype=colbert_dtype,
                 bm25=bm25,
@@ -201,12 +225,50 @@ class HybridRetriever:
             return_sparse=self.lexical == "m3",
             return_colbert=self.encoder.has_colbert,
         )
-        assert out.dense is not None
-        lexical: Any = out.sparse if self.lexical == "m3" else None
+        return self.add_encoded(items, out, metas, doc_ids)
+
+    def add_encoded(
+        self,
+        texts: Sequence[str],
+        encoded: EncodeOutput,
+        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Add documents whose encodings were computed already (one ``encode_documents``
+        pass, e.g. shared between indexes or computed on another machine).
+
+        Args:
+            texts: Document texts (BM25 terms come from them).
+            encoded: ``encode_documents(texts)`` output: ``dense [m, dim]``; ``sparse`` when
+                the lexical leg is M3; ``colbert`` when the model has ColBERT.
+            metadatas, ids: As :meth:`add_texts`.
+
+        Returns:
+            The ids, in input order.
+
+        Raises:
+            TypeError / ValueError: bad input, or encodings that do not match the texts or
+                this index; nothing is added.
+        """
+        items = check_texts(texts)
+        doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
+        metas = check_metadatas(metadatas, len(items))
+        if not isinstance(encoded, EncodeOutput):
+            raise TypeError(f"encoded must be an EncodeOutput, got {type(encoded).__name__}")
+        if encoded.dense is None or len(encoded.dense) != len(items):
+            raise ValueError(f"encoded needs dense vectors for the {len(items)} texts")
+        if self.lexical == "m3" and (encoded.sparse is None or len(encoded.sparse) != len(items)):
+            raise ValueError("encoded needs sparse weights (encode with return_sparse=True)")
+        colbert = encoded.colbert if self.encoder.has_colbert else None
+        if self.encoder.has_colbert and (colbert is None or len(colbert) != len(items)):
+            raise ValueError("encoded needs ColBERT vectors (encode with return_colbert=True)")
+        if not items:
+            return []
+        lexical: Any = encoded.sparse if self.lexical == "m3" else None
         if self.lexical == "bm25":
             lexical = self._term_counts(items)
         with self._lock:
-            self.backend.add(doc_ids, items, metas, out.dense, lexical, out.colbert)
+            self.backend.add(doc_ids, items, metas, encoded.dense, lexical, colbert)
         return doc_ids
 
     def add_from(
@@ -235,6 +297,11 @@ class HybridRetriever:
                 f"{a.dense_dim}/{a.colbert_dim}/{source.lexical}, this retriever "
                 f"{b.dense_dim}/{b.colbert_dim}/{self.lexical}"
             )
+        if source._analyzer_config() != self._analyzer_config():
+            raise ValueError(
+                f"source's BM25 analyzer {source._analyzer_config()!r} differs from this "
+                f"retriever's {self._analyzer_config()!r}: their term ids differ"
+            )
         n = 0
         total = -(-len(source) // batch_size)
         with source._lock:
@@ -245,8 +312,21 @@ class HybridRetriever:
                 n += len(batch.ids)
         return n
 
+    def _analyzer_config(self) -> dict[str, Any] | str | None:
+        """What the index records of its BM25 analyzer."""
+        if self.lexical != "bm25":
+            return None
+        if self.analyzer is None:
+            return "model"
+        if isinstance(self.analyzer, UnicodeAnalyzer):
+            return self.analyzer.config()
+        return "callable"
+
     def _term_counts(self, texts: list[str]) -> sp.csr_matrix:
-        """BM25 term counts: the model's tokenizer, no special tokens, no truncation."""
+        """BM25 term counts ``[len(texts), vocab]``: the analyzer's terms hashed to ids, or
+        the model's tokenizer (no special tokens, no truncation)."""
+        if self.analyzer is not None:
+            return sparse_matrix([term_counts(self._analyze(t)) for t in texts], HASH_SPACE)
         tok = self.encoder.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
         lengths = np.fromiter((len(t) for t in tok), dtype=np.int64, count=len(tok))
         cols = np.fromiter((i for t in tok for i in t), dtype=np.int64, count=int(lengths.sum()))
@@ -257,6 +337,13 @@ class HybridRetriever:
         )
         counts.sum_duplicates()
         return counts
+
+    def _analyze(self, text: str) -> list[str]:
+        assert self.analyzer is not None
+        terms = self.analyzer(text)
+        if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+            raise TypeError(f"the analyzer must return a list of str, got {terms!r:.100}")
+        return terms
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete documents by id; an unknown id raises ``KeyError`` and nothing is deleted."""
@@ -431,6 +518,7 @@ class HybridRetriever:
                     "candidates": self.candidates,
                     "rerank_top_n": self.rerank_top_n,
                     "lexical": self.lexical or "none",
+                    "analyzer": self._analyzer_config(),
                 },
             }
             write_index(path, manifest, self.backend.state(), self.backend.docs())
@@ -443,6 +531,7 @@ class HybridRetriever:
         reranker: Reranker | None = None,
         *,
         allow_model_mismatch: bool = False,
+        analyzer: Analyzer | None = None,
     ) -> HybridRetriever:
         """Load an index saved by :meth:`save`.
 
@@ -470,8 +559,25 @@ class HybridRetriever:
                 f"{manifest.get('dense_dim')}/{manifest.get('colbert_dim')}, "
                 f"the encoder {encoder.dense_dim}/{encoder.colbert_dim}"
             )
+        saved = cfg.get("analyzer", "model")  # indexes before the analyzer: the model's
+        chosen: str | Analyzer
+        if saved == "callable":
+            if analyzer is None:
+                raise ValueError(
+                    f"index {path} was built with a custom analyzer: pass it again, "
+                    "HybridRetriever.load(path, encoder, analyzer=my_analyzer)"
+                )
+            chosen = analyzer
+        elif analyzer is not None:
+            raise ValueError(f"index {path} records its analyzer ({saved!r}); do not pass one")
+        else:
+            try:
+                chosen = "model" if saved in ("model", None) else analyzer_from_config(saved)
+            except (ValueError, TypeError, ImportError) as e:
+                raise IndexFormatError(f"{path}: bad analyzer in manifest.json: {e}") from None
         vocab = manifest.get("vocab_size")
-        if vocab is not None and vocab != encoder.vocab_size:
+        uses_model_vocab = manifest.get("lexical") == "m3" or saved in ("model", None)
+        if vocab is not None and uses_model_vocab and vocab != encoder.vocab_size:
             raise ValueError(
                 f"index {path} has vocabulary size {vocab}, the encoder {encoder.vocab_size}"
             )
@@ -488,6 +594,7 @@ class HybridRetriever:
                 dense_dtype=manifest["dense_dtype"],
                 colbert_dtype=manifest["colbert_dtype"] or "float16",
                 bm25=BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None,
+                analyzer=chosen,
             )
         except (KeyError, TypeError, ValueError) as e:
             msg = f"{path}: manifest.json has a bad retriever setting: {e}"

@@ -88,6 +88,7 @@ def config_of(spec: BackendSpec) -> dict[str, Any]:
         "lexical": spec.lexical,
         "vocab_size": spec.vocab_size,
         "bm25": (spec.bm25 or BM25Params()).as_dict() if spec.lexical == "bm25" else None,
+        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
     }
 
 
@@ -102,7 +103,16 @@ def check_config(
             f"{wanted['model']!r}; pass MilvusBackend(..., allow_model_mismatch=True) if they "
             "are the same model"
         )
-    for key in ("dense_dim", "colbert_dim", "colbert_dtype", "lexical", "vocab_size", "bm25"):
+    stored = {"analyzer": "model" if stored.get("lexical") == "bm25" else None} | stored
+    for key in (
+        "dense_dim",
+        "colbert_dim",
+        "colbert_dtype",
+        "lexical",
+        "vocab_size",
+        "bm25",
+        "analyzer",
+    ):
         if stored.get(key) != wanted[key]:
             raise ValueError(
                 f"collection {name!r} has {key}={stored.get(key)!r}, this retriever needs "

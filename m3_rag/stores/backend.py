@@ -78,6 +78,8 @@ class BackendSpec:
         dense_dtype: Dense storage dtype.
         colbert_dtype: ColBERT storage dtype.
         bm25: BM25 parameters.
+        analyzer: The BM25 analyzer's configuration (``"model"``, a
+            :meth:`~m3_rag.analysis.UnicodeAnalyzer.config` dict, ``"callable"``), or ``None``.
     """
 
     model: str
@@ -88,6 +90,7 @@ class BackendSpec:
     dense_dtype: str = "float32"
     colbert_dtype: str = "float16"
     bm25: BM25Params | None = None
+    analyzer: Any = None
 
 
 class Backend(Protocol):

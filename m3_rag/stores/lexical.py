@@ -96,6 +96,7 @@ class LexicalStore(IdRows):
         self._docs = sp.csr_matrix((0, self.vocab_size), dtype=np.float32)
         self._pending: list[sp.csr_matrix] = []
         self._term_major: sp.csr_matrix | None = None
+        self._terms = np.zeros(0, dtype=np.int64)
 
     @property
     def nbytes(self) -> int:
@@ -152,10 +153,18 @@ class LexicalStore(IdRows):
         return self._docs
 
     def _index(self) -> sp.csr_matrix:
-        """term x doc matrix of the scoring weights (built lazily after a change)."""
+        """term x doc matrix of the scoring weights over the terms present (built lazily
+        after a change): row ``j`` is term ``self._terms[j]``, so its size does not depend
+        on the id space (hashed term ids go up to 2**31)."""
         if self._term_major is None:
             docs = self._matrix()
-            weights = self._bm25_weights(docs) if self.kind == "bm25" else docs
+            terms, local = np.unique(docs.indices, return_inverse=True)
+            compact = sp.csr_matrix(
+                (docs.data, local.astype(np.int64).reshape(-1), docs.indptr),
+                shape=(docs.shape[0], len(terms)),
+            )
+            weights = self._bm25_weights(compact) if self.kind == "bm25" else compact
+            self._terms = terms.astype(np.int64)
             self._term_major = sp.csr_matrix(weights.T, dtype=np.float32)
         return self._term_major
 
@@ -166,7 +175,7 @@ class LexicalStore(IdRows):
             return counts
         doc_len = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
         avgdl = doc_len.sum() / n or 1.0
-        df = np.bincount(counts.indices, minlength=self.vocab_size).astype(np.float64)
+        df = np.bincount(counts.indices, minlength=counts.shape[1]).astype(np.float64)
         idf = bm25_idf(df, n, self.bm25)
         rows = np.repeat(np.arange(n), np.diff(counts.indptr))
         tf_part = bm25_tf(counts.data, doc_len[rows], avgdl, self.bm25)
@@ -182,8 +191,14 @@ class LexicalStore(IdRows):
         if len(terms) == 0 or len(self) == 0:
             return out
         weights = np.fromiter((query[int(t)] for t in terms), dtype=np.float32, count=len(terms))
-        postings = self._index()[terms]  # [q, n] sparse
-        return np.asarray(postings.T @ weights, dtype=np.float32).reshape(-1)
+        index = self._index()
+        pos = np.searchsorted(self._terms, terms)
+        found = pos < len(self._terms)
+        found[found] = self._terms[pos[found]] == terms[found]
+        if not found.any():
+            return out
+        postings = index[pos[found]]  # [q, n] sparse
+        return np.asarray(postings.T @ weights[found], dtype=np.float32).reshape(-1)
 
     def config(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "kind": self.kind, "bm25": self.bm25.as_dict()}

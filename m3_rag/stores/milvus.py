@@ -107,9 +107,9 @@ class MilvusBackend:
         self._connect_kwargs = {"token": token, "db_name": db_name}
         self._client: Any = None
         self.spec: BackendSpec | None = None
-        self._df = np.zeros(0)
+        self._df = sp.csr_matrix((1, 1), dtype=np.float64)  # [1, vocab] document frequencies
         self._n_docs, self._total_len = 0, 0.0
-        self._idf: np.ndarray | None = None
+        self._idf: tuple[np.ndarray, np.ndarray] | None = None
         self._stats_dirty = False
 
     def __repr__(self) -> str:
@@ -211,7 +211,7 @@ class MilvusBackend:
 
     def _read_stats(self) -> None:
         spec = self._spec()
-        self._df = np.zeros(spec.vocab_size, dtype=np.float64)
+        self._df = sp.csr_matrix((1, spec.vocab_size), dtype=np.float64)
         self._n_docs, self._total_len, self._idf = 0, 0.0, None
         self._stats_dirty = False
         try:
@@ -221,14 +221,15 @@ class MilvusBackend:
         stats = json.loads(row["value"])
         self._n_docs, self._total_len = int(stats["n"]), float(stats["total_len"])
         self._stats_dirty = bool(stats.get("dirty", False))
-        df = codec.decode_sparse([row["vec"]], spec.vocab_size)
-        self._df[df.indices] = df.data
+        self._df = sp.csr_matrix(
+            codec.decode_sparse([row["vec"]], spec.vocab_size), dtype=np.float64
+        )
 
     def _write_stats(self, dirty: bool = False) -> None:
         """Store the BM25 statistics; ``dirty=True`` marks a write in progress (a reader that
         opens the collection then recomputes them from the rows)."""
-        nz = np.flatnonzero(self._df)
-        vec = dict(zip(nz.tolist(), self._df[nz].tolist(), strict=True))
+        self._df.eliminate_zeros()
+        vec = dict(zip(self._df.indices.tolist(), self._df.data.tolist(), strict=True))
         self._write_meta(
             "bm25",
             {"n": self._n_docs, "total_len": self._total_len, "dirty": dirty},
@@ -240,19 +241,22 @@ class MilvusBackend:
     def _recompute_stats(self) -> None:
         """Rebuild the BM25 statistics from the stored rows (O(corpus); after a failed or
         killed write only)."""
-        df = np.zeros(self._spec().vocab_size, dtype=np.float64)
+        df = sp.csr_matrix((1, self._spec().vocab_size), dtype=np.float64)
         n, total = 0, 0.0
         for batch in self._pages(["id", "sparse", "dl", "avgdl"]):
-            tf = self._stored_tf(batch)
-            df += np.bincount(tf.indices, minlength=len(df))
+            df = df + _presence(self._stored_tf(batch))
             n += len(batch)
             total += float(sum(float(r["dl"]) for r in batch))
         self._df, self._n_docs, self._total_len = df, n, total
         self._write_stats()
 
-    def _bm25_idf(self) -> np.ndarray:
+    def _bm25_idf(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted term ids, their IDF) over the terms present in the corpus."""
         if self._idf is None:
-            self._idf = bm25_idf(self._df, self._n_docs, self._bm25())
+            df = self._df.tocsr()
+            df.eliminate_zeros()
+            df.sort_indices()
+            self._idf = (df.indices.astype(np.int64), bm25_idf(df.data, self._n_docs, self._bm25()))
         return self._idf
 
     def _bm25(self) -> BM25Params:
@@ -354,13 +358,13 @@ class MilvusBackend:
 
     def _bm25_rows(
         self, ids: list[str], counts: sp.csr_matrix, rows: list[dict[str, Any]]
-    ) -> tuple[sp.csr_matrix, tuple[np.ndarray, int, float]]:
+    ) -> tuple[sp.csr_matrix, tuple[sp.csr_matrix, int, float]]:
         """The stored BM25 document-side weights of ``counts`` (``dl``/``avgdl`` are set on
         ``rows``) and the corpus statistics once they replace any stored ``ids``; the
         backend's own statistics are not changed (the caller commits them after the write)."""
         df, n, total = self._forget(self._fetch(ids, ["dl", "avgdl"]))
         dl = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-        df = df + np.bincount(counts.indices, minlength=len(df))
+        df = df + _presence(counts)
         n += len(ids)
         total += float(dl.sum())
         avgdl = total / n if n else 1.0
@@ -371,13 +375,13 @@ class MilvusBackend:
         weights = sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape)
         return weights, (df, n, total)
 
-    def _forget(self, old: list[dict[str, Any]]) -> tuple[np.ndarray, int, float]:
+    def _forget(self, old: list[dict[str, Any]]) -> tuple[sp.csr_matrix, int, float]:
         """The BM25 statistics without stored rows ``old`` (with ``sparse``, ``dl``,
         ``avgdl``): ``(df, n, total_len)``, new objects."""
         if not old:
             return self._df.copy(), self._n_docs, self._total_len
         tf = self._stored_tf(old)
-        df = self._df - np.bincount(tf.indices, minlength=len(self._df))
+        df = self._df - _presence(tf)
         total = self._total_len - float(sum(float(r["dl"]) for r in old))
         return df, self._n_docs - len(old), total
 
@@ -487,8 +491,15 @@ class MilvusBackend:
         spec = self._spec()
         q = {int(t): float(w) for t, w in query.items() if 0 <= int(t) < spec.vocab_size}
         if spec.lexical == "bm25":
-            idf = self._bm25_idf()
-            q = {t: c * float(idf[t]) for t, c in q.items()}
+            terms, idf = self._bm25_idf()
+            pos = np.searchsorted(terms, list(q))
+            ok = pos < len(terms)
+            ok[ok] = terms[pos[ok]] == np.asarray(list(q))[ok]
+            q = {
+                t: c * float(idf[p])
+                for (t, c), p, hit in zip(q.items(), pos, ok, strict=True)
+                if hit
+            }
         return q
 
     def _lexical_scores(self, rows: list[dict[str, Any]], q: dict[int, float]) -> np.ndarray:
@@ -545,3 +556,13 @@ class MilvusBackend:
         for batch in self._pages(["id", "text", "metadata"]):
             for r in batch:
                 yield {"id": r["id"], "text": r["text"], "metadata": r["metadata"] or {}}
+
+
+def _presence(tf: sp.csr_matrix) -> sp.csr_matrix:
+    """``[1, vocab]`` number of rows of ``tf`` holding each term (document frequencies)."""
+    cols = tf.indices[tf.data > 0] if tf.nnz else tf.indices
+    return sp.csr_matrix(
+        (np.ones(len(cols)), (np.zeros(len(cols), dtype=np.int64), cols)),
+        shape=(1, tf.shape[1]),
+        dtype=np.float64,
+    )
