@@ -345,10 +345,31 @@ class HybridRetriever:
             raise TypeError(f"the analyzer must return a list of str, got {terms!r:.100}")
         return terms
 
-    def delete(self, ids: Sequence[str]) -> None:
-        """Delete documents by id; an unknown id raises ``KeyError`` and nothing is deleted."""
+    def delete(self, ids: Sequence[str], *, missing_ok: bool = False) -> int:
+        """Delete documents by id.
+
+        Args:
+            ids: Document ids (a list; a bare ``str`` is refused).
+            missing_ok: Ignore ids that are not stored (LangChain's ``delete`` semantics);
+                by default an unknown id raises ``KeyError`` and nothing is deleted.
+
+        Returns:
+            The number of documents deleted.
+        """
+        ids = check_ids(ids)
         with self._lock:
-            self.backend.delete(check_ids(ids))
+            if missing_ok:
+                ids = [d[0] for d in self.backend.fetch(ids)]
+            if ids:
+                self.backend.delete(ids)
+        return len(ids)
+
+    def get(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(id, text, metadata copy)`` of the stored documents among ``ids``, in the order
+        of ``ids``; unknown ids are left out."""
+        ids = check_ids(ids)
+        with self._lock:
+            return self.backend.fetch(ids)
 
     # ---------------------------------------------------------------- search
     def search(

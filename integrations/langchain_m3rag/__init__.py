@@ -1,4 +1,5 @@
-"""LangChain adapters over m3-rag: ``M3Embeddings``, ``M3Retriever``, ``M3Reranker``."""
+"""LangChain adapters over m3-rag: ``M3Embeddings``, ``M3VectorStore``, ``M3Retriever``,
+``M3Reranker``."""
 
 from __future__ import annotations
 
@@ -13,5 +14,6 @@ except ImportError as e:  # pragma: no cover - exercised by the import-error tes
 from langchain_m3rag.compressors import M3Reranker
 from langchain_m3rag.embeddings import M3Embeddings
 from langchain_m3rag.retrievers import M3Retriever
+from langchain_m3rag.vectorstores import M3VectorStore
 
-__all__ = ["M3Embeddings", "M3Reranker", "M3Retriever"]
+__all__ = ["M3Embeddings", "M3Reranker", "M3Retriever", "M3VectorStore"]

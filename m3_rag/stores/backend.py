@@ -128,3 +128,7 @@ class Backend(Protocol):
         self, cands: Candidates, order: np.ndarray
     ) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of the candidates at positions ``order``."""
+
+    def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(id, text, metadata copy)`` of the stored documents among ``ids``, in the order
+        of ``ids`` (unknown ids are left out)."""

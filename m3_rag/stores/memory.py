@@ -124,6 +124,9 @@ class MemoryBackend(IdRows):
     ) -> list[tuple[str, str, dict[str, Any]]]:
         return self.get(cands.rows[order])
 
+    def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+        return self.get(self._existing_rows(ids))
+
     def mask(self, flt: Filter) -> np.ndarray | None:
         return filter_mask(self._metadatas, flt)
 

@@ -534,6 +534,15 @@ class MilvusBackend:
             for i in order.tolist()
         ]
 
+    def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+        """Stored documents among ``ids``, in the order of ``ids``."""
+        by_id = {r["id"]: r for r in self._fetch(list(ids), ["text", "metadata"])}
+        return [
+            (i, by_id[i]["text"], copy.deepcopy(by_id[i]["metadata"] or {}))
+            for i in ids
+            if i in by_id
+        ]
+
     def _pages(self, fields: list[str]) -> Iterator[list[dict[str, Any]]]:
         """Every stored row's ``fields``, 1,000 rows per request."""
         self._spec()
