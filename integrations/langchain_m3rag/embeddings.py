@@ -8,6 +8,7 @@ from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from m3_rag import M3Encoder
+from m3_rag.cache import encode_cached
 
 
 class M3Embeddings(BaseModel, Embeddings):
@@ -54,23 +55,24 @@ class M3Embeddings(BaseModel, Embeddings):
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Dense vectors of documents, as lists of Python floats."""
-        out = self._enc.encode_documents(
+        out = encode_cached(
+            self._enc,
             texts,
+            "document",
             max_length=self.document_max_length,
             batch_size=self.batch_size,
-            return_sparse=False,
-            return_colbert=False,
         )
-        assert out.dense is not None
-        return out.dense.tolist()
+        return [o.dense.tolist() for o in out]
 
     def embed_query(self, text: str) -> list[float]:
         """Dense vector of a query (query instruction and query max length applied)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        kwargs: dict[str, Any] = {"return_sparse": False, "return_colbert": False}
-        if self.query_max_length is not None:
-            kwargs["max_length"] = self.query_max_length
-        out = self._enc.encode_queries([text], batch_size=self.batch_size, **kwargs)
-        assert out.dense is not None
-        return out.dense[0].tolist()
+        (out,) = encode_cached(
+            self._enc,
+            [text],
+            "query",
+            max_length=self.query_max_length,
+            batch_size=self.batch_size,
+        )
+        return out.dense.tolist()

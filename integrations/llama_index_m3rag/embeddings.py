@@ -10,6 +10,7 @@ from llama_index.core.base.embeddings.base_sparse import BaseSparseEmbedding
 from pydantic import PrivateAttr
 
 from m3_rag import M3Encoder
+from m3_rag.cache import encode_cached
 
 
 def _encoder(
@@ -54,10 +55,8 @@ class M3Embedding(BaseEmbedding):
         return self._encoder
 
     def _dense(self, texts: list[str], query: bool) -> list[list[float]]:
-        fn = self._encoder.encode_queries if query else self._encoder.encode_documents
-        out = fn(texts, return_sparse=False, return_colbert=False)
-        assert out.dense is not None
-        return out.dense.tolist()
+        out = encode_cached(self._encoder, texts, "query" if query else "document")
+        return [o.dense.tolist() for o in out]
 
     def _get_query_embedding(self, query: str) -> list[float]:
         return self._dense([query], query=True)[0]
@@ -107,10 +106,35 @@ class M3SparseEmbedding(BaseSparseEmbedding):
         return "M3SparseEmbedding"
 
     def _sparse(self, texts: list[str], query: bool) -> list[dict[int, float]]:
-        fn = self._encoder.encode_queries if query else self._encoder.encode_documents
-        out = fn(texts, return_dense=False, return_sparse=True, return_colbert=False)
-        assert out.sparse is not None
-        return out.sparse
+        out = encode_cached(self._encoder, texts, "query" if query else "document")
+        return [dict(o.sparse or {}) for o in out]
+
+    # ------------------------------------------------------------------ store bridges
+    def qdrant_doc_fn(self, texts: list[str]) -> tuple[list[list[int]], list[list[float]]]:
+        """``sparse_doc_fn`` of ``llama_index.vector_stores.qdrant.QdrantVectorStore``:
+        ``(indices, values)`` per document (the forward pass is shared with
+        :class:`M3Embedding` on the same encoder)."""
+        return _indices_values(self._sparse(list(texts), query=False))
+
+    def qdrant_query_fn(self, texts: list[str]) -> tuple[list[list[int]], list[list[float]]]:
+        """``sparse_query_fn`` of the LlamaIndex Qdrant store (queries)."""
+        return _indices_values(self._sparse(list(texts), query=True))
+
+    def encode_documents(self, documents: list[str]) -> list[dict[int, float]]:
+        """``BaseSparseEmbeddingFunction.encode_documents`` of
+        ``llama-index-vector-stores-milvus`` (pass this object as its
+        ``sparse_embedding_function``)."""
+        return self._sparse(list(documents), query=False)
+
+    def encode_queries(self, queries: list[str]) -> list[dict[int, float]]:
+        """``BaseSparseEmbeddingFunction.encode_queries`` of the LlamaIndex Milvus store."""
+        return self._sparse(list(queries), query=True)
+
+    async def async_encode_documents(self, documents: list[str]) -> list[dict[int, float]]:
+        return await asyncio.to_thread(self.encode_documents, documents)
+
+    async def async_encode_queries(self, queries: list[str]) -> list[dict[int, float]]:
+        return await asyncio.to_thread(self.encode_queries, queries)
 
     def _get_query_embedding(self, query: str) -> dict[int, float]:
         return self._sparse([query], query=True)[0]
@@ -126,3 +150,10 @@ class M3SparseEmbedding(BaseSparseEmbedding):
 
     async def _aget_text_embedding(self, text: str) -> dict[int, float]:
         return await asyncio.to_thread(self._get_text_embedding, text)
+
+
+def _indices_values(
+    rows: list[dict[int, float]],
+) -> tuple[list[list[int]], list[list[float]]]:
+    indices = [sorted(r) for r in rows]
+    return indices, [[float(r[i]) for i in idx] for r, idx in zip(rows, indices, strict=True)]
