@@ -364,6 +364,13 @@ class HybridRetriever:
                 self.backend.delete(ids)
         return len(ids)
 
+    def select(self, filter: Filter = None) -> list[str]:
+        """Ids of the stored documents whose metadata passes ``filter`` (every id for
+        ``None``), e.g. to delete all the chunks of one source document."""
+        flt = check_filter(filter)
+        with self._lock:
+            return self.backend.select(flt)
+
     def get(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of the stored documents among ``ids``, in the order
         of ``ids``; unknown ids are left out."""

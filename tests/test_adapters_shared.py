@@ -49,6 +49,8 @@ def test_core_imports_no_framework() -> None:
     [
         ("langchain_m3rag", "langchain_core", "m3-rag[langchain]"),
         ("llama_index_m3rag", "llama_index", "m3-rag[llama-index]"),
+        ("langchain_m3rag.sparse_qdrant", "langchain_qdrant", "m3-rag[langchain-qdrant]"),
+        ("langchain_m3rag.sparse_milvus", "langchain_milvus", "m3-rag[langchain-milvus]"),
     ],
 )
 def test_missing_framework_names_the_extra(package: str, framework: str, extra: str) -> None:

@@ -13,5 +13,13 @@ except ImportError as e:  # pragma: no cover - exercised by the import-error tes
 from llama_index_m3rag.embeddings import M3Embedding, M3SparseEmbedding
 from llama_index_m3rag.postprocessor import M3Rerank
 from llama_index_m3rag.retriever import M3Retriever, to_core_filter
+from llama_index_m3rag.vector_store import M3VectorStore
 
-__all__ = ["M3Embedding", "M3Rerank", "M3Retriever", "M3SparseEmbedding", "to_core_filter"]
+__all__ = [
+    "M3Embedding",
+    "M3Rerank",
+    "M3Retriever",
+    "M3SparseEmbedding",
+    "M3VectorStore",
+    "to_core_filter",
+]

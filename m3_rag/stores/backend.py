@@ -129,6 +129,9 @@ class Backend(Protocol):
     ) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of the candidates at positions ``order``."""
 
+    def select(self, flt: Filter) -> list[str]:
+        """Ids of every stored document passing ``flt`` (all of them for ``None``)."""
+
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of the stored documents among ``ids``, in the order
         of ``ids`` (unknown ids are left out)."""

@@ -127,6 +127,10 @@ class MemoryBackend(IdRows):
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         return self.get(self._existing_rows(ids))
 
+    def select(self, flt: Filter) -> list[str]:
+        mask = self.mask(flt)
+        return self.ids if mask is None else [self._ids[r] for r in np.flatnonzero(mask)]
+
     def mask(self, flt: Filter) -> np.ndarray | None:
         return filter_mask(self._metadatas, flt)
 

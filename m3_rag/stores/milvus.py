@@ -534,6 +534,21 @@ class MilvusBackend:
             for i in order.tolist()
         ]
 
+    def select(self, flt: Filter) -> list[str]:
+        """Ids of the stored documents passing the dict filter ``flt`` (paged)."""
+        expr = milvus_expr(flt)
+        if not expr:
+            return [r["id"] for batch in self._pages(["id"]) for r in batch]
+        out: list[str] = []
+        for start in itertools.count(0, 1000):
+            batch = self.client.query(
+                self.collection, filter=expr, output_fields=["id"], limit=1000, offset=start
+            )
+            out += [r["id"] for r in batch]
+            if len(batch) < 1000:
+                return out
+        return out  # pragma: no cover - the loop returns
+
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """Stored documents among ``ids``, in the order of ``ids``."""
         by_id = {r["id"]: r for r in self._fetch(list(ids), ["text", "metadata"])}
