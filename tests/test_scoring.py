@@ -194,3 +194,20 @@ def test_rrf_ties_share_a_rank_whatever_the_candidate_order() -> None:
     perm = np.array([3, 1, 0, 2])
     shuffled = scoring.rrf_fusion({m: v[perm] for m, v in s.items()}, k=60)
     np.testing.assert_array_equal(shuffled, got[perm])
+
+
+def test_sparse_dot_rows_equals_the_matrix_product_at_any_id_space() -> None:
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    docs = sp.random(50, 300, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    query = {
+        int(t): float(w) for t, w in zip(rng.integers(0, 300, 12), rng.random(12), strict=True)
+    }
+    want = docs @ scoring.sparse_matrix([query], 300).T.toarray().reshape(-1)
+    np.testing.assert_allclose(scoring.sparse_dot_rows(docs, query), want, rtol=1e-5, atol=1e-6)
+    # hashed term ids: 2**31 - 1 columns; a transpose would cost O(columns) (minutes)
+    big = sp.csr_matrix((docs.data, docs.indices * 7_000_000, docs.indptr), shape=(50, 2**31 - 1))
+    big_q = {t * 7_000_000: w for t, w in query.items()}
+    np.testing.assert_allclose(scoring.sparse_dot_rows(big, big_q), want, rtol=1e-5, atol=1e-6)
+    assert scoring.sparse_dot_rows(big, {}).tolist() == [0.0] * 50

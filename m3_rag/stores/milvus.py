@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from m3_rag.filters import Filter, milvus_expr, milvus_literal
-from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_matrix
+from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_dot_rows
 from m3_rag.stores import _milvus_codec as codec
 from m3_rag.stores._milvus_schema import (
     check_config,
@@ -512,8 +512,7 @@ class MilvusBackend:
             docs = sp.csr_matrix((w, tf.indices, tf.indptr), shape=tf.shape)
         else:
             docs = codec.decode_sparse([r["sparse"] for r in rows], spec.vocab_size)
-        qv = sparse_matrix([q], spec.vocab_size)
-        return np.asarray((docs @ qv.T).toarray(), dtype=np.float32).reshape(-1)
+        return sparse_dot_rows(docs, q)
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
         """Fetch the candidates' ColBERT vectors and score them by MaxSim -> ``[c]``."""
