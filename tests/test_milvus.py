@@ -44,7 +44,12 @@ def _pair(
 
 
 def _assert_same(
-    mem: HybridRetriever, mil: HybridRetriever, query: str, fused_tol: float = 1e-5, **kw: object
+    mem: HybridRetriever,
+    mil: HybridRetriever,
+    query: str,
+    fused_tol: float = 1e-5,
+    tol: float = 1e-5,
+    **kw: object,
 ) -> None:
     a, b = mem.search(query, **kw), mil.search(query, **kw)  # type: ignore[arg-type]
     assert [h.id for h in a] == [h.id for h in b], (query, kw)
@@ -52,8 +57,8 @@ def _assert_same(
         assert x.text == y.text and x.metadata == y.metadata
         assert x.scores.keys() == y.scores.keys()
         for mode, s in x.scores.items():
-            tol = fused_tol if mode == "fused" else 1e-5
-            assert y.scores[mode] == pytest.approx(s, rel=tol, abs=tol), (mode, query, kw, a, b)
+            t = fused_tol if mode == "fused" else tol
+            assert y.scores[mode] == pytest.approx(s, rel=t, abs=t), (mode, query, kw, a, b)
 
 
 @pytest.mark.parametrize("lexical", ["m3", "bm25"])
@@ -346,10 +351,12 @@ def test_killed_write_statistics_are_recomputed_on_open(
         [SAMPLE_TEXTS[by_id[i]] for i in stored], [METAS[by_id[i]] for i in stored], stored
     )
     assert again.backend._n_docs == 10 and not again.backend._stats_dirty
-    for q in QUERIES:  # BM25 tf recovered from float32 rows: min-max fusion magnifies 1e-6
-        _assert_same(mem, again, q, fused_tol=1e-4, k=6)
+    # the two sides were encoded in batches of other shapes (float32 rounding ~1e-7, which
+    # float16 ColBERT storage can turn into 2e-5) and BM25 tf is recovered from float32 rows
+    for q in QUERIES:
+        _assert_same(mem, again, q, fused_tol=1e-4, tol=1e-4, k=6)
     for r in (mem, again):  # later deletes keep the statistics exact (no negative df)
         r.delete(stored[:7])
     assert (again.backend._df.data >= 0).all()
     for q in QUERIES:
-        _assert_same(mem, again, q, fused_tol=1e-4, k=3)
+        _assert_same(mem, again, q, fused_tol=1e-4, tol=1e-4, k=3)
