@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -402,7 +403,8 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; every failure is one line on stderr and exit 2 (130 on Ctrl-C)."""
+    """Run the command line; every failure is one line on stderr and exit 2 (130 on Ctrl-C,
+    141 when the reader of stdout goes away, as ``| head`` does)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
@@ -416,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("m3-rag: interrupted; nothing was changed on disk", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `m3-rag search ... | head`: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141  # 128 + SIGPIPE, the shell's convention
     except Exception as e:  # a bug or an unforeseen error: still one line, never a traceback
         print(f"m3-rag: {type(e).__name__}: {_one_line(str(e))[:500]}", file=sys.stderr)
         return 2

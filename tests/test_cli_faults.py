@@ -217,3 +217,23 @@ def test_interrupted_index_keeps_the_old_index(
     assert "Traceback" not in (seen + err).decode()
     assert sorted(p.name for p in index.iterdir()) == before and is_index(index)
     assert main(["search", str(index), "Paris", "--json"]) == 0
+
+
+def test_closed_pipe_is_quiet(tiny_m3_dir: Path, tmp_path: Path) -> None:
+    """``m3-rag search ... | head -1``: no traceback and no error line when head exits.
+
+    The output (3,000 hits) is far larger than a pipe's buffer, so the write fails."""
+    big = tmp_path / "big.jsonl"
+    big.write_text(
+        "".join(json.dumps({"_id": f"b{i}", "text": f"Paris {i}"}) + "\n" for i in range(3000)),
+        encoding="utf-8",
+    )
+    idx = tmp_path / "idx"
+    assert main(["index", str(big), "--out", str(idx), "--model", str(tiny_m3_dir)]) == 0
+    cmd = (
+        f"{sys.executable} -m m3_rag search {idx} Paris -k 3000 --candidates 3000 | head -1; "
+        'echo "rc=${PIPESTATUS[0]}"'
+    )
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("query: Paris") and out.stdout.strip().endswith("rc=141"), out
+    assert "Error" not in out.stderr and "Traceback" not in out.stderr, out.stderr
