@@ -45,6 +45,14 @@ class CachedEncoding:
     sparse: dict[int, float] | None
     colbert: np.ndarray | None = None
 
+    def sparse_pairs(self) -> tuple[list[int], list[float]]:
+        """The lexical weights as sorted token ids and their weights (the
+        ``indices``/``values`` shape Qdrant's sparse vectors take); empty for a dense-only
+        model."""
+        weights = self.sparse or {}
+        indices = sorted(weights)
+        return indices, [float(weights[i]) for i in indices]
+
     @property
     def nbytes(self) -> int:
         extra = 0 if self.colbert is None else self.colbert.nbytes

@@ -22,9 +22,4 @@ def sparse_rows(
         raise ValueError(
             f"{encoder.model_name!r} is dense-only: sparse embeddings need a BGE-M3 checkpoint"
         )
-    out = []
-    for enc in encode_cached(encoder, list(texts), role):
-        weights = enc.sparse or {}
-        indices = sorted(weights)
-        out.append((indices, [float(weights[i]) for i in indices]))
-    return out
+    return [enc.sparse_pairs() for enc in encode_cached(encoder, list(texts), role)]

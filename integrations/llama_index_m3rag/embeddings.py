@@ -10,7 +10,7 @@ from llama_index.core.base.embeddings.base_sparse import BaseSparseEmbedding
 from pydantic import PrivateAttr
 
 from m3_rag import M3Encoder
-from m3_rag.cache import encode_cached
+from m3_rag.cache import Role, encode_cached
 
 
 def _encoder(
@@ -114,11 +114,15 @@ class M3SparseEmbedding(BaseSparseEmbedding):
         """``sparse_doc_fn`` of ``llama_index.vector_stores.qdrant.QdrantVectorStore``:
         ``(indices, values)`` per document (the forward pass is shared with
         :class:`M3Embedding` on the same encoder)."""
-        return _indices_values(self._sparse(list(texts), query=False))
+        return self._pairs(texts, "document")
 
     def qdrant_query_fn(self, texts: list[str]) -> tuple[list[list[int]], list[list[float]]]:
         """``sparse_query_fn`` of the LlamaIndex Qdrant store (queries)."""
-        return _indices_values(self._sparse(list(texts), query=True))
+        return self._pairs(texts, "query")
+
+    def _pairs(self, texts: list[str], role: Role) -> tuple[list[list[int]], list[list[float]]]:
+        pairs = [c.sparse_pairs() for c in encode_cached(self._encoder, list(texts), role)]
+        return [i for i, _ in pairs], [v for _, v in pairs]
 
     def encode_documents(self, documents: list[str]) -> list[dict[int, float]]:
         """``BaseSparseEmbeddingFunction.encode_documents`` of
@@ -150,10 +154,3 @@ class M3SparseEmbedding(BaseSparseEmbedding):
 
     async def _aget_text_embedding(self, text: str) -> dict[int, float]:
         return await asyncio.to_thread(self._get_text_embedding, text)
-
-
-def _indices_values(
-    rows: list[dict[int, float]],
-) -> tuple[list[list[int]], list[list[float]]]:
-    indices = [sorted(r) for r in rows]
-    return indices, [[float(r[i]) for i in idx] for r, idx in zip(rows, indices, strict=True)]
