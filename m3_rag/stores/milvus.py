@@ -535,18 +535,7 @@ class MilvusBackend:
 
     def select(self, flt: Filter) -> list[str]:
         """Ids of the stored documents passing the dict filter ``flt`` (paged)."""
-        expr = milvus_expr(flt)
-        if not expr:
-            return [r["id"] for batch in self._pages(["id"]) for r in batch]
-        out: list[str] = []
-        for start in itertools.count(0, 1000):
-            batch = self.client.query(
-                self.collection, filter=expr, output_fields=["id"], limit=1000, offset=start
-            )
-            out += [r["id"] for r in batch]
-            if len(batch) < 1000:
-                return out
-        return out  # pragma: no cover - the loop returns
+        return [r["id"] for batch in self._pages(["id"], milvus_expr(flt)) for r in batch]
 
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """Stored documents among ``ids``, in the order of ``ids``."""
@@ -557,18 +546,19 @@ class MilvusBackend:
             if i in by_id
         ]
 
-    def _pages(self, fields: list[str]) -> Iterator[list[dict[str, Any]]]:
-        """Every stored row's ``fields``, 1,000 rows per request."""
+    def _pages(self, fields: list[str], expr: str = "") -> Iterator[list[dict[str, Any]]]:
+        """``fields`` of every stored row matching the Milvus expression ``expr`` (all rows
+        for ``""``), 1,000 rows per request."""
         self._spec()
         if is_server(self.uri):  # a server pages consistently with its query iterator
             it = self.client.query_iterator(
-                self.collection, batch_size=1000, filter="", output_fields=fields
+                self.collection, batch_size=1000, filter=expr, output_fields=fields
             )
             yield from iter(it.next, [])
             return
         for start in itertools.count(0, 1000):  # Milvus Lite: offsets in a fixed order
             batch = self.client.query(
-                self.collection, filter="", output_fields=fields, limit=1000, offset=start
+                self.collection, filter=expr, output_fields=fields, limit=1000, offset=start
             )
             if not batch:
                 return
