@@ -225,7 +225,7 @@ class HybridRetriever:
             return_sparse=self.lexical == "m3",
             return_colbert=self.encoder.has_colbert,
         )
-        return self.add_encoded(items, out, metas, doc_ids)
+        return self._add_checked(items, out, metas, doc_ids)
 
     def add_encoded(
         self,
@@ -253,6 +253,12 @@ class HybridRetriever:
         items = check_texts(texts)
         doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
         metas = check_metadatas(metadatas, len(items))
+        return self._add_checked(items, encoded, metas, doc_ids)
+
+    def _add_checked(
+        self, items: list[str], encoded: Any, metas: list[dict[str, Any]], doc_ids: list[str]
+    ) -> list[str]:
+        """:meth:`add_encoded` once texts, metadata and ids are validated."""
         if not isinstance(encoded, EncodeOutput):
             raise TypeError(f"encoded must be an EncodeOutput, got {type(encoded).__name__}")
         if encoded.dense is None or len(encoded.dense) != len(items):
