@@ -120,20 +120,14 @@ def _query(text: str) -> str:
 
 def _check_out(out: Path, force: bool, source: Path) -> None:
     """Refuse any --out that is not empty or an m3-rag index to replace with --force."""
-    from m3_rag.persist import is_index
+    from m3_rag.persist import check_target, is_index
 
-    if out.is_symlink():
-        raise CliError(f"--out {out} is a symbolic link; pass the real directory")
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; pass a directory for the index")
-    if out.is_dir() and any(out.iterdir()):
-        if not is_index(out):
-            raise CliError(
-                f"--out {out} is a non-empty directory that is not an m3-rag index; it is never "
-                "replaced (not even with --force): pick another directory"
-            )
-        if not force:
-            raise CliError(f"--out {out} already holds an index; pass --force to replace it")
+    try:
+        check_target(out)  # what save() itself refuses (even with --force)
+    except ValueError as e:
+        raise CliError(f"--out: {e}") from None
+    if is_index(out) and not force:
+        raise CliError(f"--out {out} already holds an index; pass --force to replace it")
     try:
         src = source.resolve()
         if out.resolve() == src or src in out.resolve().parents:

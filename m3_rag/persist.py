@@ -48,6 +48,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "IndexFormatError",
+    "check_target",
     "is_index",
     "read_index",
     "reader_lock",
@@ -197,7 +198,13 @@ def is_index(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and not p.is_symlink() and (p / _POINTER).is_file()
 
 
-def _check_target(root: Path) -> None:
+def check_target(root: Path) -> None:
+    """Refuse a place an index must never be written to.
+
+    Raises:
+        ValueError: ``root`` is a symlink, a file, or a non-empty directory that is not an
+            m3-rag index (only a killed save's leftovers and the lock files do not count).
+    """
     if root.is_symlink():
         raise ValueError(f"{root} is a symbolic link; pass the real directory for the index")
     if root.exists() and not root.is_dir():
@@ -206,7 +213,8 @@ def _check_target(root: Path) -> None:
         ours = {_WRITE_LOCK, _READ_LOCK}
         if any(p.name not in ours and not p.name.startswith(".tmp-snap-") for p in root.iterdir()):
             raise ValueError(
-                f"{root} is a non-empty directory that is not an m3-rag index; pick another path"
+                f"{root} is a non-empty directory that is not an m3-rag index; it is never "
+                "replaced: pick another path"
             )
 
 
@@ -237,10 +245,10 @@ def write_index(
     for key in arrays:
         if not _ARRAY.match(key):
             raise ValueError(f"array name {key!r} must match {_ARRAY.pattern}")
-    _check_target(root)
+    check_target(root)
     root.mkdir(parents=True, exist_ok=True)
     with writer_lock(root):
-        _check_target(root)  # another writer may have changed it meanwhile
+        check_target(root)  # another writer may have changed it meanwhile
         for stale in root.iterdir():  # leftovers of killed saves: no writer is active now
             if stale.name.startswith((".tmp-snap-", f".{_POINTER}.")):
                 _remove(stale)
