@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field
 
 from m3_rag import HybridRetriever, M3Encoder, Reranker, SearchHit
 from m3_rag._inputs import SCORES_KEY
+from m3_rag.stores.base import id_list
 
 
 def hit_to_document(hit: SearchHit) -> Document:
@@ -30,20 +31,11 @@ def hit_to_document(hit: SearchHit) -> Document:
     )
 
 
-def check_id_list(ids: Any, name: str = "ids") -> list[str]:
-    """Refuse a bare ``str`` (it would be read as one id per character)."""
-    if isinstance(ids, (str, bytes)):
-        raise TypeError(
-            f"{name} must be a list of ids, got a single {type(ids).__name__}; pass [{ids!r}]"
-        )
-    return list(ids)
-
-
 def document_ids(documents: Sequence[Document], ids: Sequence[str] | None) -> list[str] | None:
     """The ids to store: ``ids`` when given, else each document's own ``id``, a new UUID for
     the documents without one (``None`` when no document has one)."""
     if ids is not None:
-        return check_id_list(ids)
+        return id_list(ids)
     if not any(d.id for d in documents):
         return None
     return [d.id or uuid.uuid4().hex for d in documents]
@@ -129,13 +121,11 @@ class M3Retriever(BaseRetriever):
         metadatas: Sequence[dict[str, Any]] | None = None,
         ids: Sequence[str] | None = None,
     ) -> list[str]:
-        return self.retriever.add_texts(
-            list(texts), metadatas=metadatas, ids=None if ids is None else check_id_list(ids)
-        )
+        return self.retriever.add_texts(list(texts), metadatas=metadatas, ids=ids)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete by id (a list; an unknown id raises ``KeyError`` and deletes nothing)."""
-        self.retriever.delete(check_id_list(ids))
+        self.retriever.delete(ids)
 
     # ------------------------------------------------------------------ retrieval
     def _search(self, query: str, **kwargs: Any) -> list[Document]:

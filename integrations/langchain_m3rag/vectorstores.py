@@ -11,9 +11,9 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from langchain_m3rag.embeddings import M3Embeddings
-from langchain_m3rag.retrievers import check_id_list
 from m3_rag import HybridRetriever, M3Encoder, SearchHit
 from m3_rag._inputs import SCORES_KEY
+from m3_rag.stores.base import id_list
 
 _SEARCH_OPTIONS = ("filter", "weights", "fusion", "candidates", "rerank")
 
@@ -69,7 +69,7 @@ class M3VectorStore(VectorStore):
         """Encode once and add (an existing id is replaced); a missing id gets a UUID."""
         items = list(texts)
         if ids is not None:
-            ids = [i or uuid.uuid4().hex for i in check_id_list(ids)]
+            ids = [i or uuid.uuid4().hex for i in id_list(ids)]
         return self.retriever.add_texts(items, metadatas=metadatas, ids=ids)
 
     def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]:
@@ -88,15 +88,12 @@ class M3VectorStore(VectorStore):
         (use a new store to start empty)."""
         if ids is None:
             return False
-        self.retriever.delete(check_id_list(ids), missing_ok=True)
+        self.retriever.delete(ids, missing_ok=True)
         return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The stored documents among ``ids`` (unknown ids are left out)."""
-        return [
-            Document(id=i, page_content=t, metadata=m)
-            for i, t, m in self.retriever.get(check_id_list(ids))
-        ]
+        return [Document(id=i, page_content=t, metadata=m) for i, t, m in self.retriever.get(ids)]
 
     # ------------------------------------------------------------------ search
     def _hits(self, query: str, k: int, kwargs: dict[str, Any]) -> list[SearchHit]:

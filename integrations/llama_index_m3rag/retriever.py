@@ -172,11 +172,7 @@ class M3Retriever(BaseRetriever):
 
     def delete(self, node_ids: Sequence[str]) -> None:
         """Delete nodes by id (a list; an unknown id raises ``KeyError``, nothing deleted)."""
-        if isinstance(node_ids, (str, bytes)):
-            raise TypeError(
-                f"node_ids must be a list of ids, got a single str; pass [{node_ids!r}]"
-            )
-        self.retriever.delete(list(node_ids))
+        self.retriever.delete(node_ids)
 
     def persist(self, persist_dir: str | os.PathLike[str]) -> None:
         """Save the index (atomic; JSON + ``.npy``)."""

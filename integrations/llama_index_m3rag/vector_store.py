@@ -20,6 +20,7 @@ from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_
 from llama_index_m3rag.retriever import to_core_filter
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.cache import as_encode_output, encode_cached
+from m3_rag.stores.base import id_list
 
 _MODES = {
     VectorStoreQueryMode.DEFAULT,
@@ -117,14 +118,13 @@ class M3VectorStore(BasePydanticVectorStore):
         return [_to_node(t, m) for _, t, m in self._retriever.get(self._ids(node_ids, filters))]
 
     def _ids(self, node_ids: list[str] | None, filters: MetadataFilters | None) -> list[str]:
-        if isinstance(node_ids, str):
-            raise TypeError(f"node_ids must be a list of ids, got a str; pass [{node_ids!r}]")
         if node_ids is None and filters is None:
             raise ValueError("pass node_ids and/or filters (clear() deletes everything)")
         selected = None if filters is None else self._retriever.select(to_core_filter(filters))
         if node_ids is None:
             return selected or []
-        return [i for i in node_ids if selected is None or i in set(selected)]
+        keep = None if selected is None else set(selected)
+        return [i for i in id_list(node_ids) if keep is None or i in keep]
 
     def persist(self, persist_path: str, fs: Any = None) -> None:
         """Save the index to the directory ``persist_path`` (memory backend; atomic)."""

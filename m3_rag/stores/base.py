@@ -15,7 +15,23 @@ import numpy as np
 from m3_rag._inputs import check_unicode
 from m3_rag.persist import read_index, write_index
 
-__all__ = ["IdRows", "check_ids", "top_k"]
+__all__ = ["IdRows", "check_ids", "id_list", "top_k"]
+
+
+def id_list(ids: Any) -> list[Any]:
+    """``ids`` as a new list, its entries unchecked.
+
+    Raises:
+        TypeError: a bare ``str`` or ``bytes`` (it would be read as one id per character:
+            ``delete("ab")`` must not delete ``"a"`` and ``"b"``), or not an iterable.
+    """
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(
+            f"ids must be a list of ids, got a single {type(ids).__name__}; pass [{ids!r}]"
+        )
+    if not isinstance(ids, Iterable):
+        raise TypeError(f"ids must be a list of str, got {type(ids).__name__}")
+    return list(ids)
 
 
 def check_ids(ids: Any, n: int | None = None) -> list[str]:
@@ -25,9 +41,7 @@ def check_ids(ids: Any, n: int | None = None) -> list[str]:
         TypeError: not a list of str (the message names the index).
         ValueError: duplicates within the call, or a count that does not match ``n``.
     """
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise TypeError(f"ids must be a list of str, got {type(ids).__name__}")
-    out = list(ids)
+    out = id_list(ids)
     for i, x in enumerate(out):
         if not isinstance(x, str):
             raise TypeError(f"ids[{i}] is {type(x).__name__}, expected str")
