@@ -282,6 +282,18 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], bool, str]] = {
         True,
         "not valid JSON",
     ),
+    "lone surrogate in docs": (
+        lambda idx: (_snap(idx) / "docs.jsonl").write_text(
+            (_snap(idx) / "docs.jsonl").read_text().replace('"text a-0"', '"text a-0 \\udcff"', 1)
+        ),
+        True,
+        "lone surrogate",
+    ),
+    "empty-list metadata": (
+        _rewrite_docs(lambda d: [d[0] | {"metadata": []}, *d[1:]]),
+        True,
+        "'metadata' must be an object",
+    ),
     "0-byte npy": (
         lambda idx: (_snap(idx) / "dense_vectors.npy").write_bytes(b""),
         True,
