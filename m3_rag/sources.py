@@ -148,27 +148,33 @@ def _read_jsonl(path: Path) -> list[Record]:
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
-            lines = list(enumerate(f, start=1))
+            for n, line in enumerate(f, start=1):  # streamed; decoding fails at its line
+                record = _jsonl_record(path, n, line, seen)
+                if record is not None:
+                    out.append(record)
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:120]}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{path}:{n}: each line needs a 'text' string")
-        doc_id = row.pop("_id", None) or row.pop("id", None) or f"line-{n}"
-        doc_id = str(doc_id)
-        if doc_id in seen:
-            raise ValueError(f"{path}:{n}: duplicate id {doc_id!r} (first on line {seen[doc_id]})")
-        seen[doc_id] = n
-        text = row.pop("text")
-        title = row.get("title")
-        out.append(Record(doc_id, f"{title}\n{text}" if title else text, row))
     return out
+
+
+def _jsonl_record(path: Path, n: int, line: str, seen: dict[str, int]) -> Record | None:
+    """The record of JSONL line ``n`` (``None`` for a blank line); ``seen`` maps the ids
+    read so far to their line."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:120]}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f"{path}:{n}: each line needs a 'text' string")
+    doc_id = str(row.pop("_id", None) or row.pop("id", None) or f"line-{n}")
+    if doc_id in seen:
+        raise ValueError(f"{path}:{n}: duplicate id {doc_id!r} (first on line {seen[doc_id]})")
+    seen[doc_id] = n
+    text = row.pop("text")
+    title = row.get("title")
+    return Record(doc_id, f"{title}\n{text}" if title else text, row)
 
 
 def demo_corpus() -> list[Record]:
