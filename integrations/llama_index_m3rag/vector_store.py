@@ -115,7 +115,10 @@ class M3VectorStore(BasePydanticVectorStore):
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None
     ) -> list[BaseNode]:
         """Stored nodes by id and/or metadata filter."""
-        return [_to_node(t, m) for _, t, m in self._retriever.get(self._ids(node_ids, filters))]
+        return [
+            metadata_dict_to_node(m, text=t)
+            for _, t, m in self._retriever.get(self._ids(node_ids, filters))
+        ]
 
     def _ids(self, node_ids: list[str] | None, filters: MetadataFilters | None) -> list[str]:
         if node_ids is None and filters is None:
@@ -170,15 +173,10 @@ class M3VectorStore(BasePydanticVectorStore):
                 options["candidates"] = max(self._retriever.candidates, query.sparse_top_k)
         hits = self._retriever.search(query.query_str, k=k, **options)
         return VectorStoreQueryResult(
-            nodes=[_to_node(h.text, h.metadata) for h in hits],
+            nodes=[metadata_dict_to_node(h.metadata, text=h.text) for h in hits],
             similarities=[h.score for h in hits],
             ids=[h.id for h in hits],
         )
-
-
-def _to_node(text: str, metadata: dict[str, Any]) -> BaseNode:
-    node = metadata_dict_to_node(metadata, text=text)
-    return node
 
 
 def _both(a: Any, b: dict[str, Any]) -> Any:
