@@ -93,7 +93,13 @@ class UnicodeAnalyzer:
                 ) from None
 
     def __call__(self, text: str) -> list[str]:
-        """Terms of ``text``, in order (with repeats)."""
+        """Terms of ``text``, in order (with repeats).
+
+        Raises:
+            TypeError: ``text`` is not a str.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"the analyzer takes one str, got {type(text).__name__}")
         words: list[str] = []
         out: list[str] = []
         for m in _TOKENS.finditer(_fold(text)):

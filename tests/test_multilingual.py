@@ -35,6 +35,8 @@ def test_segmentation_normalisation_and_bigrams() -> None:
     assert a("ما اهمية مكة المكرمة؟") == ["ما", "اهمية", "مكة", "المكرمة"]
     assert a("ภาษาไทย") == ["ภา", "าษ", "ษา", "าไ", "ไท", "ทย"]
     assert a("") == [] and a(" ,;!? ") == []
+    with pytest.raises(TypeError, match="takes one str"):
+        a(None)  # type: ignore[arg-type]
     assert UnicodeAnalyzer(None, stopwords=["The", "и"])("the cat и dog") == ["cat", "dog"]
 
 
