@@ -60,5 +60,6 @@ def test_broken_oracle_skips_with_a_reason_outside_ci(tmp_path: Path) -> None:
 def test_ci_script_calls_the_readme_test_command_with_the_lock() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    assert "python3 -m pytest tests" in ci and "python -m pytest tests" in readme
+    # the very line the README gives, on a line of its own in both
+    assert "\npython -m pytest tests\n" in ci and "\npython -m pytest tests\n" in readme
     assert ci.count("-c constraints.txt") >= 2 and "-c constraints.txt" in readme
