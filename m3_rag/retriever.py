@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,18 +24,18 @@ from m3_rag._inputs import (
 from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, analyzer_from_config, term_counts
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
-from m3_rag.persist import IndexFormatError, read_index, write_index
+from m3_rag.persist import IndexFormatError
 from m3_rag.rerank import Reranker
 from m3_rag.scoring import sparse_matrix
-from m3_rag.stores.backend import BackendSpec
+from m3_rag.stores.backend import Backend, BackendSpec
 from m3_rag.stores.base import check_ids
 from m3_rag.stores.lexical import BM25Params
-from m3_rag.stores.memory import MemoryBackend
-from m3_rag.stores.milvus import MilvusBackend
+from m3_rag.stores.registry import make_backend, saved_index
 
 __all__ = ["HybridRetriever", "SearchHit"]
 
 FUSIONS = ("weighted", "rrf")
+ADD_CHUNK = 256  # documents encoded and stored at a time (bounds ingestion memory)
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,12 @@ class HybridRetriever:
             :class:`~m3_rag.analysis.UnicodeAnalyzer` (e.g. with a stemmer), or any callable
             ``str -> list[str]`` (then pass the same callable again to :meth:`load`).
             Recorded in the index. Unused by the M3 lexical leg.
-        backend: ``"memory"`` (in-process stores, :meth:`save`/:meth:`load` to disk) or a
-            :class:`~m3_rag.stores.milvus.MilvusBackend` (Milvus Lite file or Milvus server;
-            the collection persists by itself and is reopened by passing it again).
+        backend: ``"memory"`` (the local engine in RAM; :meth:`save`/:meth:`load` to disk)
+            or a backend object: :class:`~m3_rag.stores.local.LocalBackend` with a path (a
+            disk-backed, memory-mapped index where every write commits),
+            :class:`~m3_rag.stores.milvus.MilvusBackend`, or any engine implementing
+            :class:`~m3_rag.stores.backend.Backend`. An engine that persists by itself is
+            reopened by passing it again.
     """
 
     def __init__(
@@ -106,7 +109,7 @@ class HybridRetriever:
         dense_dtype: str = "float32",
         colbert_dtype: str = "float16",
         bm25: BM25Params | None = None,
-        backend: str | MilvusBackend = "memory",
+        backend: str | Backend = "memory",
         analyzer: str | Analyzer = "unicode",
     ) -> None:
         if not isinstance(encoder, M3Encoder):
@@ -141,36 +144,19 @@ class HybridRetriever:
         vocab_size = encoder.vocab_size
         if self.lexical == "bm25" and self.analyzer is not None:
             vocab_size = HASH_SPACE
-        self.backend: MemoryBackend | MilvusBackend
-        if isinstance(backend, MilvusBackend):
-            spec = BackendSpec(
-                encoder.model_name,
-                encoder.dense_dim,
-                encoder.colbert_dim,
-                self.lexical,
-                vocab_size,
-                dense_dtype=dense_dtype,
-                colbert_dtype=colbert_dtype,
-                bm25=bm25,
-                analyzer=self._analyzer_config(),
-            )
-            self.backend = backend.open(spec)
-        elif backend == "memory":
-            self.backend = MemoryBackend(
-                encoder.dense_dim,
-                encoder.colbert_dim,
-                self.lexical,
-                vocab_size,
-                dense_dtype=dense_dtype,
-                colbert_dtype=colbert_dtype,
-                bm25=bm25,
-            )
-        else:
-            raise TypeError(
-                f"backend must be 'memory' or a MilvusBackend(uri=..., collection=...), "
-                f"got {backend!r}"
-            )
-        self._lock = threading.RLock()
+        spec = BackendSpec(
+            encoder.model_name,
+            encoder.dense_dim,
+            encoder.colbert_dim,
+            self.lexical,
+            vocab_size,
+            dense_dtype=dense_dtype,
+            colbert_dtype=colbert_dtype,
+            bm25=bm25,
+            analyzer=self._analyzer_config(),
+        )
+        self.backend: Backend = make_backend(backend).open(spec, self._settings())
+        self._lock = threading.RLock()  # writes only: searches never wait for it
 
     def __len__(self) -> int:
         return len(self.backend)
@@ -183,7 +169,18 @@ class HybridRetriever:
 
     def _known_empty(self) -> bool:
         """True when the index is certainly empty (asked only where it is free)."""
-        return isinstance(self.backend, MemoryBackend) and len(self.backend) == 0
+        return self.backend.known_empty()
+
+    def _settings(self) -> dict[str, Any]:
+        """The retriever's settings, recorded with a saved index."""
+        return {
+            "weights": list(self.weights),
+            "fusion": self.fusion,
+            "candidates": self.candidates,
+            "rerank_top_n": self.rerank_top_n,
+            "lexical": self.lexical or "none",
+            "analyzer": self._analyzer_config(),
+        }
 
     @property
     def _lex_key(self) -> str:
@@ -216,16 +213,78 @@ class HybridRetriever:
         items = check_texts(texts)
         doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
         metas = check_metadatas(metadatas, len(items))
+        bar = tqdm(total=len(items), unit="doc", desc="index", disable=not show_progress)
+        with bar:
+            for s in range(0, len(items), ADD_CHUNK):
+                e = min(s + ADD_CHUNK, len(items))
+                self._encode_add(items[s:e], metas[s:e], doc_ids[s:e], batch_size)
+                bar.update(e - s)
+        return doc_ids
+
+    def add_documents(
+        self,
+        documents: Iterable[Any],
+        *,
+        chunk_size: int = ADD_CHUNK,
+        batch_size: int | None = None,
+        skip_existing: bool = False,
+        show_progress: bool = False,
+    ) -> int:
+        """Encode and add a stream of documents ``chunk_size`` at a time (memory stays
+        bounded by the chunk, not the corpus; each chunk is one commit of a disk index).
+
+        Args:
+            documents: Any iterable (a generator is read lazily) of ``str``, of dicts
+                ``{"text", "id"?, "metadata"?}``, or of objects with ``.text``, ``.id``,
+                ``.metadata`` (e.g. :class:`~m3_rag.sources.Record`). Without an id a
+                random one is given.
+            chunk_size: Documents encoded and committed together.
+            batch_size: Encoding batch size.
+            skip_existing: Leave out documents whose id is already stored (to resume an
+                interrupted ingestion: run it again with the same ids).
+            show_progress: A progress bar counting documents.
+
+        Returns:
+            The number of documents added (skipped ones not counted).
+
+        Raises:
+            TypeError / ValueError: a bad document; the chunks before it stay added.
+        """
+        size = check_count(chunk_size, "chunk_size", minimum=1)
+        added = 0
+        bar = tqdm(unit="doc", desc="index", disable=not show_progress)
+        with bar:
+            for chunk in _chunks(documents, size):
+                texts, metas, ids = _unpack(chunk)
+                seen = len(texts)
+                if skip_existing:
+                    have = {d[0] for d in self.backend.fetch(ids)}
+                    keep = [i for i, x in enumerate(ids) if x not in have]
+                    texts, metas, ids = (
+                        [texts[i] for i in keep],
+                        [metas[i] for i in keep],
+                        [ids[i] for i in keep],
+                    )
+                items = check_texts(texts)
+                doc_ids = check_ids(ids, len(items))
+                self._encode_add(items, check_metadatas(metas, len(items)), doc_ids, batch_size)
+                added += len(items)
+                bar.update(seen)
+        return added
+
+    def _encode_add(
+        self, items: list[str], metas: list[dict[str, Any]], ids: list[str], batch_size: int | None
+    ) -> None:
         if not items:
-            return []
+            return
         out = self.encoder.encode_documents(
             items,
             batch_size=batch_size,
-            show_progress=show_progress,
+            show_progress=False,
             return_sparse=self.lexical == "m3",
             return_colbert=self.encoder.has_colbert,
         )
-        return self._add_checked(items, out, metas, doc_ids)
+        self._add_checked(items, out, metas, ids)
 
     def add_encoded(
         self,
@@ -280,18 +339,22 @@ class HybridRetriever:
     def add_from(
         self, source: HybridRetriever, *, batch_size: int = 1000, show_progress: bool = False
     ) -> int:
-        """Copy every document of an in-memory retriever, with its stored encodings (no
-        model pass), e.g. to move a saved index into Milvus.
+        """Copy every document of another retriever, with its stored encodings (no model
+        pass), e.g. to move a saved index into Milvus.
 
         Returns:
             The number of documents copied.
 
         Raises:
-            TypeError: ``source`` is not an in-memory HybridRetriever.
+            TypeError: ``source`` is not a HybridRetriever whose backend can export.
             ValueError: ``source`` was built with another model shape or lexical kind.
         """
-        if not isinstance(source, HybridRetriever) or not isinstance(source.backend, MemoryBackend):
-            raise TypeError("source must be a HybridRetriever with the memory backend")
+        export = getattr(source, "backend", None) and getattr(source.backend, "export", None)
+        if not isinstance(source, HybridRetriever) or export is None:
+            raise TypeError(
+                "source must be a HybridRetriever whose backend can export its encodings "
+                "(the local/memory backend)"
+            )
         a, b = source.encoder, self.encoder
         if (a.dense_dim, a.colbert_dim, source.lexical) != (
             b.dense_dim,
@@ -310,12 +373,11 @@ class HybridRetriever:
             )
         n = 0
         total = -(-len(source) // batch_size)
-        with source._lock:
-            batches = source.backend.export(batch_size)
-            for batch in tqdm(batches, total=total, desc="copy", disable=not show_progress):
-                with self._lock:
-                    self.backend.add(*batch)
-                n += len(batch.ids)
+        batches = export(batch_size)  # a consistent view of the source
+        for batch in tqdm(batches, total=total, desc="copy", disable=not show_progress):
+            with self._lock:
+                self.backend.add(*batch)
+            n += len(batch.ids)
         return n
 
     def _analyzer_config(self) -> dict[str, Any] | str | None:
@@ -374,15 +436,12 @@ class HybridRetriever:
         """Ids of the stored documents whose metadata passes ``filter`` (every id for
         ``None``), e.g. to delete all the chunks of one source document."""
         flt = check_filter(filter)
-        with self._lock:
-            return self.backend.select(flt)
+        return self.backend.select(flt)
 
     def get(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of the stored documents among ``ids``, in the order
         of ``ids``; unknown ids are left out."""
-        ids = check_ids(ids)
-        with self._lock:
-            return self.backend.fetch(ids)
+        return self.backend.fetch(check_ids(ids))
 
     # ---------------------------------------------------------------- search
     def search(
@@ -483,21 +542,21 @@ class HybridRetriever:
         elif self.lexical == "bm25" and query_text is not None:
             counts = self._term_counts([query_text])
             lex_query = dict(zip(counts.indices.tolist(), counts.data.tolist(), strict=True))
-        with self._lock:
-            cands = self.backend.candidates(q.dense[0], lex_query, max(n_cand, k), flt)
-            if not cands.ids:
-                return []
-            per_mode: dict[str, np.ndarray] = {"dense": cands.dense}
-            if cands.lexical is not None and w[1] > 0:
-                per_mode[self._lex_key] = cands.lexical
-            if use_colbert and q.colbert is not None:
-                per_mode["colbert"] = self.backend.colbert_scores(q.colbert[0], cands)
-            fused = self._fuse(per_mode, w, how)
-            n_keep = max(k, self.rerank_top_n) if use_rerank else k
-            # best first; equal scores by id, so every backend ranks ties alike
-            ids = np.asarray(cands.ids)
-            order = np.lexsort((ids, -fused.astype(np.float64)))[:n_keep]
-            docs = self.backend.documents(cands, order)
+        # no lock: the backend's candidates carry the consistent view the later calls read
+        cands = self.backend.candidates(q.dense[0], lex_query, max(n_cand, k), flt)
+        if not cands.ids:
+            return []
+        per_mode: dict[str, np.ndarray] = {"dense": cands.dense}
+        if cands.lexical is not None and w[1] > 0:
+            per_mode[self._lex_key] = cands.lexical
+        if use_colbert and q.colbert is not None:
+            per_mode["colbert"] = self.backend.colbert_scores(q.colbert[0], cands)
+        fused = self._fuse(per_mode, w, how)
+        n_keep = max(k, self.rerank_top_n) if use_rerank else k
+        # best first; equal scores by id, so every backend ranks ties alike
+        ids = np.asarray(cands.ids)
+        order = np.lexsort((ids, -fused.astype(np.float64)))[:n_keep]
+        docs = self.backend.documents(cands, order)
         scores = [
             {m: float(s[i]) for m, s in per_mode.items()} | {"fused": float(fused[i])}
             for i in order
@@ -531,31 +590,20 @@ class HybridRetriever:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the index to a directory (JSON manifest + ``.npy``; atomic, no pickle).
+        """Write the index to a directory as one snapshot (JSON manifest + ``.npy``; atomic,
+        checksummed, no pickle). A disk-backed index saved to its own directory is left as
+        it is (every write is committed already).
 
         Raises:
-            ValueError: the backend is Milvus (it persists by itself).
+            ValueError: the backend persists by itself (e.g. Milvus).
         """
-        if not isinstance(self.backend, MemoryBackend):
+        save = getattr(self.backend, "save", None)
+        if save is None:
             raise ValueError(
-                f"{self.backend!r} persists in Milvus; reopen it with "
-                "HybridRetriever(encoder, backend=MilvusBackend(uri, collection))"
+                f"{self.backend!r} persists by itself; reopen it with "
+                "HybridRetriever(encoder, backend=<the same backend>)"
             )
-        with self._lock:
-            manifest = {
-                "model": self.encoder.model_name,
-                "backend": "memory",
-                **self.backend.config(),
-                "retriever": {
-                    "weights": list(self.weights),
-                    "fusion": self.fusion,
-                    "candidates": self.candidates,
-                    "rerank_top_n": self.rerank_top_n,
-                    "lexical": self.lexical or "none",
-                    "analyzer": self._analyzer_config(),
-                },
-            }
-            write_index(path, manifest, self.backend.state(), self.backend.docs())
+        save(path, self._settings())
 
     @classmethod
     def load(
@@ -575,7 +623,7 @@ class HybridRetriever:
                 ``allow_model_mismatch=True`` to accept a same-shaped one, e.g. the same model
                 from another path) or its dimensions do not fit ``encoder``.
         """
-        manifest, arrays, docs = read_index(path)
+        manifest, make = saved_index(path)
         model, cfg = manifest.get("model"), manifest.get("retriever")
         if not isinstance(model, str) or not isinstance(cfg, dict):
             raise IndexFormatError(f"{path}: manifest.json needs 'model' and 'retriever'")
@@ -615,30 +663,27 @@ class HybridRetriever:
             raise ValueError(
                 f"index {path} has vocabulary size {vocab}, the encoder {encoder.vocab_size}"
             )
-        backend = MemoryBackend.from_state(manifest, arrays, docs)
+        options: dict[str, Any] = {
+            "rerank_top_n": cfg.get("rerank_top_n"),
+            "dense_dtype": manifest.get("dense_dtype"),
+            "colbert_dtype": manifest.get("colbert_dtype") or "float16",
+            "analyzer": chosen,
+        }
         try:
-            self = cls(
-                encoder,
-                reranker,
-                cfg["weights"],
-                cfg["fusion"],
-                cfg["candidates"],
-                cfg["lexical"],
-                rerank_top_n=cfg["rerank_top_n"],
-                dense_dtype=manifest["dense_dtype"],
-                colbert_dtype=manifest["colbert_dtype"] or "float16",
-                bm25=BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None,
-                analyzer=chosen,
-            )
+            args = (cfg["weights"], cfg["fusion"], cfg["candidates"], cfg["lexical"])
+            bm25 = BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None
+            cls(encoder, reranker, *args, bm25=bm25, **options)  # settings check, nothing read
         except (KeyError, TypeError, ValueError) as e:
             msg = f"{path}: manifest.json has a bad retriever setting: {e}"
             raise IndexFormatError(msg) from None
+        self = cls(
+            encoder, reranker, *args, bm25=bm25, **options, backend=make(allow_model_mismatch)
+        )
         if self.lexical != manifest["lexical"]:
             raise IndexFormatError(
                 f"{path}: manifest.json says lexical {manifest['lexical']!r} for the stores and "
                 f"{cfg['lexical']!r} for the retriever"
             )
-        self.backend = backend
         return self
 
 
@@ -662,3 +707,42 @@ def _check_fusion(fusion: Any) -> str:
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     return str(fusion)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"documents must be an iterable of documents, got {type(items).__name__}")
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _unpack(chunk: list[Any]) -> tuple[list[Any], list[Any], list[str]]:
+    """texts, metadatas, ids of a chunk of documents (random ids where none is given)."""
+    texts: list[Any] = []
+    metas: list[Any] = []
+    ids: list[str] = []
+    for doc in chunk:
+        text: Any
+        meta: Any
+        doc_id: Any
+        if isinstance(doc, str):
+            text, meta, doc_id = doc, None, None
+        elif isinstance(doc, Mapping):
+            text, meta, doc_id = doc.get("text"), doc.get("metadata"), doc.get("id")
+        elif hasattr(doc, "text"):
+            text, meta, doc_id = doc.text, getattr(doc, "metadata", None), getattr(doc, "id", None)
+        else:
+            raise TypeError(
+                "each document must be a str, a dict with 'text' (and 'id', 'metadata') or "
+                f"an object with .text, got {type(doc).__name__}"
+            )
+        texts.append(text)
+        metas.append(meta)
+        ids.append(uuid.uuid4().hex if doc_id is None else doc_id)
+    return texts, metas, ids

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,6 +16,14 @@ import scipy.sparse as sp
 import torch
 
 from m3_rag._parallel import run_split
+
+# memory-mapped segments are read-only; torch.from_numpy only reads them here
+warnings.filterwarnings(
+    "ignore",
+    message="The given NumPy array is not writable",
+    category=UserWarning,
+    module=r"m3_rag\.",
+)
 
 __all__ = [
     "colbert_scores_packed",

@@ -189,7 +189,8 @@ def test_int8_colbert_saves_loads_and_ranks_like_float16(
         r.add_texts(SAMPLE_TEXTS, ids=[str(i) for i in range(len(SAMPLE_TEXTS))])
     small.save(tmp_path / "i8")
     loaded = HybridRetriever.load(tmp_path / "i8", tiny_encoder)
-    assert loaded.backend.colbert is not None and loaded.backend.colbert.dtype == np.int8
+    col = loaded.backend.segments[0].colbert  # type: ignore[attr-defined]
+    assert col is not None and col.vectors.dtype == np.int8
     for q in SAMPLE_TEXTS[:5]:
         a, b = half.search(q, k=5), loaded.search(q, k=5)
         assert loaded.search(q, k=5) == small.search(q, k=5)

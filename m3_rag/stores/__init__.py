@@ -1,4 +1,4 @@
-"""Stores (dense, lexical, ColBERT) and the backends that keep them aligned (memory, Milvus)."""
+"""Stores (dense, lexical, ColBERT) and the engines behind the Backend protocol (local, Milvus)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from m3_rag.stores.base import IdRows, check_ids, top_k
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
 from m3_rag.stores.lexical import BM25Params, LexicalStore
+from m3_rag.stores.local import LocalBackend
 from m3_rag.stores.memory import MemoryBackend
 from m3_rag.stores.milvus import MilvusBackend
 
@@ -20,6 +21,7 @@ __all__ = [
     "DocBatch",
     "IdRows",
     "LexicalStore",
+    "LocalBackend",
     "MemoryBackend",
     "MilvusBackend",
     "check_ids",

@@ -3,8 +3,12 @@
 A backend keeps documents (id, text, metadata) with their dense vector, lexical weights and
 ColBERT vectors, generates stage-1 candidates for a query and scores them. Fusion, the
 reranker and result objects live in the retriever, so every backend ranks identically.
-Two implementations: :class:`~m3_rag.stores.MemoryBackend` (embedded default) and
-:class:`~m3_rag.stores.milvus.MilvusBackend` (Milvus Lite or a Milvus server).
+Implementations: :class:`~m3_rag.stores.local.LocalBackend` (the embedded engine, in RAM or
+memory-mapped from a directory; the default) and :class:`~m3_rag.stores.milvus.MilvusBackend`
+(Milvus Lite or a Milvus server). The retriever names none of them: it calls this protocol.
+
+Consistency: ``candidates`` returns a :class:`Candidates` whose ``payload`` pins what the
+later ``colbert_scores`` and ``documents`` calls read, so a search needs no lock.
 """
 
 from __future__ import annotations
@@ -97,6 +101,14 @@ class Backend(Protocol):
     """The operations :class:`~m3_rag.HybridRetriever` calls."""
 
     def __len__(self) -> int: ...
+
+    def open(self, spec: BackendSpec, settings: Mapping[str, Any] | None = None) -> Backend:
+        """Bind to a retriever (create or check the stored index); returns the backend.
+
+        ``settings`` are the retriever's own settings, recorded where the engine can."""
+
+    def known_empty(self) -> bool:
+        """True only when the index is certainly empty and knowing it costs nothing."""
 
     def add(
         self,

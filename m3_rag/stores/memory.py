@@ -1,30 +1,35 @@
-"""The in-memory backend: documents + dense, lexical and ColBERT stores kept row-aligned."""
+"""The in-memory face of the local engine, and the snapshot format (version 2) it saves.
+
+:class:`MemoryBackend` is a :class:`~m3_rag.stores.local.LocalBackend` without a directory,
+built from its dimensions (for tests and tools that use a backend without a retriever).
+``HybridRetriever.save`` writes any local index as one snapshot (``m3_rag.persist``);
+:func:`from_snapshot` reads it back as one in-memory segment, validating every array as
+``add`` validates its input.
+"""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
-from m3_rag.filters import Filter, filter_mask
 from m3_rag.persist import IndexFormatError, read_index, write_index
-from m3_rag.stores.backend import Candidates, DocBatch
-from m3_rag.stores.base import IdRows, check_ids, top_k
+from m3_rag.stores.backend import BackendSpec
 from m3_rag.stores.colbert import DTYPES as COLBERT_DTYPES
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
 from m3_rag.stores.lexical import BM25Params, LexicalStore
+from m3_rag.stores.local import ANN_THRESHOLD, LocalBackend
+from m3_rag.stores.segment import ColbertBlock, DocTable, LexicalPostings, Segment
+from m3_rag.stores.segment_io import SegmentOptions, build_segment
 
-__all__ = ["Candidates", "MemoryBackend"]
+__all__ = ["MemoryBackend", "check_config", "from_snapshot", "snapshot"]
 
 
-class MemoryBackend(IdRows):
-    """Row-aligned in-memory stores for a :class:`~m3_rag.HybridRetriever`.
+class MemoryBackend(LocalBackend):
+    """An in-memory local backend for the given shapes.
 
     Args:
         dense_dim: Dense vector size.
@@ -34,6 +39,7 @@ class MemoryBackend(IdRows):
         dense_dtype: ``"float32"`` or ``"float16"``.
         colbert_dtype: ``"float16"``, ``"float32"`` or ``"int8"`` (+ a scale per vector).
         bm25: BM25 parameters.
+        ann_threshold: See :class:`~m3_rag.stores.local.LocalBackend`.
     """
 
     def __init__(
@@ -46,228 +52,152 @@ class MemoryBackend(IdRows):
         dense_dtype: str = "float32",
         colbert_dtype: str = "float16",
         bm25: BM25Params | None = None,
+        ann_threshold: int | None = ANN_THRESHOLD,
     ) -> None:
-        super().__init__()
-        self.dense = DenseStore(dense_dim, dense_dtype)
-        self.lexical = LexicalStore(vocab_size, lexical, bm25) if lexical else None
-        self.colbert = ColbertStore(colbert_dim, colbert_dtype) if colbert_dim else None
-        self._texts: list[str] = []
-        self._metadatas: list[dict[str, Any]] = []
-
-    # ---------------------------------------------------------------- mutation
-    def add(
-        self,
-        ids: Sequence[str],
-        texts: Sequence[str],
-        metadatas: Sequence[dict[str, Any]],
-        dense: np.ndarray,
-        lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
-        colbert: Sequence[np.ndarray] | None,
-    ) -> None:
-        """Add (or replace) documents in every store.
-
-        Every input is validated before anything changes: on error nothing stored is lost.
-        """
-        ids = check_ids(ids, len(texts))
-        if len(metadatas) != len(ids):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
-        if (self.lexical is None) != (lexical is None) or (self.colbert is None) != (
-            colbert is None
-        ):
-            raise ValueError("the encoded outputs do not match the stores of this backend")
-        _, dense_block = self.dense._prepare(ids, dense)
-        lex_block = (
-            self.lexical._prepare(ids, lexical)[1]
-            if self.lexical is not None and lexical is not None
-            else None
-        )
-        col = (
-            self.colbert._prepare(ids, colbert)
-            if self.colbert is not None and colbert is not None
-            else None
-        )
-        self._delete_rows(self._existing_rows(ids))
-        self.dense._insert(ids, dense_block)
-        if self.lexical is not None and lex_block is not None:
-            self.lexical._insert(ids, lex_block)
-        if self.colbert is not None and col is not None:
-            self.colbert._insert(ids, col[1], col[2], col[3])
-        self._texts.extend(texts)
-        self._metadatas.extend(metadatas)
-        self._append_ids(ids)
-
-    def delete(self, ids: Sequence[str]) -> None:
-        """Remove documents; unknown ids raise ``KeyError`` and nothing is removed."""
-        ids = check_ids(ids)
-        self._delete_rows(self.rows(ids))
-
-    def _delete_rows(self, rows: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        keep = self._keep_mask(rows)
-        for store in (self.dense, self.lexical, self.colbert):
-            if store is not None:
-                store._delete_rows(rows)
-        self._texts = [t for t, k in zip(self._texts, keep.tolist(), strict=True) if k]
-        self._metadatas = [m for m, k in zip(self._metadatas, keep.tolist(), strict=True) if k]
-        self._drop_ids(keep)
-
-    # ---------------------------------------------------------------- reading
-    def get(self, rows: np.ndarray) -> list[tuple[str, str, dict[str, Any]]]:
-        """``(id, text, metadata copy)`` of each row."""
-        return [
-            (self._ids[r], self._texts[r], copy.deepcopy(self._metadatas[r])) for r in rows.tolist()
-        ]
-
-    def documents(
-        self, cands: Candidates, order: np.ndarray
-    ) -> list[tuple[str, str, dict[str, Any]]]:
-        return self.get(cands.rows[order])
-
-    def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
-        return self.get(self._existing_rows(ids))
-
-    def select(self, flt: Filter) -> list[str]:
-        mask = self.mask(flt)
-        return self.ids if mask is None else [self._ids[r] for r in np.flatnonzero(mask)]
-
-    def mask(self, flt: Filter) -> np.ndarray | None:
-        return filter_mask(self._metadatas, flt)
-
-    def candidates(
-        self,
-        dense_query: np.ndarray,
-        lexical_query: Mapping[int, float] | None,
-        n: int,
-        flt: Filter = None,
-    ) -> Candidates:
-        """Union of the dense top-``n`` and the lexical top-``n`` (lexical score > 0), both
-        restricted to the documents that pass ``flt``."""
-        mask = self.mask(flt)
-        if len(self) == 0 or (mask is not None and not mask.any()):
-            return Candidates.empty(self.lexical is not None and lexical_query is not None)
-        dense = self.dense.scores(dense_query)
-        rows = top_k(dense, n, mask)
-        lex = None
-        if self.lexical is not None and lexical_query is not None:
-            lex = self.lexical.scores(lexical_query)
-            allowed = lex > 0 if mask is None else (lex > 0) & mask
-            rows = np.union1d(rows, top_k(lex, n, allowed))
-        return Candidates(
-            ids=[self._ids[r] for r in rows.tolist()],
-            dense=dense[rows],
-            lexical=None if lex is None else lex[rows],
-            rows=rows,
-        )
-
-    def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
-        if self.colbert is None:
-            raise ValueError("this index has no ColBERT vectors")
-        return self.colbert.scores(query, cands.rows)
-
-    # ---------------------------------------------------------------- persistence
-    def state(self) -> dict[str, np.ndarray]:
-        arrays = {f"dense_{k}": v for k, v in self.dense.state().items()}
-        if self.lexical is not None:
-            arrays |= {f"lexical_{k}": v for k, v in self.lexical.state().items()}
-        if self.colbert is not None:
-            arrays |= {f"colbert_{k}": v for k, v in self.colbert.state().items()}
-        return arrays
-
-    def export(self, batch_size: int = 1000) -> Iterator[DocBatch]:
-        """Every document with its stored encodings, ``batch_size`` at a time (to copy an
-        index to another backend without encoding again)."""
-        for start in range(0, len(self), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(self)))
-            colbert = None
-            if self.colbert is not None:
-                packed, offsets = self.colbert.vectors(rows)
-                colbert = [packed[a:b] for a, b in itertools.pairwise(offsets)]
-            yield DocBatch(
-                ids=[self._ids[r] for r in rows.tolist()],
-                texts=[self._texts[r] for r in rows.tolist()],
-                metadatas=[copy.deepcopy(self._metadatas[r]) for r in rows.tolist()],
-                dense=self.dense.vectors[rows].astype(np.float32),
-                lexical=None if self.lexical is None else self.lexical._matrix()[rows],
-                colbert=colbert,
+        super().__init__(None, ann_threshold=ann_threshold)
+        self.open(
+            BackendSpec(
+                "",
+                dense_dim,
+                colbert_dim,
+                lexical,
+                vocab_size,
+                dense_dtype=dense_dtype,
+                colbert_dtype=colbert_dtype,
+                bm25=bm25,
             )
+        )
 
-    def docs(self) -> Iterator[dict[str, Any]]:
-        for i, t, m in zip(self._ids, self._texts, self._metadatas, strict=True):
-            yield {"id": i, "text": t, "metadata": m}
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "count": len(self),
-            "dense_dim": self.dense.dim,
-            "dense_dtype": str(self.dense.dtype),
-            "colbert_dim": None if self.colbert is None else self.colbert.dim,
-            "colbert_dtype": None if self.colbert is None else str(self.colbert.dtype),
-            "lexical": None if self.lexical is None else self.lexical.kind,
-            "vocab_size": None if self.lexical is None else self.lexical.vocab_size,
-            "bm25": None if self.lexical is None else self.lexical.bm25.as_dict(),
-        }
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the backend (documents and every store) to a directory, atomically."""
-        write_index(path, {"store": "MemoryBackend", **self.config()}, self.state(), self.docs())
+    def save(self, path: str | os.PathLike[str], settings: Mapping[str, Any] | None = None) -> None:
+        """Write the backend as one snapshot, atomically."""
+        config, arrays = snapshot(self)
+        write_index(path, {"store": "MemoryBackend", **config}, arrays, self.docs())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> MemoryBackend:
-        """Read a backend written by :meth:`save` (or a ``HybridRetriever`` index)."""
+    def load(cls, path: str | os.PathLike[str]) -> LocalBackend:
+        """Read a snapshot written by :meth:`save` (or ``HybridRetriever.save``)."""
         manifest, arrays, docs = read_index(path)
         if manifest.get("store", "MemoryBackend") != "MemoryBackend":
             raise ValueError(f"{path} holds a {manifest.get('store')!r}, not a MemoryBackend")
-        return cls.from_state(manifest, arrays, docs)
+        return from_snapshot(manifest, arrays, docs)
 
     @classmethod
     def from_state(
         cls, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], docs: list[dict[str, Any]]
-    ) -> MemoryBackend:
-        """Rebuild a backend from :func:`~m3_rag.persist.read_index` output.
+    ) -> LocalBackend:
+        return from_snapshot(config, arrays, docs)
 
-        Raises:
-            IndexFormatError: a configuration value of the wrong type, or arrays that are
-                inconsistent, non-finite or out of range (the message names the file).
-        """
-        check_config(config)
-        ids = [d["id"] for d in docs]
 
-        def pick(prefix: str) -> dict[str, np.ndarray]:
-            return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+def snapshot(backend: LocalBackend) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The live documents of ``backend`` as snapshot arrays (one merged segment in RAM)."""
+    spec = backend._need_spec()
+    view = backend._view
+    parts = [(s, view.live_rows(i)) for i, s in enumerate(view.segments)]
+    parts = [(s, r) for s, r in parts if len(r)]
+    arrays: dict[str, np.ndarray] = {}
+    if not parts:
+        arrays["dense_vectors"] = np.zeros((0, spec.dense_dim), spec.dense_dtype)
+        if spec.lexical:
+            arrays |= {
+                "lexical_indptr": np.zeros(1, np.int64),
+                "lexical_indices": np.zeros(0, np.int32),
+                "lexical_data": np.zeros(0, np.float32),
+            }
+        if spec.colbert_dim:
+            arrays["colbert_vectors"] = np.zeros((0, spec.colbert_dim), spec.colbert_dtype)
+            arrays["colbert_offsets"] = np.zeros(1, np.int64)
+            if spec.colbert_dtype == "int8":
+                arrays["colbert_scales"] = np.zeros(0, np.float32)
+        return backend.config(), arrays
+    opts = SegmentOptions(spec.dense_dtype, spec.colbert_dtype, None)
+    seg = parts[0][0] if len(parts) == 1 and len(parts[0][1]) == len(parts[0][0]) else None
+    if seg is None:
+        seg = build_segment("seg-00000000", parts, opts, spec.vocab_size)
+    arrays["dense_vectors"] = np.asarray(seg.dense)
+    if seg.lexical is not None:
+        arrays |= {
+            "lexical_indptr": np.asarray(seg.lexical.indptr),
+            "lexical_indices": np.asarray(seg.lexical.indices),
+            "lexical_data": np.asarray(seg.lexical.data),
+        }
+    if seg.colbert is not None:
+        arrays["colbert_vectors"] = np.asarray(seg.colbert.vectors)
+        arrays["colbert_offsets"] = np.asarray(seg.colbert.offsets)
+        if seg.colbert.scales is not None:
+            arrays["colbert_scales"] = np.asarray(seg.colbert.scales)
+    return backend.config(), arrays
 
-        for prefix, need in (("dense_", ("vectors",)), ("lexical_", ("indptr", "indices", "data"))):
-            if prefix == "lexical_" and not config["lexical"]:
-                continue
-            missing = [n for n in need if n not in pick(prefix)]
-            if missing:
-                raise IndexFormatError(f"the index has no {prefix}{missing[0]}.npy")
-        if config["colbert_dim"] and not {"vectors", "offsets"} <= set(pick("colbert_")):
-            raise IndexFormatError("the index has no colbert_vectors.npy / colbert_offsets.npy")
-        self = cls(
-            config["dense_dim"],
-            config["colbert_dim"],
-            config["lexical"],
-            config["vocab_size"] or 1,
-            dense_dtype=config["dense_dtype"],
-            colbert_dtype=config["colbert_dtype"] or "float16",
-            bm25=BM25Params(**config["bm25"]) if config.get("bm25") else None,
+
+def from_snapshot(
+    config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], docs: list[dict[str, Any]]
+) -> LocalBackend:
+    """Rebuild an in-memory backend from :func:`~m3_rag.persist.read_index` output.
+
+    Raises:
+        IndexFormatError: a configuration value of the wrong type, or arrays that are
+            inconsistent, non-finite or out of range (the message names the file).
+    """
+    check_config(config)
+    ids = [d["id"] for d in docs]
+
+    def pick(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    for prefix, need in (("dense_", ("vectors",)), ("lexical_", ("indptr", "indices", "data"))):
+        if prefix == "lexical_" and not config["lexical"]:
+            continue
+        missing = [n for n in need if n not in pick(prefix)]
+        if missing:
+            raise IndexFormatError(f"the index has no {prefix}{missing[0]}.npy")
+    if config["colbert_dim"] and not {"vectors", "offsets"} <= set(pick("colbert_")):
+        raise IndexFormatError("the index has no colbert_vectors.npy / colbert_offsets.npy")
+    dense = DenseStore.from_state(ids, pick("dense_"), config["dense_dtype"], config["dense_dim"])
+    lexical = None
+    if config["lexical"]:
+        store = LexicalStore.from_state(
+            ids, pick("lexical_"), config["vocab_size"], config["lexical"], config.get("bm25")
         )
-        self.dense = DenseStore.from_state(
-            ids, pick("dense_"), config["dense_dtype"], config["dense_dim"]
+        lexical = LexicalPostings.from_csr(store._matrix())
+    colbert = None
+    if config["colbert_dim"]:
+        c = ColbertStore.from_state(
+            ids, pick("colbert_"), config["colbert_dtype"], config["colbert_dim"]
         )
-        if config["lexical"]:
-            self.lexical = LexicalStore.from_state(
-                ids, pick("lexical_"), config["vocab_size"], config["lexical"], config.get("bm25")
+        state = c.state()
+        colbert = ColbertBlock(state["vectors"], state["offsets"], state.get("scales"))
+    backend = MemoryBackend(
+        config["dense_dim"],
+        config["colbert_dim"],
+        config["lexical"],
+        config["vocab_size"] or 1,
+        dense_dtype=config["dense_dtype"],
+        colbert_dtype=config["colbert_dtype"] or "float16",
+        bm25=BM25Params(**config["bm25"]) if config.get("bm25") else None,
+    )
+    if ids:
+        seg = Segment(
+            "",
+            ids,
+            dense.vectors,
+            lexical,
+            colbert,
+            DocTable(
+                texts=[d["text"] for d in docs], metas=[d.get("metadata") or {} for d in docs]
+            ),
+        )
+        with backend._lock:
+            new = build_segment(
+                backend._name(),
+                [(seg, np.arange(len(ids)))],
+                backend.options,
+                backend._need_spec().vocab_size,
             )
-        if config["colbert_dim"]:
-            self.colbert = ColbertStore.from_state(
-                ids, pick("colbert_"), config["colbert_dtype"], config["colbert_dim"]
-            )
-        self._texts = [d["text"] for d in docs]
-        self._metadatas = [d.get("metadata") or {} for d in docs]
-        self._append_ids(ids)
-        return self
+            backend._publish(backend._with_segment(backend._view, new), {}, added=[new])
+    return backend
+
+
+def docs_of(backend: LocalBackend) -> Iterator[dict[str, Any]]:
+    return backend.docs()
 
 
 def _is_int(x: Any, minimum: int = 1) -> bool:

@@ -132,7 +132,7 @@ class MilvusBackend:
                 raise ConnectionError(f"cannot reach Milvus at {self.uri!r}: {e}") from e
         return self._client
 
-    def open(self, spec: BackendSpec) -> MilvusBackend:
+    def open(self, spec: BackendSpec, settings: Mapping[str, Any] | None = None) -> MilvusBackend:
         """Create the collection for ``spec``, or check and load an existing one.
 
         Raises:
@@ -267,6 +267,17 @@ class MilvusBackend:
         return self._total_len / self._n_docs if self._n_docs else 1.0
 
     # ---------------------------------------------------------------- mutation
+    def save(self, path: Any, settings: Any = None) -> None:
+        """Refused: the collection persists in Milvus by itself."""
+        raise ValueError(
+            f"{self!r} persists in Milvus; reopen it with "
+            "HybridRetriever(encoder, backend=MilvusBackend(uri, collection))"
+        )
+
+    def known_empty(self) -> bool:
+        """Never claims emptiness (counting would cost a round trip)."""
+        return False
+
     def __len__(self) -> int:
         self._spec()
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])

@@ -1,0 +1,111 @@
+"""Approximate dense search for large segments: a faiss IVF index with 8-bit scalar codes.
+
+The index only proposes candidates; their dense scores are then computed exactly from the
+stored vectors, so ``SearchHit.scores["dense"]`` is the same with or without it. faiss is
+imported lazily (``pip install "m3-rag[ann]"``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DenseANN", "faiss_module"]
+
+
+def faiss_module() -> Any:
+    """Import faiss, or say which extra to install."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            'the approximate dense index needs faiss-cpu: pip install "m3-rag[ann]"'
+        ) from e
+    return faiss
+
+
+class DenseANN:
+    """IVF + SQ8 inner-product index over one segment's dense vectors (ids = segment rows).
+
+    Args:
+        index: A trained, filled ``faiss.IndexIVFScalarQuantizer``.
+        nprobe: Inverted lists visited per query.
+    """
+
+    def __init__(self, index: Any, nprobe: int) -> None:
+        self.index = index
+        self.nprobe = int(nprobe)
+
+    @classmethod
+    def build(
+        cls,
+        read_rows: Any,
+        n: int,
+        dim: int,
+        *,
+        nprobe: int,
+        nlist: int | None = None,
+        train_size: int = 65536,
+        chunk: int = 65536,
+        seed: int = 0,
+    ) -> DenseANN:
+        """Train on a sample and add every row.
+
+        Args:
+            read_rows: ``read_rows(rows [m] int64) -> [m, dim]`` vectors (any float dtype).
+            n: Number of rows.
+            dim: Vector size.
+            nprobe: Lists visited per query.
+            nlist: Inverted lists (default ``4 * sqrt(n)``, the faiss guideline's low end).
+            train_size: Rows sampled to train the coarse quantiser and the codes.
+            chunk: Rows added at a time.
+            seed: Sampling seed (the index is reproducible).
+        """
+        faiss = faiss_module()
+        nlist = nlist or max(1, int(4 * math.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=min(n, max(train_size, nlist * 39)), replace=False))
+        index.train(np.ascontiguousarray(read_rows(sample), dtype=np.float32))
+        for s in range(0, n, chunk):
+            rows = np.arange(s, min(n, s + chunk), dtype=np.int64)
+            index.add(np.ascontiguousarray(read_rows(rows), dtype=np.float32))
+        return cls(index, nprobe)
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+        """Rows of the approximate top-``k`` (at most ``k``), restricted to ``allowed``.
+
+        Args:
+            query: ``[dim]`` query vector.
+            k: Rows wanted.
+            allowed: ``[n]`` bool mask (live and passing the filter), or ``None`` for all.
+
+        Returns:
+            ``[<= k]`` int64 rows.
+        """
+        faiss = faiss_module()
+        params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+        bitmap = None
+        if allowed is not None:
+            bitmap = np.packbits(allowed, bitorder="little")
+            params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        _, rows = self.index.search(q, int(k), params=params)
+        del bitmap  # the selector read it during search
+        out: np.ndarray = rows[0]
+        return out[out >= 0].astype(np.int64)
+
+    def to_array(self) -> np.ndarray:
+        """The index serialised for ``np.save`` (uint8)."""
+        out: np.ndarray = faiss_module().serialize_index(self.index)
+        return out
+
+    @classmethod
+    def from_array(cls, data: np.ndarray, nprobe: int) -> DenseANN:
+        index = faiss_module().deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+        return cls(index, nprobe)
