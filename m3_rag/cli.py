@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,6 +34,10 @@ _LOAD_ERRORS = (OSError, ValueError, TypeError, RuntimeError, AssertionError)
 
 class CliError(Exception):
     """An error to print as one line, exit code 2."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C with something to say (exit code 130)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,15 +123,14 @@ def _query(text: str) -> str:
 
 
 def _check_out(out: Path, force: bool, source: Path) -> None:
-    """Refuse any --out that is not empty or an m3-rag index to replace with --force."""
-    from m3_rag.persist import check_target, is_index
+    """Refuse any --out that is not new, empty, or an m3-rag index (resumed, or replaced
+    with --force), and any --out inside the source."""
+    from m3_rag.persist import check_target
 
     try:
-        check_target(out)  # what save() itself refuses (even with --force)
+        check_target(out)  # never write into a directory that is not an index
     except ValueError as e:
         raise CliError(f"--out: {e}") from None
-    if is_index(out) and not force:
-        raise CliError(f"--out {out} already holds an index; pass --force to replace it")
     try:
         src = source.resolve()
         if out.resolve() == src or src in out.resolve().parents:
@@ -136,53 +139,128 @@ def _check_out(out: Path, force: bool, source: Path) -> None:
         pass
 
 
+def _source_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes a rerun of `m3-rag index` the same command (and so resumable)."""
+    return {
+        "path": str(Path(args.source).resolve()),
+        "chunk_size": args.chunk_size,
+        "chunk_overlap": args.chunk_overlap,
+        "globs": list(args.glob or ("*.txt", "*.md")),
+    }
+
+
+def _resumable(out: Path, args: argparse.Namespace) -> bool:
+    """True when --out holds an index this command started (resume it); False when there is
+    none. Anything else needs --force."""
+    from m3_rag.persist import is_index
+    from m3_rag.stores.local_disk import read_manifest
+
+    if not is_index(out):
+        return False
+    try:
+        saved = read_manifest(out).get("retriever", {}).get("source")
+    except (OSError, ValueError):
+        saved = None
+    if saved != _source_key(args):
+        raise CliError(
+            f"--out {out} already holds an index of another source or settings; pass --force "
+            "to replace it (or rerun the command that built it, to resume)"
+        )
+    return True
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    import shutil
+
     from m3_rag import HybridRetriever
-    from m3_rag.sources import read_source
+    from m3_rag.sources import iter_source
+    from m3_rag.stores.local import LocalBackend
 
     out = Path(args.out)
     _check_out(out, args.force, Path(args.source))
-    try:
-        records = read_source(
+    resume = False if args.force else _resumable(out, args)
+    # --force builds beside the old index and swaps at the end: until then it stays whole
+    target = out.with_name(f".{out.name}.m3-rag-new") if args.force else out
+    if args.force:
+        shutil.rmtree(target, ignore_errors=True)
+
+    def records(warn: bool = False) -> Iterator[Any]:
+        return iter_source(
             args.source,
             args.chunk_size,
             args.chunk_overlap,
             globs=args.glob or ("*.txt", "*.md"),
             encoding_errors=args.encoding_errors,
-            on_skip=lambda why: print(f"m3-rag: warning: {why}", file=sys.stderr),
+            on_skip=(lambda why: print(f"m3-rag: warning: {why}", file=sys.stderr))
+            if warn
+            else None,
         )
+
+    try:  # a first streaming pass checks the whole source before anything is written
+        total = sum(1 for _ in records(warn=True))
     except (OSError, ValueError) as e:
         raise CliError(_one_line(str(e))) from None
-    r = HybridRetriever(_encoder(args.model, args.device, args.batch_size))
+    enc = _encoder(args.model, args.device, args.batch_size)
     t = time.perf_counter()
     try:
-        r.add_texts(
-            [x.text for x in records],
-            [x.metadata for x in records],
-            [x.id for x in records],
+        r = HybridRetriever(enc, backend=LocalBackend(target))
+        r.backend.settings["source"] = _source_key(args)  # type: ignore[attr-defined]
+        before = len(r)
+        if resume:
+            print(f"resuming: {before} passages already in {out}", file=sys.stderr)
+        added = r.add_documents(
+            records(),
+            total=total,
+            chunk_size=args.commit_every,
+            batch_size=args.batch_size,
+            skip_existing=True,
             show_progress=True,
         )
-    except (TypeError, ValueError) as e:
+        if args.compact:
+            r.backend.compact()  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        if args.force:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        raise _Interrupted(
+            f"interrupted; {out} keeps every passage committed so far: run the same "
+            "command again to resume"
+        ) from None
+    except (OSError, TypeError, ValueError, RuntimeError) as e:
+        if args.force:
+            shutil.rmtree(target, ignore_errors=True)
         raise CliError(_one_line(str(e))) from None
     elapsed = time.perf_counter() - t
-    _check_out(out, args.force, Path(args.source))  # nothing else wrote there meanwhile
-    try:
-        r.save(out)
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot write the index to {out}: {_one_line(str(e))}") from None
-    print(f"indexed {len(records)} passages in {elapsed:.1f}s -> {out} ({r!r})")
+    if args.force:
+        _swap(target, out)
+    print(f"indexed {added} passages in {elapsed:.1f}s ({len(r)} in the index) -> {out} ({r!r})")
     return 0
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put the index built at ``new`` in place of ``out`` (an index or nothing)."""
+    import shutil
+
+    from m3_rag.persist import check_target
+
+    check_target(out)  # nothing else wrote there meanwhile
+    old = out.with_name(f".{out.name}.m3-rag-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from m3_rag import HybridRetriever, Reranker
-    from m3_rag.persist import read_index
+    from m3_rag.stores.registry import saved_index
 
     query, weights = _query(args.query), _weights(args.weights)
     if args.k < 1 or (args.candidates is not None and args.candidates < 1):
         raise CliError("-k and --candidates must be >= 1")
     try:
-        manifest = read_index(args.index)[0]
+        manifest = saved_index(args.index)[0]
     except (OSError, ValueError) as e:
         raise CliError(_one_line(str(e))) from None
     model = args.model or manifest.get("model")
@@ -307,7 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="index a folder of text files or a JSONL file")
     p.add_argument("source", help="folder of text files (see --glob), or a .jsonl file")
-    p.add_argument("--out", required=True, help="index directory to write (empty or new)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="index directory: new or empty; or the index this same command started, which "
+        "is resumed (passages already committed are skipped)",
+    )
     common(p)
     p.add_argument("--chunk-size", type=int, default=1000, help="characters per chunk (folders)")
     p.add_argument("--chunk-overlap", type=int, default=150, help="overlap between chunks")
@@ -328,7 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace an existing m3-rag index at --out (anything else is never replaced)",
+        help="replace an existing m3-rag index at --out (anything else is never replaced); "
+        "the old index stays whole until the new one is complete",
+    )
+    p.add_argument(
+        "--commit-every",
+        type=int,
+        default=256,
+        help="passages encoded and committed at a time (memory is bounded by this)",
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="merge the index into one segment at the end (fewer files, faster searches)",
     )
     p.set_defaults(func=cmd_index)
 
@@ -411,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("m3-rag: interrupted; nothing was changed on disk", file=sys.stderr)
+        return 130
+    except _Interrupted as e:
+        print(f"m3-rag: {e}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `m3-rag search ... | head`: the reader left, nothing to report
         devnull = os.open(os.devnull, os.O_WRONLY)

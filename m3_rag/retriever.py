@@ -229,6 +229,7 @@ class HybridRetriever:
         batch_size: int | None = None,
         skip_existing: bool = False,
         show_progress: bool = False,
+        total: int | None = None,
     ) -> int:
         """Encode and add a stream of documents ``chunk_size`` at a time (memory stays
         bounded by the chunk, not the corpus; each chunk is one commit of a disk index).
@@ -243,6 +244,7 @@ class HybridRetriever:
             skip_existing: Leave out documents whose id is already stored (to resume an
                 interrupted ingestion: run it again with the same ids).
             show_progress: A progress bar counting documents.
+            total: The number of documents, when known (for the progress bar).
 
         Returns:
             The number of documents added (skipped ones not counted).
@@ -252,7 +254,7 @@ class HybridRetriever:
         """
         size = check_count(chunk_size, "chunk_size", minimum=1)
         added = 0
-        bar = tqdm(unit="doc", desc="index", disable=not show_progress)
+        bar = tqdm(total=total, unit="doc", desc="index", disable=not show_progress)
         with bar:
             for chunk in _chunks(documents, size):
                 texts, metas, ids = _unpack(chunk)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,14 +15,6 @@ import scipy.sparse as sp
 import torch
 
 from m3_rag._parallel import run_split
-
-# memory-mapped segments are read-only; torch.from_numpy only reads them here
-warnings.filterwarnings(
-    "ignore",
-    message="The given NumPy array is not writable",
-    category=UserWarning,
-    module=r"m3_rag\.",
-)
 
 __all__ = [
     "colbert_scores_packed",
@@ -71,22 +62,25 @@ def dense_scan(docs: np.ndarray, query: np.ndarray, chunk: int = 1024) -> np.nda
         ``[n]`` float32 scores.
     """
     q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32).reshape(-1))
-    data = torch.from_numpy(np.ascontiguousarray(docs))
-    if data.ndim != 2 or data.shape[1] != q.shape[0]:
-        raise ValueError(f"query has {q.shape[0]} dims, the vectors have shape {tuple(data.shape)}")
-    out = torch.empty(len(data))
+    if docs.ndim != 2 or docs.shape[1] != q.shape[0]:
+        raise ValueError(f"query has {q.shape[0]} dims, the vectors have shape {tuple(docs.shape)}")
+    # a read-only (memory-mapped) array is copied chunk by chunk, never wrapped
+    direct = docs.flags.writeable and docs.flags.c_contiguous and docs.dtype == np.float32
+    data = torch.from_numpy(docs) if direct else None
+    out = torch.empty(len(docs))
 
     def scan(start: int, stop: int) -> None:
-        if data.dtype == torch.float32:
+        if data is not None:
             torch.mv(data[start:stop], q, out=out[start:stop])
             return
-        buf = torch.empty(min(chunk, stop - start), data.shape[1])
+        buf = torch.empty(min(chunk, stop - start), docs.shape[1])
+        view = buf.numpy()
         for s in range(start, stop, chunk):
             n = min(chunk, stop - s)
-            buf[:n].copy_(data[s : s + n])
+            np.copyto(view[:n], docs[s : s + n], casting="same_kind")
             torch.mv(buf[:n], q, out=out[s : s + n])
 
-    run_split(scan, len(data), min_rows=8192)
+    run_split(scan, len(docs), min_rows=8192)
     return out.numpy()
 
 

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENCODING_ERRORS", "TEXT_GLOBS", "Record", "chunk_text", "demo_corpus", "read_source"]
+__all__ = [
+    "ENCODING_ERRORS",
+    "TEXT_GLOBS",
+    "Record",
+    "chunk_text",
+    "demo_corpus",
+    "iter_source",
+    "read_source",
+]
 
 TEXT_GLOBS = ("*.txt", "*.md")
 ENCODING_ERRORS = ("skip", "strict", "replace")
@@ -90,6 +98,31 @@ def read_source(
         FileNotFoundError: missing source. ValueError: wrong format, duplicate ids, or no
             text at all.
     """
+    return list(
+        iter_source(
+            source,
+            chunk_size,
+            chunk_overlap,
+            globs=globs,
+            encoding_errors=encoding_errors,
+            on_skip=on_skip,
+        )
+    )
+
+
+def iter_source(
+    source: str | Path,
+    chunk_size: int = 1000,
+    chunk_overlap: int = 150,
+    *,
+    globs: Sequence[str] = TEXT_GLOBS,
+    encoding_errors: str = "skip",
+    on_skip: Callable[[str], None] | None = None,
+) -> Iterator[Record]:
+    """:func:`read_source` as a stream: one file (or one JSONL line) read at a time, so a
+    corpus of any size is indexed in bounded memory. Errors are raised when reached (a bad
+    line after good ones: the good ones were yielded already); the source is checked (exists,
+    format, matching files) before the first record."""
     if encoding_errors not in ENCODING_ERRORS:
         raise ValueError(
             f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}"
@@ -101,9 +134,15 @@ def read_source(
         records = _read_jsonl(path)
     else:
         records = _read_folder(path, chunk_size, chunk_overlap, globs, encoding_errors, on_skip)
-    if not records:
+    return _nonempty(path, records)
+
+
+def _nonempty(path: Path, records: Iterator[Record]) -> Iterator[Record]:
+    n = 0
+    for n, record in enumerate(records, start=1):  # noqa: B007 - n counts
+        yield record
+    if n == 0:
         raise ValueError(f"{path} holds no text to index (empty corpus)")
-    return records
 
 
 def _read_folder(
@@ -113,13 +152,23 @@ def _read_folder(
     globs: Sequence[str],
     encoding_errors: str,
     on_skip: Callable[[str], None] | None,
-) -> list[Record]:
+) -> Iterator[Record]:
     # a bare name pattern (*.txt) matches at any depth; one with a / is relative to the folder
     found = (path.rglob(pat) if "/" not in pat else path.glob(pat) for pat in globs)
     files = sorted({p for matches in found for p in matches if p.is_file()})
     if not files:
         raise ValueError(f"{path} has no files matching {', '.join(globs)} (see --glob)")
-    out = []
+    return _folder_records(path, files, size, overlap, encoding_errors, on_skip)
+
+
+def _folder_records(
+    path: Path,
+    files: list[Path],
+    size: int,
+    overlap: int,
+    encoding_errors: str,
+    on_skip: Callable[[str], None] | None,
+) -> Iterator[Record]:
     for file in files:
         rel = file.relative_to(path).as_posix()
         try:
@@ -134,27 +183,28 @@ def _read_folder(
                 on_skip(f"skipped {file}: not UTF-8 text ({e.reason} at byte {e.start})")
             continue
         for i, chunk in enumerate(chunk_text(text, size, overlap)):
-            out.append(Record(f"{rel}#{i}", chunk, {"source": rel, "chunk": i}))
-    return out
+            yield Record(f"{rel}#{i}", chunk, {"source": rel, "chunk": i})
 
 
 _ERRORS = {"skip": "strict", "strict": "strict", "replace": "replace"}
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path) -> Iterator[Record]:
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise ValueError(f"{path}: expected a folder of text files or a .jsonl file")
-    out = []
+    return _jsonl_records(path)
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             for n, line in enumerate(f, start=1):  # streamed; decoding fails at its line
                 record = _jsonl_record(path, n, line, seen)
                 if record is not None:
-                    out.append(record)
+                    yield record
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return out
 
 
 def _jsonl_record(path: Path, n: int, line: str, seen: dict[str, int]) -> Record | None:

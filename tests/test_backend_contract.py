@@ -1,8 +1,9 @@
 """The backend contract: every engine behind ``HybridRetriever`` behaves as the memory backend.
 
-Parametrised over engines (memory; Milvus Lite embedded; Milvus Lite as a separate server
-process on 127.0.0.1, reached through ``http://127.0.0.1:PORT``). A new engine joins by adding
-one entry to ``ENGINES``.
+Parametrised over engines: the local engine in RAM (the reference), on disk (memory-mapped
+segments, merging every 2 segments) and with its approximate dense index on every segment;
+Milvus Lite embedded; Milvus Lite as a separate server process on 127.0.0.1, reached through
+``http://127.0.0.1:PORT``. A new engine joins by adding one entry to ``ENGINES``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def _memory(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> Hyb
     return HybridRetriever(enc, **kw)  # type: ignore[arg-type]
 
 
+def _local_disk(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
+    from m3_rag.stores.local import LocalBackend
+
+    path = request.getfixturevalue("tmp_path") / f"idx-{uuid.uuid4().hex[:8]}"
+    return HybridRetriever(enc, backend=LocalBackend(path, merge_factor=2), **kw)  # type: ignore[arg-type]
+
+
+def _local_ann(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
+    """Every segment gets a faiss IVF index; nprobe covers all lists, so it is exhaustive."""
+    require("faiss", "pip install -e '.[ann]'")
+    from m3_rag.stores.local import LocalBackend
+
+    backend = LocalBackend(ann_threshold=1, ann_nprobe=1000)
+    return HybridRetriever(enc, backend=backend, **kw)  # type: ignore[arg-type]
+
+
 def _milvus_lite(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
     from m3_rag.stores.milvus import MilvusBackend
 
@@ -91,6 +108,8 @@ def _milvus_server(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object)
 
 ENGINES: dict[str, Callable[..., HybridRetriever]] = {
     "memory": _memory,
+    "local-disk": _local_disk,
+    "local-ann": _local_ann,
     "milvus-lite": _milvus_lite,
     "milvus-server": _milvus_server,
 }
@@ -98,7 +117,7 @@ ENGINES: dict[str, Callable[..., HybridRetriever]] = {
 
 @pytest.fixture(params=list(ENGINES))
 def make(request: pytest.FixtureRequest, tiny_encoder: M3Encoder) -> Factory:
-    if request.param != "memory":
+    if request.param.startswith("milvus"):
         require("pymilvus", "pip install -e '.[milvus]'")
     return lambda **kw: ENGINES[request.param](tiny_encoder, request, **kw)
 

@@ -100,8 +100,8 @@ def test_input_errors_are_one_line(
 
 
 def test_corrupt_index_is_one_line(index: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    snap = next(index.glob("snap-*"))
-    (snap / "dense_vectors.npy").write_bytes(b"")
+    seg = next(index.glob("seg-*"))
+    (seg / "dense.npy").write_bytes(b"")
     assert main(["search", str(index), "Paris"]) == 2
     assert "does not match its checksum" in _one_line_error(capsys)
     (index / "CURRENT").write_text("null")
@@ -207,7 +207,7 @@ def test_interrupted_index_keeps_the_old_index(
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
     seen = b""
-    while b"it/s" not in seen and b"%" not in seen and time.monotonic() < deadline:
+    while b"doc/s" not in seen and time.monotonic() < deadline:
         seen += proc.stderr.read1(4096)  # the progress bar: encoding has started
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

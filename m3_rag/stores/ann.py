@@ -58,13 +58,15 @@ class DenseANN:
             n: Number of rows.
             dim: Vector size.
             nprobe: Lists visited per query.
-            nlist: Inverted lists (default ``4 * sqrt(n)``, the faiss guideline's low end).
+            nlist: Inverted lists (default ``4 * sqrt(n)``, the faiss guideline's low end,
+                at most ``n / 39``).
             train_size: Rows sampled to train the coarse quantiser and the codes.
             chunk: Rows added at a time.
             seed: Sampling seed (the index is reproducible).
         """
         faiss = faiss_module()
-        nlist = nlist or max(1, int(4 * math.sqrt(n)))
+        # faiss wants >= 39 training points per list
+        nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFScalarQuantizer(
             quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT

@@ -77,7 +77,7 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
         raise IndexFormatError(f"{root}/CURRENT names a bad manifest {name!r}")
     body = _read_bytes(root / name, 1 << 30)
     if hashlib.sha256(body).hexdigest() != cur.get("manifest_sha256"):
-        raise IndexFormatError(f"{root}/{name} fails its checksum (changed or corrupt)")
+        raise IndexFormatError(f"{root}/{name} does not match its checksum (changed or corrupt)")
     manifest = _json(body, root / name)
     if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
         raise IndexFormatError(f"{root}/{name}: bad manifest")
@@ -143,7 +143,9 @@ class DiskState:
                 raise IndexFormatError(f"{self.root}: manifest names a bad segment {name!r}")
             body = _read_bytes(self.root / name / "segment.json", 1 << 20)
             if hashlib.sha256(body).hexdigest() != e.get("meta_sha256"):
-                raise IndexFormatError(f"{self.root}/{name}/segment.json fails its checksum")
+                raise IndexFormatError(
+                    f"{self.root}/{name}/segment.json does not match its checksum"
+                )
             seg = open_segment(self.root, name, _json(body, self.root / name), backend.options)
             mask = None
             if e.get("deleted") is not None:

@@ -370,14 +370,17 @@ def _verify(path: Path, meta: dict[str, Any], level: str) -> None:
     except OSError:
         raise IndexFormatError(f"{path} is missing") from None
     if size != meta.get("bytes"):
-        raise IndexFormatError(f"{path} has {size} bytes, the segment says {meta.get('bytes')}")
+        raise IndexFormatError(
+            f"{path} does not match its checksum ({size} bytes, the segment says "
+            f"{meta.get('bytes')}): changed or corrupt"
+        )
     if level == "full" or size <= _HASH_ON_OPEN:
         h = hashlib.sha256()
         with _open_plain(path) as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
         if h.hexdigest() != meta.get("sha256"):
-            raise IndexFormatError(f"{path} fails its checksum (changed or corrupt)")
+            raise IndexFormatError(f"{path} does not match its checksum (changed or corrupt)")
 
 
 def _ids(d: Path, count: int) -> list[str]:
