@@ -1,7 +1,8 @@
 """Scale of the local engine: synthetic BGE-M3-shaped documents streamed into a disk index.
 
-Each document: a 1024-d unit dense vector (clustered: 2,000 topics, so approximate search
-has structure to find, as real embeddings do), ~100 M3 lexical terms (Zipf over a 30,000-id
+Each document: a 1024-d unit dense vector (clustered in topics of ~500 documents, so a
+query's nearest neighbours are meaningful, as with real embeddings; with unclustered random
+vectors every neighbour beyond the first few is noise and no index can find it), ~100 M3 lexical terms (Zipf over a 30,000-id
 space), 16 ColBERT vectors of 1024 dims stored int8. They go in through the public
 ``HybridRetriever.add_encoded`` in chunks (each chunk one commit), then the index is
 compacted into one segment (with its faiss IVF-SQ8 index). Reported, as a table and JSON:
@@ -38,7 +39,8 @@ from m3_rag.encoder import EncodeOutput
 from m3_rag.stores.local import LocalBackend
 from m3_rag.testing import build_m3_checkpoint
 
-DIM, TOPICS, VOCAB, TERMS, COLBERT, QUERY_VECS = 1024, 2000, 30000, 100, 16, 16
+DIM, VOCAB, TERMS, COLBERT, QUERY_VECS = 1024, 30000, 100, 16, 16
+PER_TOPIC = 500  # documents per topic: a query's 100 nearest neighbours share its topic
 
 
 def _rss_gib() -> float:
@@ -48,16 +50,17 @@ def _rss_gib() -> float:
 class Corpus:
     """Deterministic synthetic documents, generated a chunk at a time."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, n: int, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        c = rng.standard_normal((TOPICS, DIM)).astype(np.float32)
+        self.topics = max(1, n // PER_TOPIC)
+        c = rng.standard_normal((self.topics, DIM)).astype(np.float32)
         self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
         self.perm = rng.permutation(VOCAB)
         self.seed = seed
 
     def chunk(self, start: int, n: int) -> tuple[list[str], EncodeOutput]:
         rng = np.random.default_rng([self.seed, start])
-        topic = rng.integers(0, TOPICS, n)
+        topic = rng.integers(0, self.topics, n)
         dense = self.centres[topic] + rng.standard_normal((n, DIM), dtype=np.float32) * 0.03
         dense /= np.linalg.norm(dense, axis=1, keepdims=True)
         ids = self.perm[np.minimum(rng.zipf(1.2, size=(n, TERMS)), VOCAB - 1)]
@@ -76,7 +79,7 @@ class Corpus:
     def queries(self, n: int) -> list[EncodeOutput]:
         rng = np.random.default_rng([self.seed, 2**40])
         out = []
-        for t in rng.integers(0, TOPICS, n):
+        for t in rng.integers(0, self.topics, n):
             d = self.centres[t] + rng.standard_normal(DIM, dtype=np.float32) * 0.03
             d /= np.linalg.norm(d)
             terms = self.perm[np.minimum(rng.zipf(1.2, size=8), VOCAB - 1)]
@@ -121,7 +124,7 @@ def _throughput(r: HybridRetriever, queries: list[EncodeOutput], threads: int) -
 
 
 def run(n: int, chunk: int, n_queries: int, root: Path) -> dict[str, object]:
-    corpus = Corpus()
+    corpus = Corpus(n)
     queries = corpus.queries(n_queries)
     qd = np.stack([q.dense[0] for q in queries])  # type: ignore[index]
     best = np.full((n_queries, 100), -np.inf, np.float32)

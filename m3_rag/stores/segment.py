@@ -18,8 +18,17 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag.scoring import colbert_scores_rows, dense_scan
+from m3_rag.stores.diskarray import DiskArray
 
 __all__ = ["ColbertBlock", "DocTable", "LexicalPostings", "Segment", "gather_ranges"]
+
+
+def read_ranges(a: Any, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rows ``starts[i] .. starts[i] + lengths[i] - 1`` of ``a`` (an array or a
+    :class:`~m3_rag.stores.diskarray.DiskArray`), concatenated."""
+    if isinstance(a, DiskArray):
+        return a.ranges(starts, lengths)
+    return np.asarray(a[gather_ranges(starts, lengths)])
 
 
 def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -91,10 +100,13 @@ class LexicalPostings:
     def rows_csr(self, rows: np.ndarray, vocab_size: int) -> sp.csr_matrix:
         """Doc-major CSR ``[len(rows), vocab_size]`` of the given rows."""
         starts, ends = self.indptr[rows], self.indptr[rows + 1]
-        pos = gather_ranges(starts, ends - starts)
         indptr = np.concatenate([[0], np.cumsum(ends - starts)])
         return sp.csr_matrix(
-            (np.asarray(self.data[pos]), np.asarray(self.indices[pos]), indptr),
+            (
+                read_ranges(self.data, starts, ends - starts),
+                read_ranges(self.indices, starts, ends - starts),
+                indptr,
+            ),
             shape=(len(rows), vocab_size),
         )
 
@@ -113,10 +125,9 @@ class LexicalPostings:
         which = np.flatnonzero(found)
         starts = self.tptr[pos[which]]
         lengths = self.tptr[pos[which] + 1] - starts
-        at = gather_ranges(starts, lengths)
         return (
-            np.asarray(self.trows[at], dtype=np.int64),
-            np.asarray(self.tdata[at]),
+            read_ranges(self.trows, starts, lengths).astype(np.int64),
+            read_ranges(self.tdata, starts, lengths),
             np.repeat(which, lengths),
         )
 
@@ -139,10 +150,9 @@ class ColbertBlock:
         """Vectors of the given rows, copied out -> ``(packed, offsets [len(rows)+1], scales)``."""
         starts = self.offsets[rows]
         lengths = self.offsets[rows + 1] - starts
-        at = gather_ranges(starts, lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        scales = None if self.scales is None else np.asarray(self.scales[at])
-        return np.asarray(self.vectors[at]), offsets, scales
+        scales = None if self.scales is None else read_ranges(self.scales, starts, lengths)
+        return read_ranges(self.vectors, starts, lengths), offsets, scales
 
     def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """MaxSim of ``query [q, dim]`` with the given rows -> ``[len(rows)]`` float32."""
@@ -216,6 +226,12 @@ class Segment:
 
     def dense_scores(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Inner products of ``query [dim]`` with all rows (or ``rows``) -> float32."""
+        if rows is None and isinstance(self.dense, DiskArray):
+            step = max(1, (32 << 20) // max(1, self.dense.nbytes // max(1, len(self))))
+            return np.concatenate(
+                [dense_scan(self.dense[s : s + step], query) for s in range(0, len(self), step)]
+                or [np.zeros(0, np.float32)]
+            )
         if rows is None:
             return dense_scan(self.dense, query)
         return np.asarray(self.dense[rows], dtype=np.float32) @ query

@@ -32,6 +32,7 @@ import numpy as np
 
 from m3_rag.persist import IndexFormatError, _fsync_dir, _open_plain, _read_bytes
 from m3_rag.stores.ann import DenseANN
+from m3_rag.stores.diskarray import DiskArray, open_array
 from m3_rag.stores.segment import (
     ColbertBlock,
     DocTable,
@@ -47,6 +48,7 @@ DELETES = re.compile(r"^del-\d{8}\.npy$")
 _FILES = re.compile(r"^(ids\.json|docs\.jsonl|segment\.json|[a-z][a-z0-9_]{0,40}\.npy)$")
 _CHUNK_BYTES = 64 << 20
 _HASH_ON_OPEN = 256 << 20  # "auto" verification hashes files up to this size on open
+_IN_RAM = 32 << 20  # arrays up to this size are read into RAM, larger ones on demand
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ def _rows_chunk(a: np.ndarray, rows: np.ndarray, budget: int) -> list[np.ndarray
     out = []
     for s in range(0, len(rows), per):
         part = rows[s : s + per]
+        if isinstance(a, DiskArray):
+            out.append(a.take(part))
+            continue
         lo, hi = int(part[0]), int(part[-1]) + 1
         out.append(read_chunk(a, lo, hi)[part - lo])
     return out
@@ -241,6 +246,9 @@ def _colbert(sink: _Sink, parts: Parts, opts: SegmentOptions) -> None:
             per = max(1, _CHUNK_BYTES // max(1, src[:1].nbytes))
             for c in range(0, len(at), per):
                 part = at[c : c + per]
+                if isinstance(src, DiskArray):
+                    yield src.take(part)
+                    continue
                 lo, hi = int(part[0]), int(part[-1]) + 1
                 yield read_chunk(src, lo, hi)[part - lo]
 
@@ -320,15 +328,19 @@ def open_segment(
         if check:
             _verify(d / fname, fmeta, opts.verify)
 
-    def arr(key: str) -> np.ndarray:
+    def arr(key: str) -> Any:
+        """Small arrays are read into RAM; large ones are read on demand (DiskArray)."""
         if f"{key}.npy" not in files:
             raise IndexFormatError(f"{d} has no {key}.npy")
-        f = _open_plain(d / f"{key}.npy")  # refuses symlinks; np.load reopens by path
-        f.close()
+        f = _open_plain(d / f"{key}.npy")  # refuses symlinks and non-files
         try:
-            a = np.load(d / f"{key}.npy", mmap_mode="r", allow_pickle=False)
+            if os.fstat(f.fileno()).st_size > _IN_RAM:
+                return open_array(d / f"{key}.npy", os.dup(f.fileno()))
+            a = np.load(f, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise IndexFormatError(f"{d}/{key}.npy is not a readable array: {e}") from None
+        finally:
+            f.close()
         if a.dtype.hasobject:
             raise IndexFormatError(f"{d}/{key}.npy holds objects")
         return a
@@ -417,16 +429,18 @@ def _check_lexical(d: Path, lex: LexicalPostings, count: int, check: bool) -> No
     _check_offsets(f"{d}/lex_tptr.npy", lex.tptr, len(lex.terms), nnz)
     if not (len(lex.data) == len(lex.trows) == len(lex.tdata) == nnz) or len(lex.length) != count:
         raise IndexFormatError(f"{d}/lex_*.npy have inconsistent lengths")
-    if not check:
-        return
+    big = (lex.trows, lex.indices, lex.data, lex.tdata)
+    if not check or any(x.nbytes > _HASH_ON_OPEN for x in big):
+        return  # large postings: their checksums are verified with verify="full"
+    trows, indices, data, tdata = (np.asarray(x) for x in big)
     if nnz and (
-        int(lex.trows.min()) < 0
-        or int(lex.trows.max()) >= count
-        or int(lex.indices.min()) < 0
-        or not np.isfinite(lex.data).all()
-        or float(lex.data.min()) < 0
-        or not np.isfinite(lex.tdata).all()
-        or float(lex.tdata.min()) < 0
+        int(trows.min()) < 0
+        or int(trows.max()) >= count
+        or int(indices.min()) < 0
+        or not np.isfinite(data).all()
+        or float(data.min()) < 0
+        or not np.isfinite(tdata).all()
+        or float(tdata.min()) < 0
     ):
         raise IndexFormatError(f"{d}/lex_*.npy hold rows, ids or weights out of range")
     if len(lex.terms) > 1 and (np.diff(lex.terms) <= 0).any():
@@ -444,7 +458,9 @@ def _check_colbert(
     if not check:
         return
     if col.scales is not None:
-        s = col.scales
+        if col.scales.nbytes > _HASH_ON_OPEN:
+            return
+        s = np.asarray(col.scales)
         if len(s) != len(col.vectors) or not (np.isfinite(s).all() and (s > 0).all()):
             raise IndexFormatError(f"{d}/colbert_scales.npy must hold finite scales > 0")
     elif col.vectors.nbytes <= _HASH_ON_OPEN and not np.isfinite(col.vectors).all():
