@@ -75,11 +75,21 @@ def _memory(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> Hyb
     return HybridRetriever(enc, **kw)  # type: ignore[arg-type]
 
 
-def _local_disk(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
+def _local_disk(
+    enc: M3Encoder, request: pytest.FixtureRequest, io: str = "pread", **kw: object
+) -> HybridRetriever:
+    """Every array is read from disk however small (pread, or memory-mapped)."""
+    from m3_rag.stores import segment_io
     from m3_rag.stores.local import LocalBackend
 
+    request.getfixturevalue("monkeypatch").setattr(segment_io, "_IN_RAM", 0)
     path = request.getfixturevalue("tmp_path") / f"idx-{uuid.uuid4().hex[:8]}"
-    return HybridRetriever(enc, backend=LocalBackend(path, merge_factor=2), **kw)  # type: ignore[arg-type]
+    backend = LocalBackend(path, merge_factor=2, io=io)
+    return HybridRetriever(enc, backend=backend, **kw)  # type: ignore[arg-type]
+
+
+def _local_mmap(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
+    return _local_disk(enc, request, io="mmap", **kw)
 
 
 def _local_ann(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
@@ -109,6 +119,7 @@ def _milvus_server(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object)
 ENGINES: dict[str, Callable[..., HybridRetriever]] = {
     "memory": _memory,
     "local-disk": _local_disk,
+    "local-mmap": _local_mmap,
     "local-ann": _local_ann,
     "milvus-lite": _milvus_lite,
     "milvus-server": _milvus_server,

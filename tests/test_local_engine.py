@@ -41,6 +41,14 @@ class _Hits(list):  # type: ignore[type-arg]
         )
 
 
+@pytest.fixture(autouse=True)
+def _arrays_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read every segment array from disk, however small (as large ones are)."""
+    from m3_rag.stores import segment_io
+
+    monkeypatch.setattr(segment_io, "_IN_RAM", 0)
+
+
 def _hits(r: HybridRetriever, q: str, **kw: object) -> list[tuple[str, float]]:
     return _Hits((h.id, h.score) for h in r.search(q, **kw))  # type: ignore[arg-type]
 

@@ -130,6 +130,8 @@ class LocalBackend:
         verify: ``"auto"`` or ``"full"`` checksum verification when opening (see
             :class:`~m3_rag.stores.segment_io.SegmentOptions`).
         allow_model_mismatch: Open a directory built with another model name (same shape).
+        io: ``"pread"`` (default) or ``"mmap"``: how large segment arrays are read (see
+            :class:`~m3_rag.stores.segment_io.SegmentOptions`).
     """
 
     def __init__(
@@ -141,11 +143,14 @@ class LocalBackend:
         merge_factor: int = 10,
         verify: str = "auto",
         allow_model_mismatch: bool = False,
+        io: str = "pread",
     ) -> None:
         if ann_threshold is not None and (type(ann_threshold) is not int or ann_threshold < 1):
             raise ValueError(f"ann_threshold must be an int >= 1 or None, got {ann_threshold!r}")
         if type(merge_factor) is not int or merge_factor < 2:
             raise ValueError(f"merge_factor must be an int >= 2, got {merge_factor!r}")
+        if io not in ("pread", "mmap"):
+            raise ValueError(f"io must be 'pread' or 'mmap', got {io!r}")
         if verify not in ("auto", "full"):
             raise ValueError(f"verify must be 'auto' or 'full', got {verify!r}")
         if ann_threshold is not None:
@@ -159,6 +164,7 @@ class LocalBackend:
         self.ann_threshold, self.ann_nprobe = ann_threshold, int(ann_nprobe)
         self.merge_factor, self.verify = merge_factor, verify
         self.allow_model_mismatch = bool(allow_model_mismatch)
+        self.io = io
         self.spec: BackendSpec | None = None
         self.settings: dict[str, Any] = {}
         self._view = _View()
@@ -208,6 +214,7 @@ class LocalBackend:
             ann_threshold=self.ann_threshold,
             ann_nprobe=self.ann_nprobe,
             verify=self.verify,
+            io=self.io,
         )
 
     def _need_spec(self) -> BackendSpec:

@@ -49,6 +49,16 @@ _FILES = re.compile(r"^(ids\.json|docs\.jsonl|segment\.json|[a-z][a-z0-9_]{0,40}
 _CHUNK_BYTES = 64 << 20
 _HASH_ON_OPEN = 256 << 20  # "auto" verification hashes files up to this size on open
 _IN_RAM = 32 << 20  # arrays up to this size are read into RAM, larger ones on demand
+# the arrays read on demand when large (offsets and other small tables are always in RAM)
+_ON_DEMAND = {
+    "dense",
+    "colbert_vectors",
+    "colbert_scales",
+    "lex_indices",
+    "lex_data",
+    "lex_trows",
+    "lex_tdata",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,11 @@ class SegmentOptions:
         ann_nprobe: Inverted lists the approximate index visits per query.
         verify: ``"auto"`` (on open, hash files up to 256 MB and check the size, header and
             shape of larger ones) or ``"full"`` (hash every file).
+        io: How arrays over 32 MB are read: ``"pread"`` (exactly the rows a search needs,
+            into fresh buffers) or ``"mmap"`` (memory-mapped read-only, ``MADV_RANDOM``).
+            Both leave the caching to the OS page cache; with ``"mmap"`` every page a
+            search touches stays mapped and counts in the process's RSS
+            (``benchmarks/bench_scale.py`` measures both).
     """
 
     dense_dtype: str = "float32"
@@ -69,6 +84,7 @@ class SegmentOptions:
     ann_threshold: int | None = None
     ann_nprobe: int = 32
     verify: str = "auto"
+    io: str = "pread"
 
 
 def read_chunk(a: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -334,7 +350,9 @@ def open_segment(
             raise IndexFormatError(f"{d} has no {key}.npy")
         f = _open_plain(d / f"{key}.npy")  # refuses symlinks and non-files
         try:
-            if os.fstat(f.fileno()).st_size > _IN_RAM:
+            if key in _ON_DEMAND and os.fstat(f.fileno()).st_size > _IN_RAM:
+                if opts.io == "mmap":
+                    return _mmap(d / f"{key}.npy")
                 return open_array(d / f"{key}.npy", os.dup(f.fileno()))
             a = np.load(f, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -374,6 +392,15 @@ def open_segment(
         if ann.index.ntotal != count or ann.index.d != dense.shape[1]:
             raise IndexFormatError(f"{d}/ann.npy does not index this segment's vectors")
     return Segment(name, ids, dense, lexical, colbert, DocTable(blob=blob, offsets=offsets), ann)
+
+
+def _mmap(path: Path) -> np.ndarray:
+    a = np.load(path, mmap_mode="r", allow_pickle=False)
+    mm = getattr(a, "_mmap", None)
+    if mm is not None:
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_RANDOM)  # no read-ahead around each random read
+    return a
 
 
 def _verify(path: Path, meta: dict[str, Any], level: str) -> None:
