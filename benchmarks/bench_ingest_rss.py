@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--beir", default=str(default))
     ap.add_argument("--sizes", default="500,3000")
     args = ap.parse_args()
-    lines = (Path(args.beir) / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (Path(args.beir) / "corpus.jsonl").read_text(encoding="utf-8").split("\n")
     tmp = Path(tempfile.mkdtemp(prefix="m3rag-rss-"))
     model = build_m3_checkpoint(
         tmp / "m3-shaped", hidden=1024, layers=1, heads=16, intermediate=256, seed=0
@@ -55,8 +55,13 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-2000:])
         kib = int(proc.stderr.split("MAXRSS_KIB")[-1].split()[0])
-        rows.append({"passages": n, "peak_rss_gib": round(kib / 2**20, 3),
-                     "seconds": round(time.perf_counter() - t, 1)})
+        rows.append(
+            {
+                "passages": n,
+                "peak_rss_gib": round(kib / 2**20, 3),
+                "seconds": round(time.perf_counter() - t, 1),
+            }
+        )
         print(f"{n:>6} passages  peak RSS {kib / 2**20:6.2f} GiB  {rows[-1]['seconds']:7.1f} s")
     ratio = rows[-1]["peak_rss_gib"] / rows[0]["peak_rss_gib"]
     print(f"ratio {rows[-1]['passages']}/{rows[0]['passages']}: {ratio:.3f} (target <= 1.15)")
