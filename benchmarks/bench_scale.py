@@ -5,7 +5,8 @@ query's nearest neighbours are meaningful, as with real embeddings; with unclust
 vectors every neighbour beyond the first few is noise and no index can find it), ~100 M3
 lexical terms (Zipf over a 30,000-id space), 16 ColBERT vectors of 1024 dims stored int8.
 They go in through the public ``HybridRetriever.add_encoded`` in chunks (each chunk one
-commit), then the index is compacted into one segment (with its faiss IVF-SQ8 index). Reported, as a table and JSON:
+commit), then the index is compacted into one segment (with its faiss IVF-SQ8 index).
+Reported, as a table and JSON:
 
 * ingestion time, peak RSS of this process (``ru_maxrss``), bytes on disk per document;
 * hybrid search (dense + lexical candidates, ColBERT rescoring, weighted fusion; query
