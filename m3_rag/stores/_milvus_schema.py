@@ -7,8 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from m3_rag.filters import milvus_literal
 from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores._milvus_filters import milvus_literal
 from m3_rag.stores.backend import BackendSpec
 from m3_rag.stores.lexical import BM25Params
 

@@ -27,9 +27,10 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from m3_rag.filters import Filter, milvus_expr, milvus_literal
+from m3_rag.filters import Filter
 from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_dot_rows
 from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores._milvus_filters import milvus_expr, milvus_literal
 from m3_rag.stores._milvus_schema import (
     check_config,
     check_json,
