@@ -13,8 +13,8 @@ from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import BeirData, evaluate_run
-from m3_rag.stores._milvus_filters import milvus_expr
 from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores._milvus_filters import milvus_expr
 from m3_rag.stores.lexical import BM25Params, bm25_tf
 from m3_rag.testing import SAMPLE_TEXTS
 
