@@ -173,9 +173,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     import shutil
 
     from m3_rag import HybridRetriever
+    from m3_rag._memory import fix_mmap_threshold
     from m3_rag.sources import iter_source
     from m3_rag.stores.local import LocalBackend
 
+    fix_mmap_threshold()  # this process only ingests: keep its heap from fragmenting
     out = Path(args.out)
     _check_out(out, args.force, Path(args.source))
     resume = False if args.force else _resumable(out, args)

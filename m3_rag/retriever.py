@@ -21,6 +21,7 @@ from m3_rag._inputs import (
     check_texts,
     check_weights,
 )
+from m3_rag._memory import release_free_memory
 from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, analyzer_from_config, term_counts
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
@@ -287,6 +288,8 @@ class HybridRetriever:
             return_colbert=self.encoder.has_colbert,
         )
         self._add_checked(items, out, metas, ids)
+        del out
+        release_free_memory()  # keeps ingestion memory flat (see m3_rag/_memory.py)
 
     def add_encoded(
         self,
