@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from m3_rag import HybridRetriever, M3Encoder
+from m3_rag._memory import fix_mmap_threshold
 from m3_rag.encoder import EncodeOutput
 from m3_rag.stores.local import LocalBackend
 from m3_rag.testing import build_m3_checkpoint
@@ -125,6 +126,7 @@ def _throughput(r: HybridRetriever, queries: list[EncodeOutput], threads: int) -
 
 
 def run(n: int, chunk: int, n_queries: int, root: Path) -> dict[str, object]:
+    fix_mmap_threshold()  # an ingestion process, as `m3-rag index` (see m3_rag/_memory.py)
     corpus = Corpus(n)
     queries = corpus.queries(n_queries)
     qd = np.stack([q.dense[0] for q in queries])  # type: ignore[index]

@@ -48,7 +48,7 @@ class DenseANN:
         nprobe: int,
         nlist: int | None = None,
         train_size: int = 65536,
-        chunk: int = 65536,
+        chunk: int = 16384,
         seed: int = 0,
     ) -> DenseANN:
         """Train on a sample and add every row.

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3_rag._memory import release_free_memory
 from m3_rag.filters import Filter, filter_mask
 from m3_rag.stores.backend import BackendSpec, Candidates, DocBatch
 from m3_rag.stores.base import check_ids, top_k
@@ -433,6 +434,7 @@ class LocalBackend:
             view.stats,
         )
         self._publish(new, {}, added=list(mid), removed=list(view.segments[a:b]))
+        release_free_memory()  # a merge's buffers are large: hand them back
 
     # ---------------------------------------------------------------- reads
     def _masks(self, view: _View, flt: Filter) -> list[np.ndarray | None]:
@@ -545,19 +547,26 @@ class LocalBackend:
     def _lexical_scores(
         self, seg: Segment, lq: tuple[np.ndarray, np.ndarray], view: _View
     ) -> np.ndarray:
-        """``[len(seg)]`` lexical scores of one segment (dead rows included, masked later)."""
+        """``[len(seg)]`` lexical scores of one segment (dead rows included, masked later).
+
+        Term at a time: each query term's postings are read (one range) and added into a
+        float32 accumulator; a term's rows are unique, so a plain scatter-add is exact."""
         assert seg.lexical is not None
-        rows, values, which = seg.lexical.postings(lq[0])
-        contrib = lq[1][which]
         spec = self._need_spec()
-        if spec.lexical == "bm25" and view.stats is not None:
+        out = np.zeros(len(seg), np.float32)
+        bm25 = spec.lexical == "bm25" and view.stats is not None
+        avgdl = 1.0
+        if bm25 and view.stats is not None:
             avgdl = view.stats.total_len / max(view.stats.n, 1) or 1.0
-            length = np.asarray(seg.lexical.length[rows], np.float64)
-            contrib = contrib * bm25_tf(values, length, avgdl, spec.bm25 or BM25Params())
-            contrib = contrib.astype(np.float32)
-        else:
-            contrib = (contrib * values).astype(np.float32)
-        return np.bincount(rows, weights=contrib, minlength=len(seg)).astype(np.float32)
+        for q, rows, values in seg.lexical.term_postings(lq[0]):
+            w = lq[1][q]
+            if bm25:
+                length = np.asarray(seg.lexical.length[rows], np.float64)
+                contrib = w * bm25_tf(values, length, avgdl, spec.bm25 or BM25Params())
+                out[rows] += contrib.astype(np.float32)
+            else:
+                out[rows] += np.float32(w) * values
+        return out
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
         view: _View = cands.payload

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,16 @@ class LexicalPostings:
             ),
             shape=(len(rows), vocab_size),
         )
+
+    def term_postings(self, terms: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(query_position, rows [p] int64, values [p] float32)`` of each query term found
+        here (one read per term)."""
+        pos = np.searchsorted(self.terms, terms)
+        found = pos < len(self.terms)
+        found[found] = self.terms[pos[found]] == terms[found]
+        for q in np.flatnonzero(found).tolist():
+            a, b = int(self.tptr[pos[q]]), int(self.tptr[pos[q] + 1])
+            yield q, np.asarray(self.trows[a:b], dtype=np.int64), np.asarray(self.tdata[a:b])
 
     def postings(self, terms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Postings of the query terms found here.

@@ -50,10 +50,9 @@ _CHUNK_BYTES = 64 << 20
 _HASH_ON_OPEN = 256 << 20  # "auto" verification hashes files up to this size on open
 _IN_RAM = 32 << 20  # arrays up to this size are read into RAM, larger ones on demand
 # the arrays read on demand when large (offsets and other small tables are always in RAM)
-_ON_DEMAND = {
+_ON_DEMAND = {  # (int8 ColBERT scales stay in RAM: 4 bytes per vector, read by every search)
     "dense",
     "colbert_vectors",
-    "colbert_scales",
     "lex_indices",
     "lex_data",
     "lex_trows",
