@@ -223,7 +223,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if args.force:
             shutil.rmtree(target, ignore_errors=True)
-            raise
+            raise _Interrupted("interrupted; nothing was changed on disk") from None
         raise _Interrupted(
             f"interrupted; {out} keeps every passage committed so far: run the same "
             "command again to resume"
@@ -509,8 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("m3-rag: interrupted; nothing was changed on disk", file=sys.stderr)
         return 130
-    except _Interrupted as e:
-        print(f"m3-rag: {e}", file=sys.stderr)
+    except _Interrupted as e:  # raised during a progress bar: start a fresh line
+        print(f"\nm3-rag: {e}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `m3-rag search ... | head`: the reader left, nothing to report
         devnull = os.open(os.devnull, os.O_WRONLY)
