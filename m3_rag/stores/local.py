@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import itertools
 import os
 import threading
@@ -154,13 +155,8 @@ class LocalBackend:
             raise ValueError(f"io must be 'pread' or 'mmap', got {io!r}")
         if verify not in ("auto", "full"):
             raise ValueError(f"verify must be 'auto' or 'full', got {verify!r}")
-        if ann_threshold is not None:
-            from m3_rag.stores.ann import faiss_module
-
-            try:
-                faiss_module()
-            except ImportError:
-                ann_threshold = None  # exact scan; the README says how to enable ANN
+        if ann_threshold is not None and importlib.util.find_spec("faiss") is None:
+            ann_threshold = None  # exact scan; the README says how to enable ANN
         self.path = None if path is None else Path(path)
         self.ann_threshold, self.ann_nprobe = ann_threshold, int(ann_nprobe)
         self.merge_factor, self.verify = merge_factor, verify

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from m3_rag.persist import (
     _fsync_dir,
     _json,
     _read_bytes,
+    _remove,
     _write_file,
     check_target,
     reader_lock,
@@ -47,14 +47,15 @@ from m3_rag.stores.segment_io import SEGMENT, deletes_of, open_segment
 if TYPE_CHECKING:
     from m3_rag.stores.local import LocalBackend, _View
 
-__all__ = ["VERSION", "DiskState", "read_manifest"]
+__all__ = ["VERSION", "DiskState", "current_pointer", "read_manifest"]
 
 VERSION = 3
 _MANIFEST = re.compile(r"^manifest-\d{8}\.json$")
 _SPEC_KEYS = ("dense_dim", "colbert_dim", "lexical", "vocab_size", "dense_dtype", "colbert_dtype")
 
 
-def _pointer(root: Path) -> dict[str, Any] | None:
+def current_pointer(root: Path) -> dict[str, Any] | None:
+    """``CURRENT`` of an index directory (``None`` when there is none)."""
     p = root / "CURRENT"
     if not p.exists():
         return None
@@ -67,7 +68,7 @@ def _pointer(root: Path) -> dict[str, Any] | None:
 def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     """The current manifest of a format-3 index (checked against its hash in ``CURRENT``)."""
     root = Path(root)
-    cur = _pointer(root)
+    cur = current_pointer(root)
     if cur is None:
         raise FileNotFoundError(f"no m3-rag index at {root}")
     if cur.get("version") != VERSION:
@@ -100,9 +101,9 @@ class DiskState:
         assert spec is not None
         check_target(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        if _pointer(self.root) is None:
+        if current_pointer(self.root) is None:
             with writer_lock(self.root):
-                if _pointer(self.root) is None:
+                if current_pointer(self.root) is None:
                     backend._view = _View(stats=_Stats() if spec.lexical == "bm25" else None)
                     self.commit(backend, backend._view, [])
                     return
@@ -187,7 +188,7 @@ class DiskState:
     def writing(self) -> Iterator[None]:
         """Hold the writer lock; refuse when another process committed since we read."""
         with writer_lock(self.root):
-            cur = _pointer(self.root)
+            cur = current_pointer(self.root)
             if (
                 cur is None
                 or int(read_manifest(self.root).get("generation", -1)) != self.generation
@@ -283,11 +284,3 @@ class DiskState:
                     for f in p.iterdir():
                         if f.name.startswith("del-") and f.name != keep[n]:
                             _remove(f)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            p.unlink()

@@ -10,7 +10,7 @@ built from its dimensions (for tests and tools that use a backend without a retr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -194,10 +194,6 @@ def from_snapshot(
             )
             backend._publish(backend._with_segment(backend._view, new), {}, added=[new])
     return backend
-
-
-def docs_of(backend: LocalBackend) -> Iterator[dict[str, Any]]:
-    return backend.docs()
 
 
 def _is_int(x: Any, minimum: int = 1) -> bool:

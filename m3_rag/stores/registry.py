@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from m3_rag.persist import IndexFormatError, read_index
+from m3_rag.persist import read_index
 from m3_rag.stores.backend import Backend
 
 __all__ = ["make_backend", "saved_index"]
@@ -50,26 +50,13 @@ def saved_index(
         IndexFormatError: an unreadable or tampered index.
     """
     from m3_rag.stores.local import LocalBackend
-    from m3_rag.stores.local_disk import VERSION, read_manifest
+    from m3_rag.stores.local_disk import VERSION, current_pointer, read_manifest
     from m3_rag.stores.memory import from_snapshot
 
     root = Path(path)
-    if (root / "CURRENT").is_file():
-        try:
-            version = _version(root)
-        except ValueError as e:
-            raise IndexFormatError(f"{root}/CURRENT: {e}") from None
-        if version == VERSION:
-            manifest = read_manifest(root)
-            return manifest, lambda mismatch: LocalBackend(root, allow_model_mismatch=mismatch)
+    cur = current_pointer(root) if root.is_dir() else None
+    if cur is not None and cur.get("version") == VERSION:
+        manifest = read_manifest(root)
+        return manifest, lambda mismatch: LocalBackend(root, allow_model_mismatch=mismatch)
     manifest, arrays, docs = read_index(root)
     return manifest, lambda _mismatch: from_snapshot(manifest, arrays, docs)
-
-
-def _version(root: Path) -> Any:
-    import json
-
-    from m3_rag.persist import _read_bytes
-
-    cur = json.loads(_read_bytes(root / "CURRENT", 1 << 16))
-    return cur.get("version") if isinstance(cur, dict) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,27 +119,6 @@ class LexicalPostings:
         for q in np.flatnonzero(found).tolist():
             a, b = int(self.tptr[pos[q]]), int(self.tptr[pos[q] + 1])
             yield q, np.asarray(self.trows[a:b], dtype=np.int64), np.asarray(self.tdata[a:b])
-
-    def postings(self, terms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Postings of the query terms found here.
-
-        Args:
-            terms: ``[q]`` int64 query term ids.
-
-        Returns:
-            ``(rows [p] int64, values [p] float32, query_position [p] int64)``.
-        """
-        pos = np.searchsorted(self.terms, terms)
-        found = pos < len(self.terms)
-        found[found] = self.terms[pos[found]] == terms[found]
-        which = np.flatnonzero(found)
-        starts = self.tptr[pos[which]]
-        lengths = self.tptr[pos[which] + 1] - starts
-        return (
-            read_ranges(self.trows, starts, lengths).astype(np.int64),
-            read_ranges(self.tdata, starts, lengths),
-            np.repeat(which, lengths),
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,8 +234,3 @@ class Segment:
             total += int(self.colbert.vectors.nbytes + self.colbert.offsets.nbytes)
             total += 0 if self.colbert.scales is None else int(self.colbert.scales.nbytes)
         return total
-
-
-def rows_of(lengths: Sequence[int]) -> np.ndarray:
-    """``[sum(lengths)]`` row number of each packed item."""
-    return np.repeat(np.arange(len(lengths), dtype=np.int64), np.asarray(lengths, np.int64))

@@ -23,7 +23,7 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,18 +101,17 @@ def read_chunk(a: np.ndarray, start: int, stop: int) -> np.ndarray:
     return out
 
 
-def _rows_chunk(a: np.ndarray, rows: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Rows ``rows`` (sorted) of ``a`` in pieces of about ``budget`` bytes."""
+def _rows_chunk(a: Any, rows: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+    """Rows ``rows`` (sorted) of ``a`` in pieces of about ``budget`` bytes, one piece read
+    at a time (a merge never holds more than one piece of its sources)."""
     per = max(1, budget // max(1, a[:1].nbytes))
-    out = []
     for s in range(0, len(rows), per):
         part = rows[s : s + per]
         if isinstance(a, DiskArray):
-            out.append(a.take(part))
+            yield a.take(part)
             continue
         lo, hi = int(part[0]), int(part[-1]) + 1
-        out.append(read_chunk(a, lo, hi)[part - lo])
-    return out
+        yield read_chunk(a, lo, hi)[part - lo]
 
 
 class _Sink:
@@ -201,7 +200,7 @@ def build_segment(
     dim = first.dense.shape[1] if first is not None else 0
     sink.array(
         "dense",
-        [c for s, rows in parts for c in _rows_chunk(s.dense, rows, _CHUNK_BYTES)],
+        (c for s, rows in parts for c in _rows_chunk(s.dense, rows, _CHUNK_BYTES)),
         opts.dense_dtype,
         (n, dim),
     )
@@ -258,14 +257,7 @@ def _colbert(sink: _Sink, parts: Parts, opts: SegmentOptions) -> None:
             assert src is not None
             starts = s.colbert.offsets[rows]
             at = gather_ranges(starts, s.colbert.offsets[rows + 1] - starts)
-            per = max(1, _CHUNK_BYTES // max(1, src[:1].nbytes))
-            for c in range(0, len(at), per):
-                part = at[c : c + per]
-                if isinstance(src, DiskArray):
-                    yield src.take(part)
-                    continue
-                lo, hi = int(part[0]), int(part[-1]) + 1
-                yield read_chunk(src, lo, hi)[part - lo]
+            yield from _rows_chunk(src, at, _CHUNK_BYTES)
 
     sink.array("colbert_vectors", pieces("vectors"), opts.colbert_dtype, (total, dim))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -300,7 +292,7 @@ def _with_ann(seg: Segment, opts: SegmentOptions, sink: _Sink | None = None) -> 
         return seg
     ann = DenseANN.build(
         lambda rows: (
-            np.concatenate(_rows_chunk(seg.dense, rows, _CHUNK_BYTES))
+            np.concatenate(list(_rows_chunk(seg.dense, rows, _CHUNK_BYTES)))
             if len(rows)
             else np.zeros((0, seg.dense.shape[1]), np.float32)
         ),
@@ -508,6 +500,3 @@ def deletes_of(d: Path, name: str, count: int) -> np.ndarray:
     if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= count or (np.diff(rows) <= 0).any()):
         raise IndexFormatError(f"{d}/{name} holds rows out of range or unsorted")
     return rows
-
-
-Reader = Callable[[np.ndarray], np.ndarray]
