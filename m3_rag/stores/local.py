@@ -488,7 +488,7 @@ class LocalBackend:
             return Candidates.empty(use_lex)
         seg_of, local = view.locate(rows)
         dense = np.zeros(len(rows), np.float32)
-        lexical = np.zeros(len(rows), np.float32) if lq is not None else None
+        lexical = np.zeros(len(rows), np.float32) if use_lex else None  # 0 without terms
         for i in np.unique(seg_of).tolist():
             at = np.flatnonzero(seg_of == i)
             dense[at] = view.segments[i].dense_scores(q, local[at])
