@@ -548,14 +548,21 @@ class HybridRetriever:
             counts = self._term_counts([query_text])
             lex_query = dict(zip(counts.indices.tolist(), counts.data.tolist(), strict=True))
         # no lock: the backend's candidates carry the consistent view the later calls read
-        cands = self.backend.candidates(q.dense[0], lex_query, max(n_cand, k), flt)
+        colbert_q = q.colbert[0] if use_colbert and q.colbert is not None else None
+        cands = self.backend.candidates(
+            q.dense[0], lex_query, max(n_cand, k), flt, colbert_query=colbert_q
+        )
         if not cands.ids:
             return []
         per_mode: dict[str, np.ndarray] = {"dense": cands.dense}
         if cands.lexical is not None and w[1] > 0:
             per_mode[self._lex_key] = cands.lexical
-        if use_colbert and q.colbert is not None:
-            per_mode["colbert"] = self.backend.colbert_scores(q.colbert[0], cands)
+        if colbert_q is not None:
+            per_mode["colbert"] = (
+                cands.colbert
+                if cands.colbert is not None
+                else self.backend.colbert_scores(colbert_q, cands)
+            )
         fused = self._fuse(per_mode, w, how)
         n_keep = max(k, self.rerank_top_n) if use_rerank else k
         # best first; equal scores by id, so every backend ranks ties alike

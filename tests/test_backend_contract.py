@@ -116,6 +116,14 @@ def _milvus_server(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object)
     return HybridRetriever(enc, backend=MilvusBackend(uri, name), **kw)  # type: ignore[arg-type]
 
 
+def _qdrant_local(enc: M3Encoder, request: pytest.FixtureRequest, **kw: object) -> HybridRetriever:
+    """qdrant-client's local mode, in RAM (exact search, Qdrant's query planner)."""
+    from m3_rag.stores.qdrant import QdrantBackend
+
+    backend = QdrantBackend(":memory:", collection=f"c_{uuid.uuid4().hex[:12]}", batch_size=4)
+    return HybridRetriever(enc, backend=backend, **kw)  # type: ignore[arg-type]
+
+
 ENGINES: dict[str, Callable[..., HybridRetriever]] = {
     "memory": _memory,
     "local-disk": _local_disk,
@@ -123,6 +131,7 @@ ENGINES: dict[str, Callable[..., HybridRetriever]] = {
     "local-ann": _local_ann,
     "milvus-lite": _milvus_lite,
     "milvus-server": _milvus_server,
+    "qdrant-local": _qdrant_local,
 }
 
 
@@ -130,6 +139,8 @@ ENGINES: dict[str, Callable[..., HybridRetriever]] = {
 def make(request: pytest.FixtureRequest, tiny_encoder: M3Encoder) -> Factory:
     if request.param.startswith("milvus"):
         require("pymilvus", "pip install -e '.[milvus]'")
+    if request.param.startswith("qdrant"):
+        require("qdrant_client", "pip install -e '.[qdrant]'")
     return lambda **kw: ENGINES[request.param](tiny_encoder, request, **kw)
 
 
@@ -142,10 +153,32 @@ def _same(a: HybridRetriever, b: HybridRetriever, query: str, **kw: object) -> N
             assert q.scores[mode] == pytest.approx(s, rel=1e-5, abs=1e-5), (mode, query, kw)
 
 
+def _qdrant_idf(self: object, terms: np.ndarray, p: object) -> np.ndarray:
+    """Qdrant's IDF modifier, ``ln(1 + (N - n + 0.5) / (n + 0.5))`` (no epsilon floor)."""
+    known = dict(zip(self.terms.tolist(), self.df.tolist(), strict=True))  # type: ignore[attr-defined]
+    df = np.asarray([known.get(t, 0) for t in terms.tolist()], np.float64)
+    n = self.n  # type: ignore[attr-defined]
+    return np.where(df > 0, np.log1p((n - df + 0.5) / (df + 0.5)), 0.0)
+
+
+# engines whose BM25 uses Qdrant's IDF (documented in m3_rag/stores/qdrant.py); their
+# reference is the local engine with that IDF (the reference length is the live mean here:
+# every document comes in the first add)
+QDRANT_BM25 = {"qdrant-local"}
+
+
 @pytest.mark.parametrize("lexical", ["m3", "bm25"])
 def test_search_equals_the_memory_reference(
-    make: Factory, tiny_encoder: M3Encoder, lexical: str
+    make: Factory,
+    tiny_encoder: M3Encoder,
+    lexical: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if lexical == "bm25" and request.node.callspec.params["make"] in QDRANT_BM25:
+        from m3_rag.stores import local
+
+        monkeypatch.setattr(local._Stats, "idf", _qdrant_idf)
     ref = HybridRetriever(tiny_encoder, lexical=lexical, candidates=8)
     r = make(lexical=lexical, candidates=8)
     for x in (ref, r):

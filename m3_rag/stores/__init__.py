@@ -1,4 +1,4 @@
-"""Stores (dense, lexical, ColBERT) and the engines behind the Backend protocol (local, Milvus)."""
+"""Stores (dense, lexical, ColBERT) and the engines behind the Backend protocol (local, Milvus, Qdrant)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from m3_rag.stores.lexical import BM25Params, LexicalStore
 from m3_rag.stores.local import LocalBackend
 from m3_rag.stores.memory import MemoryBackend
 from m3_rag.stores.milvus import MilvusBackend
+from m3_rag.stores.qdrant import QdrantBackend
 
 __all__ = [
     "BM25Params",
@@ -24,6 +25,7 @@ __all__ = [
     "LocalBackend",
     "MemoryBackend",
     "MilvusBackend",
+    "QdrantBackend",
     "check_ids",
     "top_k",
 ]

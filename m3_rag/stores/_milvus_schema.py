@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores._config import check_index_config, index_config
 from m3_rag.stores._milvus_filters import milvus_literal
 from m3_rag.stores.backend import BackendSpec
-from m3_rag.stores.lexical import BM25Params
 
 __all__ = [
     "FORMAT",
@@ -79,45 +79,13 @@ def create_collections(
 
 
 def config_of(spec: BackendSpec) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "model": spec.model,
-        "dense_dim": spec.dense_dim,
-        "colbert_dim": spec.colbert_dim,
-        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
-        "lexical": spec.lexical,
-        "vocab_size": spec.vocab_size,
-        "bm25": (spec.bm25 or BM25Params()).as_dict() if spec.lexical == "bm25" else None,
-        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
-    }
+    return index_config(spec, FORMAT)
 
 
 def check_config(
     stored: dict[str, Any], wanted: dict[str, Any], name: str, allow_model_mismatch: bool
 ) -> None:
-    if stored.get("format") != FORMAT:
-        raise ValueError(f"collection {name!r} has format {stored.get('format')}, need {FORMAT}")
-    if stored["model"] != wanted["model"] and not allow_model_mismatch:
-        raise ValueError(
-            f"collection {name!r} was built with model {stored['model']!r}, the encoder is "
-            f"{wanted['model']!r}; pass MilvusBackend(..., allow_model_mismatch=True) if they "
-            "are the same model"
-        )
-    stored = {"analyzer": "model" if stored.get("lexical") == "bm25" else None} | stored
-    for key in (
-        "dense_dim",
-        "colbert_dim",
-        "colbert_dtype",
-        "lexical",
-        "vocab_size",
-        "bm25",
-        "analyzer",
-    ):
-        if stored.get(key) != wanted[key]:
-            raise ValueError(
-                f"collection {name!r} has {key}={stored.get(key)!r}, this retriever needs "
-                f"{wanted[key]!r}; use another collection or the settings it was built with"
-            )
+    check_index_config(stored, wanted, name, allow_model_mismatch, "MilvusBackend")
 
 
 def check_sizes(ids: Sequence[str], texts: Sequence[str]) -> None:

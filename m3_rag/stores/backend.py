@@ -36,7 +36,11 @@ class Candidates:
         lexical: ``[c]`` lexical scores (0 where the document shares no term), or ``None``
             when there is no lexical leg.
         rows: ``[c]`` backend-private row numbers.
-        payload: backend-private data (the Milvus backend keeps the fetched documents here).
+        payload: backend-private data (the Milvus and Qdrant backends keep the fetched
+            documents here).
+        colbert: ``[c]`` ColBERT MaxSim scores when the engine computed them in the same
+            request (``candidates(..., colbert_query=...)``), else ``None``: the retriever
+            then calls :meth:`Backend.colbert_scores`.
     """
 
     ids: list[str]
@@ -44,6 +48,7 @@ class Candidates:
     lexical: np.ndarray | None
     rows: np.ndarray
     payload: Any = None
+    colbert: np.ndarray | None = None
 
     @classmethod
     def empty(cls, lexical: bool) -> Candidates:
@@ -130,8 +135,14 @@ class Backend(Protocol):
         lexical_query: Mapping[int, float] | None,
         n: int,
         flt: Filter,
+        *,
+        colbert_query: np.ndarray | None = None,
     ) -> Candidates:
-        """Union of the dense top-``n`` and the lexical top-``n`` (score > 0) passing ``flt``."""
+        """Union of the dense top-``n`` and the lexical top-``n`` (score > 0) passing ``flt``.
+
+        ``colbert_query`` (``[q, colbert_dim]``) is the ColBERT query when the retriever will
+        rescore: an engine that can score it in the same request fills ``Candidates.colbert``
+        (one round trip per search); the others ignore it."""
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
         """MaxSim of ``query [q, dim]`` against each candidate -> ``[c]``."""

@@ -448,8 +448,11 @@ class LocalBackend:
         lexical_query: Mapping[int, float] | None,
         n: int,
         flt: Filter = None,
+        *,
+        colbert_query: np.ndarray | None = None,
     ) -> Candidates:
-        """Union of the dense top-``n`` and the lexical top-``n`` (score > 0) passing ``flt``."""
+        """Union of the dense top-``n`` and the lexical top-``n`` (score > 0) passing ``flt``
+        (``colbert_query`` is unused: :meth:`colbert_scores` reads the pinned view)."""
         view = self._view
         spec = self._need_spec()
         use_lex = spec.lexical is not None and lexical_query is not None

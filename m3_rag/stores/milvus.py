@@ -455,6 +455,8 @@ class MilvusBackend:
         lexical_query: Mapping[int, float] | None,
         n: int,
         flt: Filter = None,
+        *,
+        colbert_query: np.ndarray | None = None,
     ) -> Candidates:
         """Dense and lexical top-``n`` in Milvus (filtered there), scored client-side."""
         spec = self._spec()
