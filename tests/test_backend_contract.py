@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from _qdrant_idf import qdrant_idf
 from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
@@ -153,14 +154,6 @@ def _same(a: HybridRetriever, b: HybridRetriever, query: str, **kw: object) -> N
             assert q.scores[mode] == pytest.approx(s, rel=1e-5, abs=1e-5), (mode, query, kw)
 
 
-def _qdrant_idf(self: object, terms: np.ndarray, p: object) -> np.ndarray:
-    """Qdrant's IDF modifier, ``ln(1 + (N - n + 0.5) / (n + 0.5))`` (no epsilon floor)."""
-    known = dict(zip(self.terms.tolist(), self.df.tolist(), strict=True))  # type: ignore[attr-defined]
-    df = np.asarray([known.get(t, 0) for t in terms.tolist()], np.float64)
-    n = self.n  # type: ignore[attr-defined]
-    return np.where(df > 0, np.log1p((n - df + 0.5) / (df + 0.5)), 0.0)
-
-
 # engines whose BM25 uses Qdrant's IDF (documented in m3_rag/stores/qdrant.py); their
 # reference is the local engine with that IDF (the reference length is the live mean here:
 # every document comes in the first add)
@@ -178,7 +171,7 @@ def test_search_equals_the_memory_reference(
     if lexical == "bm25" and request.node.callspec.params["make"] in QDRANT_BM25:
         from m3_rag.stores import local
 
-        monkeypatch.setattr(local._Stats, "idf", _qdrant_idf)
+        monkeypatch.setattr(local._Stats, "idf", qdrant_idf)
     ref = HybridRetriever(tiny_encoder, lexical=lexical, candidates=8)
     r = make(lexical=lexical, candidates=8)
     for x in (ref, r):

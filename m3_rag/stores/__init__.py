@@ -1,4 +1,4 @@
-"""Stores (dense, lexical, ColBERT) and the engines behind the Backend protocol (local, Milvus, Qdrant)."""
+"""Stores (dense, lexical, ColBERT) and the engines behind the Backend protocol."""
 
 from __future__ import annotations
 

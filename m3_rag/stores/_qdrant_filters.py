@@ -61,9 +61,8 @@ def qdrant_filter(flt: Filter) -> Any:
         path = metadata_path(key)
         for v in values:
             _check_value(key, v)
-        if len(values) > 1 and all(type(v) is str for v in values):
-            must.append(models.FieldCondition(key=path, match=models.MatchAny(any=values)))
-        elif len(values) > 1 and all(type(v) is int for v in values):
+        same_type = {type(v) for v in values}
+        if len(values) > 1 and same_type in ({str}, {int}):  # MatchAny: keywords or ints
             must.append(models.FieldCondition(key=path, match=models.MatchAny(any=values)))
         elif len(values) == 1:
             must.append(_condition(models, path, values[0]))

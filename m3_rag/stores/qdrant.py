@@ -30,9 +30,6 @@ local engine's.
 from __future__ import annotations
 
 import copy
-import json
-import uuid
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -42,23 +39,18 @@ import scipy.sparse as sp
 from m3_rag.filters import Filter
 from m3_rag.stores._config import check_index_config, index_config
 from m3_rag.stores._qdrant_filters import metadata_path, qdrant_filter
+from m3_rag.stores._qdrant_schema import (
+    FORMAT,
+    PAYLOAD_TYPES,
+    create_collection,
+    point_id,
+    to_points,
+)
 from m3_rag.stores.backend import BackendSpec, Candidates
 from m3_rag.stores.base import check_ids
-from m3_rag.stores.colbert import ColbertStore
-from m3_rag.stores.dense import DenseStore
-from m3_rag.stores.lexical import BM25Params, LexicalStore, bm25_tf
+from m3_rag.stores.lexical import LexicalStore
 
-__all__ = ["QdrantBackend"]
-
-FORMAT = 1
-_NAMESPACE = uuid.UUID("6b1f4c52-3f0e-5d8a-9c57-0b6f2a7e4d11")
-_INT64 = (-(2**63), 2**63 - 1)
-_PAYLOAD_TYPES = ("keyword", "integer", "float", "bool")
-
-
-def point_id(doc_id: str) -> str:
-    """The Qdrant point id of document ``doc_id`` (UUIDv5: Qdrant ids are ints or UUIDs)."""
-    return str(uuid.uuid5(_NAMESPACE, doc_id))
+__all__ = ["QdrantBackend", "point_id"]
 
 
 class QdrantBackend:
@@ -131,8 +123,8 @@ class QdrantBackend:
             )
         fields = dict(indexed_fields or {})
         for key, kind in fields.items():
-            if kind not in _PAYLOAD_TYPES:
-                raise ValueError(f"indexed_fields[{key!r}] must be one of {_PAYLOAD_TYPES}")
+            if kind not in PAYLOAD_TYPES:
+                raise ValueError(f"indexed_fields[{key!r}] must be one of {PAYLOAD_TYPES}")
             metadata_path(key)
         if bm25_avgdl is not None and not (float(bm25_avgdl) > 0):
             raise ValueError(f"bm25_avgdl must be positive, got {bm25_avgdl!r}")
@@ -160,7 +152,7 @@ class QdrantBackend:
                 raise ImportError(
                     "the Qdrant backend needs qdrant-client: pip install 'm3-rag[qdrant]'"
                 ) from e
-            kw = dict(self._connect)
+            kw: dict[str, Any] = dict(self._connect)
             if self.url is None and (self.path is not None or self.location == ":memory:"):
                 kw = {}  # local mode takes no server options
             try:
@@ -212,60 +204,19 @@ class QdrantBackend:
         return self
 
     def _create(self, spec: BackendSpec, config: dict[str, Any]) -> None:
-        from qdrant_client import models
-
-        def dtype(name: str) -> Any:
-            return models.Datatype.FLOAT16 if name == "float16" else models.Datatype.FLOAT32
-
-        vectors = {
-            "dense": models.VectorParams(
-                size=spec.dense_dim,
-                distance=models.Distance.DOT,
-                on_disk=self.dense_on_disk,
-                datatype=dtype(spec.dense_dtype),
-            )
-        }
-        if spec.colbert_dim:
-            quant = None
-            if self.colbert_quantization == "int8":
-                quant = models.ScalarQuantization(
-                    scalar=models.ScalarQuantizationConfig(
-                        type=models.ScalarType.INT8, always_ram=True
-                    )
-                )
-            vectors["colbert"] = models.VectorParams(
-                size=spec.colbert_dim,
-                distance=models.Distance.DOT,
-                multivector_config=models.MultiVectorConfig(
-                    comparator=models.MultiVectorComparator.MAX_SIM
-                ),
-                hnsw_config=models.HnswConfigDiff(m=0),  # rescoring only: no graph
-                on_disk=self.colbert_on_disk,
-                quantization_config=quant,
-                datatype=dtype(spec.colbert_dtype),
-            )
-        sparse = {}
-        if spec.lexical:
-            sparse["lexical"] = models.SparseVectorParams(
-                modifier=models.Modifier.IDF if spec.lexical == "bm25" else None
-            )
         meta: dict[str, Any] = {"m3_rag": config}
         if self._avgdl is not None:
             meta["m3_rag_bm25_avgdl"] = self._avgdl
-        self.client.create_collection(
-            self.collection, vectors_config=vectors, sparse_vectors_config=sparse, metadata=meta
+        create_collection(
+            self.client,
+            self.collection,
+            spec,
+            meta,
+            dense_on_disk=self.dense_on_disk,
+            colbert_on_disk=self.colbert_on_disk,
+            colbert_quantization=self.colbert_quantization,
+            indexed_fields=self.indexed_fields,
         )
-        kinds = {
-            "keyword": models.PayloadSchemaType.KEYWORD,
-            "integer": models.PayloadSchemaType.INTEGER,
-            "float": models.PayloadSchemaType.FLOAT,
-            "bool": models.PayloadSchemaType.BOOL,
-        }
-        with warnings.catch_warnings():  # local mode warns that it has no payload indexes
-            warnings.simplefilter("ignore", UserWarning)
-            self.client.create_payload_index(self.collection, "id", kinds["keyword"])
-            for key, kind in self.indexed_fields.items():
-                self.client.create_payload_index(self.collection, metadata_path(key), kinds[kind])
 
     def drop(self) -> None:
         """Delete the collection (all documents are lost)."""
@@ -314,7 +265,6 @@ class QdrantBackend:
         refuses rolls back the earlier requests of this call (new points deleted, replaced
         ones restored), so nothing already stored is lost.
         """
-        from qdrant_client import models
 
         spec = self._spec()
         ids = check_ids(ids, len(texts))
@@ -324,39 +274,26 @@ class QdrantBackend:
             colbert is None
         ):
             raise ValueError("the encoded outputs do not match the stores of this backend")
-        for i, m in enumerate(metadatas):
-            _check_payload(m, f"metadatas[{i}]")
-        vecs = DenseStore(spec.dense_dim, spec.dense_dtype)._prepare(ids, dense)[1]
-        vecs = vecs.astype(spec.dense_dtype).astype(np.float32)
-        named: list[dict[str, Any]] = [{"dense": v.tolist()} for v in vecs]
-        if spec.colbert_dim and colbert is not None:
-            store = ColbertStore(spec.colbert_dim, spec.colbert_dtype)
-            _, block, lengths, scales = store._prepare(ids, colbert)
-            values = block.astype(np.float32)
-            if scales is not None:  # int8: what the local engine scores, dequantised
-                values *= scales[:, None]
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            for v, a, b in zip(named, offsets[:-1], offsets[1:], strict=True):
-                if b > a:  # a point without ColBERT vectors scores 0 on that leg
-                    v["colbert"] = values[a:b].tolist()
-        new_avgdl = None
-        if spec.lexical and lexical is not None:
-            weights = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
-            if spec.lexical == "bm25":
-                weights, new_avgdl = self._bm25_weights(weights)
-            for i, v in enumerate(named):
-                a, b = weights.indptr[i], weights.indptr[i + 1]
-                v["lexical"] = models.SparseVector(
-                    indices=weights.indices[a:b].tolist(), values=weights.data[a:b].tolist()
-                )
-        points = [
-            models.PointStruct(
-                id=point_id(i), vector=v, payload={"id": i, "text": t, "metadata": m}
-            )
-            for i, t, m, v in zip(ids, texts, metadatas, named, strict=True)
-        ]
+        counts = None
+        if spec.lexical == "bm25" and lexical is not None:
+            counts = LexicalStore(spec.vocab_size, "bm25")._prepare(ids, lexical)[1]
+        avgdl, new_avgdl = self._avgdl, None
+        if counts is not None and avgdl is None:  # the first documents set the reference
+            dl = np.asarray(counts.sum(axis=1), dtype=np.float64)
+            avgdl = new_avgdl = float(dl.mean()) if len(dl) and dl.mean() > 0 else 1.0
+        points = to_points(
+            spec,
+            ids,
+            texts,
+            metadatas,
+            dense,
+            counts if counts is not None else lexical,
+            colbert,
+            avgdl,
+        )
         # validated and encoded: now write, undoing what was written on failure
-        old = {r.id: r for r in self._retrieve([p.id for p in points], vectors=True)}
+        pids: list[Any] = [p.id for p in points]
+        old = {r.id: r for r in self._retrieve(pids, vectors=True)}
         if new_avgdl is not None:
             self._record_avgdl(new_avgdl)
         done = 0
@@ -367,25 +304,12 @@ class QdrantBackend:
                 )
                 done = min(start + self.batch_size, len(points))
         except Exception as e:
-            self._rollback([p.id for p in points[:done]], old)
+            self._rollback(pids[:done], old)
             raise RuntimeError(
                 f"Qdrant refused the write of documents {done}.."
                 f"{min(done + self.batch_size, len(points)) - 1} ({type(e).__name__}: {e}); "
                 f"the {done} documents written before were rolled back"
             ) from e
-
-    def _bm25_weights(self, counts: sp.csr_matrix) -> tuple[sp.csr_matrix, float | None]:
-        """The stored BM25 document side of ``counts [m, vocab]`` and the reference length
-        to record (``None`` when one is recorded already)."""
-        p = self._spec().bm25 or BM25Params()
-        dl = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-        new = None
-        if self._avgdl is None:
-            new = float(dl.mean()) if len(dl) and dl.mean() > 0 else 1.0
-        avgdl = self._avgdl if new is None else new
-        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
-        data = bm25_tf(counts.data, dl[rows], avgdl, p).astype(np.float32)
-        return sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape), new
 
     def _record_avgdl(self, avgdl: float) -> None:
         meta = dict(self.client.get_collection(self.collection).config.metadata or {})
@@ -393,14 +317,12 @@ class QdrantBackend:
         self.client.update_collection(self.collection, metadata=meta)
         self._avgdl = avgdl
 
-    def _rollback(self, written: list[str], old: dict[Any, Any]) -> None:
+    def _rollback(self, written: list[Any], old: dict[Any, Any]) -> None:
         from qdrant_client import models
 
         new = [i for i in written if i not in old]
         if new:
-            self.client.delete(
-                self.collection, models.PointIdsList(points=list(new)), wait=True
-            )
+            self.client.delete(self.collection, models.PointIdsList(points=list(new)), wait=True)
         back = [
             models.PointStruct(id=r.id, vector=r.vector, payload=r.payload)
             for i, r in old.items()
@@ -421,13 +343,13 @@ class QdrantBackend:
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"unknown ids: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        pids = [point_id(i) for i in ids]
+        pids: list[Any] = [point_id(i) for i in ids]
         for start in range(0, len(pids), self.batch_size):
             part = pids[start : start + self.batch_size]
             self.client.delete(self.collection, models.PointIdsList(points=part), wait=True)
 
     # ---------------------------------------------------------------- reading
-    def _retrieve(self, pids: Sequence[str], vectors: bool = False) -> list[Any]:
+    def _retrieve(self, pids: Sequence[Any], vectors: bool = False) -> list[Any]:
         out: list[Any] = []
         for start in range(0, len(pids), 1024):
             out += self.client.retrieve(
@@ -536,7 +458,7 @@ class QdrantBackend:
         if cands.colbert is not None:
             return cands.colbert
         q = np.asarray(query, np.float32)
-        pids = [point_id(i) for i in cands.ids]
+        pids: list[Any] = [point_id(i) for i in cands.ids]
         res = self.client.query_points(
             self.collection,
             query=q.tolist(),
@@ -584,21 +506,8 @@ class QdrantBackend:
         """Every stored document as ``{"id", "text", "metadata"}``, 1,000 per request."""
         for page in self._scroll(None, ["id", "text", "metadata"]):
             for p in page:
-                yield {"id": p.payload["id"], "text": p.payload["text"], "metadata": p.payload["metadata"]}
-
-
-def _check_payload(value: Any, name: str) -> None:
-    """Refuse metadata a Qdrant payload cannot hold: integers outside int64 (finite floats
-    and str keys are checked by the retriever)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
-            raise ValueError(
-                f"{name} holds the integer {v}, outside Qdrant's 64-bit range; store it as a str"
-            )
-    json.dumps(value, allow_nan=False)
+                yield {
+                    "id": p.payload["id"],
+                    "text": p.payload["text"],
+                    "metadata": p.payload["metadata"],
+                }
