@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import require
+from conftest import CountingClient, require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import BeirData, evaluate_run
@@ -107,6 +107,28 @@ def test_update_delete_reopen(tiny_encoder: M3Encoder, tmp_path: Path, lexical: 
     for q in QUERIES:
         _assert_same(mem, again, q, k=6)
     assert sorted(d["id"] for d in again.backend.docs()) == sorted(set(IDS) - {IDS[0], IDS[5]})
+
+
+@pytest.mark.parametrize("lexical", ["m3", "bm25"])
+def test_a_search_is_one_round_trip(tiny_encoder: M3Encoder, tmp_path: Path, lexical: str) -> None:
+    """Both legs in one ``hybrid_search`` with the stored vectors and the ColBERT vectors;
+    past ``colbert_inline`` candidates the ColBERT vectors are a second request."""
+    mem, mil = _pair(tiny_encoder, tmp_path, lexical)
+    for r in (mem, mil):
+        r.add_texts(SAMPLE_TEXTS, METAS, IDS)
+    backend = mil.backend
+    assert isinstance(backend, MilvusBackend)
+    counting = CountingClient(backend.client)
+    backend._client = counting
+    _assert_same(mem, mil, "capital city", k=5, filter={"lang": ["en", "fr"]})
+    assert counting.calls == ["hybrid_search"]
+    counting.calls.clear()
+    _assert_same(mem, mil, "capital city", k=5, weights=(1, 0, 0))  # no ColBERT
+    assert counting.calls == ["hybrid_search"]
+    counting.calls.clear()
+    backend.colbert_inline = 4
+    _assert_same(mem, mil, "capital city", k=5, candidates=4)
+    assert counting.calls == ["hybrid_search", "query"]
 
 
 def test_empty_collection_and_bad_input_keep_data(tiny_encoder: M3Encoder, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import require
+from conftest import CountingClient, require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import BeirData, evaluate_run
@@ -39,31 +39,13 @@ def _qdrant(enc: M3Encoder, **kw: Any) -> HybridRetriever:
     return HybridRetriever(enc, backend=backend, **kw)
 
 
-class _Counting:
-    """The real client, counting the requests a search makes."""
-
-    def __init__(self, client: Any) -> None:
-        self.client, self.calls = client, []
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*a: Any, **kw: Any) -> Any:
-            self.calls.append(name)
-            return attr(*a, **kw)
-
-        return call
-
-
 @pytest.mark.parametrize("lexical", ["m3", "bm25"])
 def test_a_search_is_one_request(tiny_encoder: M3Encoder, lexical: str) -> None:
     r = _qdrant(tiny_encoder, lexical=lexical)
     r.add_texts(SAMPLE_TEXTS, METAS, IDS)
     backend = r.backend
     assert isinstance(backend, QdrantBackend)
-    counting = _Counting(backend.client)
+    counting = CountingClient(backend.client)
     backend._client = counting
     hits = r.search("capital city", k=5, filter={"lang": ["en", "fr"]})
     assert counting.calls == ["query_batch_points"]

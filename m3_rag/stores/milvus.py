@@ -6,12 +6,13 @@ and ``colbert`` (the document's ColBERT vectors in their storage dtype, base64 i
 ARRAY<VARCHAR>). A one-row-per-key side collection ``<name>_m3meta`` holds the index
 configuration and, for BM25, the corpus statistics (document frequencies, count, length).
 
-Candidate generation (dense top-n, lexical top-n, metadata filter) runs in Milvus; the
-candidates' rows are then fetched and scored client-side with the same functions as the
-memory backend, so per-mode scores and rankings agree with it. BM25 rows store the
-document side ``tf (k1+1) / (tf + K)`` with the mean length at write time and queries carry
-the IDF: Milvus ranks by exact BM25 while the corpus is unchanged since the last write; the
-returned scores are always exact.
+Candidate generation (dense top-n, lexical top-n, metadata filter) runs in Milvus in one
+``hybrid_search`` round trip that also returns the candidates' stored vectors (and, for up
+to ``colbert_inline`` candidates, their ColBERT vectors); they are scored client-side with
+the same functions as the local engine, so per-mode scores and rankings agree with it.
+BM25 rows store the document side ``tf (k1+1) / (tf + K)`` with the mean length at write
+time and queries carry the IDF: Milvus ranks by exact BM25 while the corpus is unchanged
+since the last write; the returned scores are always exact.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class MilvusBackend:
         batch_size: Rows per insert call.
         show_progress: Progress bar for inserts (default: when more than one batch).
         timeout: Seconds to wait for a server.
+        colbert_inline: Up to this many candidates (both legs' limits together), a search
+            returns their ColBERT vectors in the same reply (one round trip); above it they
+            are fetched in a second request (replies stay far below gRPC limits).
         allow_model_mismatch: Accept an encoder whose model name differs from the one that
             built the collection (same dimensions still required).
 
@@ -89,6 +93,7 @@ class MilvusBackend:
         batch_size: int = 256,
         show_progress: bool | None = None,
         timeout: float = 10.0,
+        colbert_inline: int = 512,
         allow_model_mismatch: bool = False,
     ) -> None:
         if not isinstance(uri, str) or not uri:
@@ -105,6 +110,7 @@ class MilvusBackend:
         self.index_type, self.index_params = index_type, dict(index_params or {})
         self.batch_size, self.show_progress, self.timeout = batch_size, show_progress, timeout
         self.allow_model_mismatch = allow_model_mismatch
+        self.colbert_inline = int(colbert_inline)
         self._connect_kwargs = {"token": token, "db_name": db_name}
         self._client: Any = None
         self.spec: BackendSpec | None = None
@@ -458,46 +464,66 @@ class MilvusBackend:
         *,
         colbert_query: np.ndarray | None = None,
     ) -> Candidates:
-        """Dense and lexical top-``n`` in Milvus (filtered there), scored client-side."""
+        """Dense and lexical top-``n`` in Milvus (filtered there), scored client-side.
+
+        One round trip: a ``hybrid_search`` of both legs (a plain ``search`` when there is
+        no lexical query) returns the union with the stored vectors, so the per-mode scores
+        are computed here exactly as the local engine does (Milvus's rankers return one
+        fused score). With ``colbert_query`` and at most ``colbert_inline`` candidates, the
+        ColBERT vectors come in the same reply and are scored too.
+        """
+        from pymilvus import AnnSearchRequest, RRFRanker
+
         spec = self._spec()
         expr = milvus_expr(flt)
         limit = min(int(n), MAX_TOPK)
         use_lex = spec.lexical is not None and lexical_query is not None
-        hits = self._search("dense", np.asarray(dense_query, np.float32).tolist(), limit, expr)
-        ids = list(hits)
+        dq = np.asarray(dense_query, np.float32).tolist()
+        ip = {"metric_type": "IP"}
+        reqs = [AnnSearchRequest([dq], "dense", ip, limit, expr=expr)]
         lex_q = None
         if use_lex and lexical_query is not None:
             lex_q = self._lexical_query(lexical_query)
-            nz = {t: w for t, w in lex_q.items() if w > 0}
+            nz = {t: w for t, w in lex_q.items() if w > 0}  # every hit then scores > 0
             if nz:
-                lex_hits = self._search("sparse", nz, limit, expr)
-                ids += [i for i, s in lex_hits.items() if s > 0 and i not in hits]
-        if not ids:
+                reqs.append(AnnSearchRequest([nz], "sparse", ip, limit, expr=expr))
+        bound = min(len(reqs) * limit, MAX_TOPK)
+        inline = colbert_query is not None and spec.colbert_dim and bound <= self.colbert_inline
+        fields = ["id", "text", "metadata", "dense"]
+        fields += (["sparse"] if spec.lexical else []) + (["colbert"] if inline else [])
+        fields += ["dl", "avgdl"] if spec.lexical == "bm25" else []
+        if len(reqs) == 1:
+            res = self.client.search(
+                self.collection,
+                data=[dq],
+                anns_field="dense",
+                limit=limit,
+                filter=expr,
+                output_fields=fields,
+                search_params=ip,
+            )
+        else:
+            res = self.client.hybrid_search(
+                self.collection, reqs, RRFRanker(), limit=bound, output_fields=fields
+            )
+        rows = [dict(h["entity"]) | {"id": h["id"]} for h in res[0]]
+        if not rows:
             return Candidates.empty(use_lex)
-        extra = ["text", "metadata", "dense"] + (["dl", "avgdl"] if spec.lexical == "bm25" else [])
-        by_id = {r["id"]: r for r in self._fetch(ids, extra)}
-        rows = [by_id[i] for i in ids if i in by_id]  # a concurrent delete may drop some
         dense = np.asarray([r["dense"] for r in rows], dtype=np.float32)
         lexical = self._lexical_scores(rows, lex_q) if lex_q is not None else None
+        if use_lex and lexical is None:
+            lexical = np.zeros(len(rows), np.float32)
+        colbert = None
+        if inline and colbert_query is not None:
+            colbert = self._colbert_of([r["colbert"] for r in rows], colbert_query)
         return Candidates(
             ids=[r["id"] for r in rows],
-            dense=dense_scan(dense, dense_query) if len(rows) else np.zeros(0, np.float32),
+            dense=dense_scan(dense, dense_query),
             lexical=lexical,
             rows=np.arange(len(rows), dtype=np.int64),
             payload=[(r["id"], r["text"], r["metadata"] or {}) for r in rows],
+            colbert=colbert,
         )
-
-    def _search(self, field: str, query: Any, limit: int, expr: str) -> dict[str, float]:
-        res = self.client.search(
-            self.collection,
-            data=[query],
-            anns_field=field,
-            limit=limit,
-            filter=expr,
-            output_fields=["id"],
-            search_params={"metric_type": "IP"},
-        )
-        return {h["id"]: float(h["distance"]) for h in res[0]}
 
     def _lexical_query(self, query: Mapping[int, float]) -> dict[int, float]:
         """M3: the query weights. BM25: query term counts times IDF (the document side is
@@ -533,8 +559,15 @@ class MilvusBackend:
         spec = self._spec()
         if not spec.colbert_dim:
             raise ValueError("this index has no ColBERT vectors")
+        if cands.colbert is not None:
+            return cands.colbert
         by_id = {r["id"]: r["colbert"] for r in self._fetch(cands.ids, ["colbert"])}
-        blobs = [by_id.get(i, []) for i in cands.ids]
+        return self._colbert_of([by_id.get(i, []) for i in cands.ids], query)
+
+    def _colbert_of(self, blobs: list[Any], query: np.ndarray) -> np.ndarray:
+        """MaxSim of ``query [q, dim]`` against stored ColBERT blobs -> ``[len(blobs)]``."""
+        spec = self._spec()
+        assert spec.colbert_dim
         dtype = np.dtype(spec.colbert_dtype)
         packed, offsets, scales = codec.decode_blobs(blobs, spec.colbert_dim, dtype)
         return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)), scales=scales)
