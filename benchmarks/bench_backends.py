@@ -1,11 +1,18 @@
-"""Index time and search latency: the memory backend vs Milvus Lite on the same synthetic data.
+"""Index time, search latency and round trips per search of every backend that runs here.
 
-Documents are BGE-M3-shaped (1024-d dense, ~100 M3 sparse terms, ``--colbert-tokens`` float16
-ColBERT vectors); queries are synthetic (no model pass). A search is the whole hybrid path:
-dense top-100 + lexical top-100 candidates, ColBERT rescoring of their union, fusion, top-10.
+The same synthetic BGE-M3-shaped documents (1024-d dense, ~100 M3 sparse terms,
+``--colbert-tokens`` ColBERT vectors) go into each backend; queries are synthetic (no model
+pass). A search is the whole hybrid path: dense top-100 + lexical top-100 candidates,
+ColBERT rescoring of their union, fusion, top-10. Round trips are the client calls a search
+makes to the engine (counted on the real client; 0 for the in-process local engine).
 
-    python benchmarks/bench_backends.py                         # 100k docs, writes JSON
-    python benchmarks/bench_backends.py --docs 10000 --queries 50
+Backends: the local engine in RAM and on disk; Milvus Lite embedded and ``milvus-lite
+server`` as a separate process on 127.0.0.1; Qdrant through qdrant-client's local mode (in
+RAM and on disk). Qdrant's local mode is an exact, pure-Python engine meant for tests: its
+figures say nothing of a Qdrant server's speed (that needs a real Qdrant, not run here).
+
+    python benchmarks/bench_backends.py                      # 10k docs, writes JSON
+    python benchmarks/bench_backends.py --docs 2000 --queries 20 --only qdrant-ram
 """
 
 from __future__ import annotations
@@ -14,9 +21,14 @@ import argparse
 import json
 import os
 import platform
+import socket
+import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,12 +36,36 @@ from _synthetic import query_terms, unit_rows
 from bench_search import DIM, VOCAB, build, synthetic_encoder
 
 from m3_rag import EncodeOutput, HybridRetriever
+from m3_rag.stores.local import LocalBackend
 from m3_rag.stores.milvus import MilvusBackend
+from m3_rag.stores.qdrant import QdrantBackend
+
+
+class _Counting:
+    """The real engine client, counting the calls made through it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.calls = client, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a: Any, **kw: Any) -> Any:
+            self.calls += 1
+            return attr(*a, **kw)
+
+        return call
 
 
 def _latency(r: HybridRetriever, n_queries: int, seed: int = 1) -> dict[str, float]:
     rng = np.random.default_rng(seed)
-    times = []
+    backend: Any = r.backend
+    counting = None
+    if hasattr(backend, "_client"):
+        counting = backend._client = _Counting(backend.client)
+    times, trips = [], []
     for i in range(n_queries + 3):
         q = EncodeOutput(
             dense=unit_rows(rng, 1, DIM),
@@ -37,39 +73,89 @@ def _latency(r: HybridRetriever, n_queries: int, seed: int = 1) -> dict[str, flo
             colbert=[unit_rows(rng, 16, DIM)],
             lengths=np.array([17]),
         )
+        before = counting.calls if counting else 0
         t = time.perf_counter()
         hits = r.search_encoded(q, k=10)
         if i >= 3:  # warm-up
             times.append(time.perf_counter() - t)
+            trips.append((counting.calls if counting else 0) - before)
         assert len(hits) == 10
+    if counting is not None:
+        backend._client = counting.client
     ms = np.asarray(times) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "round_trips": float(np.mean(trips)),
+    }
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+@contextmanager
+def milvus_server(data: Path) -> Iterator[str]:
+    """``milvus-lite server`` in its own process on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["milvus-lite", "server", "--data-dir", str(data), "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("milvus-lite server did not start") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _backends(tmp: Path, server: Callable[[], str]) -> dict[str, Callable[[], Any]]:
+    return {
+        "local-ram": lambda: "memory",
+        "local-disk": lambda: LocalBackend(tmp / "local"),
+        "milvus-lite": lambda: MilvusBackend(
+            str(tmp / "milvus.db"), "bench", batch_size=500, show_progress=False
+        ),
+        "milvus-server": lambda: MilvusBackend(
+            server(), "bench", batch_size=500, show_progress=False
+        ),
+        "qdrant-ram": lambda: QdrantBackend(":memory:", collection="bench", batch_size=500),
+        "qdrant-disk": lambda: QdrantBackend(
+            path=str(tmp / "qdrant"), collection="bench", batch_size=500
+        ),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--docs", type=int, default=100_000)
+    ap.add_argument("--docs", type=int, default=10_000)
     ap.add_argument("--colbert-tokens", type=int, default=32)
-    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--only", nargs="*", help="backend names (default: all)")
     ap.add_argument("--out", default="benchmarks/results/bench_backends.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     encoder = synthetic_encoder()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        backends: dict[str, object] = {
-            "memory": "memory",
-            "milvus-lite": MilvusBackend(str(Path(tmp) / "bench.db"), "bench", batch_size=500),
-        }
-        for name, backend in backends.items():
+    with tempfile.TemporaryDirectory() as tmp, milvus_server(Path(tmp) / "server") as uri:
+        for name, make in _backends(Path(tmp), lambda: uri).items():
+            if args.only and name not in args.only:
+                continue
             t = time.perf_counter()
-            r = build(encoder, args.docs, args.colbert_tokens, backend=backend)
+            r = build(encoder, args.docs, args.colbert_tokens, backend=make())
             index_s = time.perf_counter() - t
             assert len(r) == args.docs
             row = {
@@ -80,20 +166,21 @@ def main() -> None:
                 "docs_per_s": args.docs / index_s,
                 **_latency(r, args.queries),
             }
-            if name != "memory":
-                row["disk_gib"] = _dir_bytes(Path(tmp)) / 2**30
             rows.append(row)
             print(row, flush=True)
+            close = getattr(r.backend, "close", None)
+            if callable(close):
+                close()
             del r
     print(
-        f"\nMemory vs Milvus Lite, {args.docs} docs x {args.colbert_tokens} ColBERT tokens, "
-        f"{args.queries} queries ({platform.machine()}, {os.cpu_count()} cores)"
+        f"\n{args.docs} docs x {args.colbert_tokens} ColBERT tokens, {args.queries} queries "
+        f"({platform.machine()}, {os.cpu_count()} cores)"
     )
-    print(f"{'backend':<12} {'index s':>8} {'docs/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'backend':<14} {'index s':>8} {'docs/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'trips':>6}")
     for row in rows:
         print(
-            f"{row['backend']:<12} {row['index_s']:>8.1f} {row['docs_per_s']:>8.0f} "
-            f"{row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f}"
+            f"{row['backend']:<14} {row['index_s']:>8.1f} {row['docs_per_s']:>8.0f} "
+            f"{row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} {row['round_trips']:>6.1f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

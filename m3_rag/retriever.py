@@ -92,7 +92,8 @@ class HybridRetriever:
         backend: ``"memory"`` (the local engine in RAM; :meth:`save`/:meth:`load` to disk)
             or a backend object: :class:`~m3_rag.stores.local.LocalBackend` with a path (a
             disk-backed, memory-mapped index where every write commits),
-            :class:`~m3_rag.stores.milvus.MilvusBackend`, or any engine implementing
+            :class:`~m3_rag.stores.milvus.MilvusBackend`,
+            :class:`~m3_rag.stores.qdrant.QdrantBackend`, or any engine implementing
             :class:`~m3_rag.stores.backend.Backend`. An engine that persists by itself is
             reopened by passing it again.
     """

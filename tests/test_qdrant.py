@@ -140,6 +140,12 @@ def test_reopen_checks_the_configuration(
         HybridRetriever(
             other, lexical="bm25", backend=QdrantBackend(client=again.client, collection="docs")
         )
+    with pytest.raises(ValueError, match="reference length"):
+        HybridRetriever(
+            tiny_encoder,
+            lexical="bm25",
+            backend=QdrantBackend(client=again.client, collection="docs", bm25_avgdl=3.0),
+        )
     with pytest.raises(ValueError, match="persists in Qdrant"):
         r2.save(tmp_path / "idx")
     again.client.create_collection(
@@ -302,3 +308,28 @@ def test_msmarco_difference_is_the_documented_bm25(
     print(f"same top-10 as qdrant (of {len(queries)}): {same}; nDCG@10 {nd}")
     assert same["local-qdrant-idf"] >= 0.95 * len(queries)
     assert abs(nd["local"] - nd["qdrant"]) <= 0.005
+
+
+def test_adapters_accept_the_backend(tiny_encoder: M3Encoder) -> None:
+    from langchain_core.documents import Document
+    from langchain_m3rag import M3Retriever
+    from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
+    from llama_index_m3rag import M3Retriever as LlamaRetriever
+
+    lc = M3Retriever.from_texts(
+        SAMPLE_TEXTS,
+        tiny_encoder,
+        metadatas=METAS,
+        ids=IDS,
+        retriever_kwargs={"backend": QdrantBackend(":memory:", collection="lc")},
+        k=3,
+    )
+    docs = lc.invoke("capital", filter={"par": 1})
+    assert len(docs) == 3 and all(isinstance(d, Document) and d.metadata["par"] == 1 for d in docs)
+    core = _qdrant(tiny_encoder)
+    core.add_texts(SAMPLE_TEXTS, METAS, IDS)
+    nodes = LlamaRetriever(core, similarity_top_k=4).retrieve("capital")
+    assert [n.node.node_id for n in nodes] == [h.id for h in core.search("capital", k=4)]
+    flt = MetadataFilters(filters=[MetadataFilter(key="lang", value=["en", "fr"], operator="in")])
+    nodes = LlamaRetriever(core, similarity_top_k=4, filters=flt).retrieve("capital")
+    assert nodes and all(n.node.metadata["lang"] in ("en", "fr") for n in nodes)

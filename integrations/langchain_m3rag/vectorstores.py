@@ -36,8 +36,8 @@ class M3VectorStore(VectorStore):
     ``metadata["m3_rag_scores"]``.
 
     Args:
-        retriever: The core :class:`m3_rag.HybridRetriever` (holds the index; memory or
-            Milvus backend).
+        retriever: The core :class:`m3_rag.HybridRetriever` (holds the index; any backend:
+            local, Milvus, Qdrant).
     """
 
     def __init__(self, retriever: HybridRetriever) -> None:

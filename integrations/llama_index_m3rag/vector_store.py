@@ -51,7 +51,7 @@ class M3VectorStore(BasePydanticVectorStore):
     (the model runs once per node).
 
     Args:
-        retriever: The core :class:`m3_rag.HybridRetriever` (memory or Milvus backend).
+        retriever: The core :class:`m3_rag.HybridRetriever` (any backend).
     """
 
     stores_text: bool = True

@@ -4,8 +4,9 @@ A backend keeps documents (id, text, metadata) with their dense vector, lexical 
 ColBERT vectors, generates stage-1 candidates for a query and scores them. Fusion, the
 reranker and result objects live in the retriever, so every backend ranks identically.
 Implementations: :class:`~m3_rag.stores.local.LocalBackend` (the embedded engine, in RAM or
-memory-mapped from a directory; the default) and :class:`~m3_rag.stores.milvus.MilvusBackend`
-(Milvus Lite or a Milvus server). The retriever names none of them: it calls this protocol.
+memory-mapped from a directory; the default), :class:`~m3_rag.stores.milvus.MilvusBackend`
+(Milvus Lite or a Milvus server) and :class:`~m3_rag.stores.qdrant.QdrantBackend` (Qdrant, or
+qdrant-client's local mode). The retriever names none of them: it calls this protocol.
 
 Consistency: ``candidates`` returns a :class:`Candidates` whose ``payload`` pins what the
 later ``colbert_scores`` and ``documents`` calls read, so a search needs no lock.

@@ -163,11 +163,6 @@ class QdrantBackend:
                 raise ConnectionError(f"cannot open Qdrant at {self!r}: {e}") from e
         return self._client
 
-    @property
-    def is_local(self) -> bool:
-        """True for qdrant-client's local mode (in this process, exact search)."""
-        return type(getattr(self.client, "_client", None)).__name__ == "QdrantLocal"
-
     def open(self, spec: BackendSpec, settings: Mapping[str, Any] | None = None) -> QdrantBackend:
         """Create the collection for ``spec``, or check an existing one.
 
@@ -196,6 +191,11 @@ class QdrantBackend:
                 meta["m3_rag"], config, self.collection, self.allow_model_mismatch, "QdrantBackend"
             )
             stored = meta.get("m3_rag_bm25_avgdl")
+            if stored is not None and self._avgdl not in (None, float(stored)):
+                raise ValueError(
+                    f"collection {self.collection!r} has the BM25 reference length {stored}; "
+                    f"drop bm25_avgdl={self._avgdl} or use another collection"
+                )
             if stored is not None:
                 self._avgdl = float(stored)
         else:
