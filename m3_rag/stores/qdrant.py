@@ -268,12 +268,6 @@ class QdrantBackend:
 
         spec = self._spec()
         ids = check_ids(ids, len(texts))
-        if len(metadatas) != len(ids):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
-        if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
-            colbert is None
-        ):
-            raise ValueError("the encoded outputs do not match the stores of this backend")
         counts = None
         if spec.lexical == "bm25" and lexical is not None:
             counts = LexicalStore(spec.vocab_size, "bm25")._prepare(ids, lexical)[1]
@@ -323,10 +317,11 @@ class QdrantBackend:
         new = [i for i in written if i not in old]
         if new:
             self.client.delete(self.collection, models.PointIdsList(points=list(new)), wait=True)
+        rewritten = set(written)
         back = [
             models.PointStruct(id=r.id, vector=r.vector, payload=r.payload)
             for i, r in old.items()
-            if i in set(written)
+            if i in rewritten
         ]
         for start in range(0, len(back), self.batch_size):
             self.client.upsert(self.collection, back[start : start + self.batch_size], wait=True)
