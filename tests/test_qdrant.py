@@ -140,6 +140,12 @@ def test_reopen_checks_the_configuration(
         HybridRetriever(
             other, lexical="bm25", backend=QdrantBackend(client=again.client, collection="docs")
         )
+    # a second writer opened before the first documents came takes their reference length
+    late = QdrantBackend(client=again.client, collection="docs")
+    late.spec = again.spec
+    late._avgdl = None
+    late.add(["late"], ["capital city"], [{}], *_encoded(r2, ["capital city"]))
+    assert late._avgdl == avgdl
     with pytest.raises(ValueError, match="reference length"):
         HybridRetriever(
             tiny_encoder,
@@ -333,3 +339,9 @@ def test_adapters_accept_the_backend(tiny_encoder: M3Encoder) -> None:
     flt = MetadataFilters(filters=[MetadataFilter(key="lang", value=["en", "fr"], operator="in")])
     nodes = LlamaRetriever(core, similarity_top_k=4, filters=flt).retrieve("capital")
     assert nodes and all(n.node.metadata["lang"] in ("en", "fr") for n in nodes)
+
+
+def _encoded(r: HybridRetriever, texts: list[str]) -> tuple[Any, Any, Any]:
+    """``(dense, BM25 term counts, ColBERT)`` of ``texts`` as the retriever stores them."""
+    enc = r.encoder.encode_documents(texts)
+    return enc.dense, r._term_counts(texts), enc.colbert

@@ -271,6 +271,11 @@ class QdrantBackend:
         counts = None
         if spec.lexical == "bm25" and lexical is not None:
             counts = LexicalStore(spec.vocab_size, "bm25")._prepare(ids, lexical)[1]
+        if counts is not None and self._avgdl is None:  # another writer may have set it
+            stored = (self.client.get_collection(self.collection).config.metadata or {}).get(
+                "m3_rag_bm25_avgdl"
+            )
+            self._avgdl = None if stored is None else float(stored)
         avgdl, new_avgdl = self._avgdl, None
         if counts is not None and avgdl is None:  # the first documents set the reference
             dl = np.asarray(counts.sum(axis=1), dtype=np.float64)
