@@ -8,6 +8,7 @@ imported lazily (``pip install "m3-rag[ann]"``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,10 +104,25 @@ class DenseANN:
         out: np.ndarray = rows[0]
         return out[out >= 0].astype(np.int64)
 
-    def to_array(self) -> np.ndarray:
-        """The index serialised for ``np.save`` (uint8)."""
-        out: np.ndarray = faiss_module().serialize_index(self.index)
-        return out
+    def write_to(self, write: Callable[[bytes], Any]) -> None:
+        """Serialise the index through ``write(bytes)`` in pieces (never the whole of it in
+        RAM a second time); :meth:`from_array` reads it back."""
+        faiss = faiss_module()
+        writer = faiss.PyCallbackIOWriter(lambda b: write(bytes(b)))
+        faiss.write_index(self.index, writer)
+        del writer  # flushes
+
+    def nbytes(self) -> int:
+        """Size of the serialised index (one counting pass, nothing kept)."""
+        total = 0
+
+        def count(b: bytes) -> int:
+            nonlocal total
+            total += len(b)
+            return len(b)
+
+        self.write_to(count)
+        return total
 
     @classmethod
     def from_array(cls, data: np.ndarray, nprobe: int) -> DenseANN:

@@ -23,7 +23,7 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,28 @@ class _Sink:
                 at += len(p)
             self.arrays[name] = out
             return
+        written = 0
+        with self._npy(name, dtype, shape) as write:
+            for p in pieces:
+                b = np.ascontiguousarray(p, dtype=dtype).tobytes()
+                write(b)
+                written += len(b)
+
+    def stream(
+        self, name: str, nbytes: int, fill: Callable[[Callable[[bytes], Any]], None]
+    ) -> None:
+        """Write a ``[nbytes]`` uint8 array whose bytes ``fill(write)`` pushes in pieces (no
+        copy of the whole in RAM)."""
+        with self._npy(name, np.dtype(np.uint8), (nbytes,)) as write:
+            fill(write)
+
+    @contextlib.contextmanager
+    def _npy(
+        self, name: str, dtype: np.dtype, shape: tuple[int, ...]
+    ) -> Iterator[Callable[[bytes], Any]]:
+        """An ``.npy`` file being written: yields ``write(bytes)``; checks the size, hashes,
+        fsyncs and records the file."""
+        assert self.dir is not None
         header = {
             "descr": np.lib.format.dtype_to_descr(dtype),
             "fortran_order": False,
@@ -145,11 +167,15 @@ class _Sink:
         with open(self.dir / f"{name}.npy", "xb") as f:
             sha = hashlib.sha256(buf.getvalue())
             f.write(buf.getvalue())
-            for p in pieces:
-                b = np.ascontiguousarray(p, dtype=dtype).tobytes()
+
+            def write(b: bytes) -> int:
+                nonlocal written
                 sha.update(b)
                 f.write(b)
                 written += len(b)
+                return len(b)
+
+            yield write
             f.flush()
             os.fsync(f.fileno())
         want = int(np.prod(shape)) * dtype.itemsize
@@ -212,11 +238,11 @@ def build_segment(
             [s.lexical.rows_csr(rows, vocab_size) for s, rows in parts if s.lexical is not None],
             format="csr",
         )
-        post = LexicalPostings.from_csr(csr)
+        lexical = LexicalPostings.from_csr(csr)
         del csr
-        for key, arr in post.arrays().items():
+        for key, arr in lexical.arrays().items():
             sink.array(f"lex_{key}", [arr], arr.dtype, arr.shape)
-        lexical = post
+        del arr  # the postings must be freeable once written
     if first is not None and first.colbert is not None:
         _colbert(sink, parts, opts)
     texts = [s.docs.text(r) for s, rows in parts for r in rows.tolist()]
@@ -232,7 +258,7 @@ def build_segment(
         )
         return _with_ann(seg, opts)
     _write_docs(sink, ids, texts, metas)
-    del texts, metas, lexical
+    del texts, metas, lexical  # the new segment reads them from disk
     seg = open_segment(directory.parent, name, {"count": n, "files": sink.files}, opts, check=False)
     seg = _with_ann(seg, opts, sink)
     meta = {"count": n, "files": sink.files}
@@ -300,9 +326,8 @@ def _with_ann(seg: Segment, opts: SegmentOptions, sink: _Sink | None = None) -> 
         seg.dense.shape[1],
         nprobe=opts.ann_nprobe,
     )
-    if sink is not None and sink.dir is not None:
-        data = ann.to_array()
-        sink.array("ann", [data], np.uint8, data.shape)
+    if sink is not None and sink.dir is not None:  # streamed: no second copy of the index
+        sink.stream("ann", ann.nbytes(), ann.write_to)
     return Segment(seg.name, seg.ids, seg.dense, seg.lexical, seg.colbert, seg.docs, ann)
 
 
