@@ -1,14 +1,20 @@
-"""What a server-side collection records of its index, and the check made on reopening it
-(shared by the Milvus and Qdrant backends)."""
+"""What the server engines (Milvus, Qdrant) share: the configuration a collection records
+and its check on reopening, the int64 check of metadata, and the methods that only read the
+retriever's spec or a search's fetched documents."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from m3_rag.stores.backend import BackendSpec
+import numpy as np
+
+from m3_rag.stores.backend import BackendSpec, Candidates
 from m3_rag.stores.lexical import BM25Params
 
-__all__ = ["check_index_config", "index_config"]
+__all__ = ["ServerEngine", "check_index_config", "check_int64", "index_config"]
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 _CHECKED = (
     "dense_dim",
@@ -66,3 +72,47 @@ def check_index_config(
                 f"collection {name!r} has {key}={stored.get(key)!r}, this retriever needs "
                 f"{wanted[key]!r}; use another collection or the settings it was built with"
             )
+
+
+def check_int64(value: Any, name: str, engine: str) -> None:
+    """Refuse JSON ``value`` holding an integer outside int64 (what both engines store).
+
+    Raises:
+        ValueError: naming ``name`` and ``engine``.
+    """
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            raise ValueError(
+                f"{name} holds the integer {v}, outside {engine}'s 64-bit range; store it as a str"
+            )
+
+
+class ServerEngine:
+    """The parts of a server engine's :class:`~m3_rag.stores.backend.Backend` that only
+    read ``spec`` or the documents a search fetched into ``Candidates.payload`` as
+    ``(id, text, metadata)``."""
+
+    spec: BackendSpec | None
+
+    def _spec(self) -> BackendSpec:
+        if self.spec is None:
+            raise ValueError(f"{self!r} is not open: pass it to HybridRetriever(backend=...)")
+        return self.spec
+
+    def known_empty(self) -> bool:
+        """Never claims emptiness (counting would cost a round trip)."""
+        return False
+
+    def documents(
+        self, cands: Candidates, order: np.ndarray
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        return [
+            (cands.payload[i][0], cands.payload[i][1], copy.deepcopy(cands.payload[i][2]))
+            for i in order.tolist()
+        ]

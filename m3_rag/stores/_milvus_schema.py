@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from m3_rag.stores import _milvus_codec as codec
-from m3_rag.stores._config import check_index_config, index_config
+from m3_rag.stores._config import check_index_config, check_int64, index_config
 from m3_rag.stores._milvus_filters import milvus_literal
 from m3_rag.stores.backend import BackendSpec
 
@@ -101,7 +101,6 @@ def check_sizes(ids: Sequence[str], texts: Sequence[str]) -> None:
 
 
 MAX_JSON_BYTES = 65536
-_INT64 = (-(2**63), 2**63 - 1)
 
 
 def check_json(value: Any, name: str) -> None:
@@ -111,17 +110,7 @@ def check_json(value: Any, name: str) -> None:
     Raises:
         ValueError: naming ``name``.
     """
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
-            raise ValueError(
-                f"{name} holds the integer {v}, outside Milvus's 64-bit range; store it as a str"
-            )
+    check_int64(value, name, "Milvus")
     size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
     if size > MAX_JSON_BYTES:
         raise ValueError(f"{name} is {size} bytes of JSON, over Milvus's {MAX_JSON_BYTES}")

@@ -11,19 +11,18 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3_rag.stores._config import check_int64
 from m3_rag.stores._qdrant_filters import metadata_path
 from m3_rag.stores.backend import BackendSpec
-from m3_rag.stores.base import check_ids
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
-from m3_rag.stores.lexical import BM25Params, LexicalStore, bm25_tf
+from m3_rag.stores.lexical import BM25Params, bm25_tf
 
 __all__ = ["FORMAT", "PAYLOAD_TYPES", "check_payload", "create_collection", "point_id", "to_points"]
 
 FORMAT = 1
 PAYLOAD_TYPES = ("keyword", "integer", "float", "bool")
 _NAMESPACE = uuid.UUID("6b1f4c52-3f0e-5d8a-9c57-0b6f2a7e4d11")
-_INT64 = (-(2**63), 2**63 - 1)
 
 
 def point_id(doc_id: str) -> str:
@@ -103,29 +102,23 @@ def to_points(
     texts: Sequence[str],
     metadatas: Sequence[dict[str, Any]],
     dense: np.ndarray,
-    lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
+    lexical: sp.csr_matrix | None,
     colbert: Sequence[np.ndarray] | None,
     avgdl: float | None,
 ) -> list[Any]:
-    """Validate documents and encode them as ``PointStruct`` s (nothing is written).
+    """Validate vectors and metadata and encode documents as ``PointStruct`` s (nothing is
+    written). ``ids`` and the batch's shape are checked already (``check_batch``), and
+    ``lexical`` is the validated ``[m, vocab]`` block (``LexicalStore._prepare``).
 
     Vectors are rounded to the index's storage dtypes first, so Qdrant scores the values
-    the local engine stores. BM25 ``lexical`` is term counts ``[m, vocab]``, stored as the
-    document side of BM25 with reference length ``avgdl``.
+    the local engine stores. BM25 ``lexical`` is term counts, stored as the document side
+    of BM25 with reference length ``avgdl``.
 
     Raises:
-        ValueError: mismatched lengths, NaN/inf vectors, bad term ids, metadata a payload
-            cannot hold.
+        ValueError: NaN/inf vectors, metadata a payload cannot hold.
     """
     from qdrant_client import models
 
-    ids = check_ids(ids, len(texts))
-    if len(metadatas) != len(ids):
-        raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
-    if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
-        colbert is None
-    ):
-        raise ValueError("the encoded outputs do not match the stores of this backend")
     for i, m in enumerate(metadatas):
         check_payload(m, f"metadatas[{i}]")
     vecs = DenseStore(spec.dense_dim, spec.dense_dtype)._prepare(ids, dense)[1]
@@ -142,7 +135,7 @@ def to_points(
             if b > a:  # a point without ColBERT vectors scores 0 on that leg
                 v["colbert"] = values[a:b].tolist()
     if spec.lexical and lexical is not None:
-        weights = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
+        weights = lexical
         if spec.lexical == "bm25":
             weights = bm25_weights(weights, avgdl or 1.0, spec.bm25 or BM25Params())
         for i, v in enumerate(named):
@@ -172,17 +165,7 @@ def check_payload(value: Any, name: str) -> None:
     Raises:
         ValueError: naming ``name``.
     """
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
-            raise ValueError(
-                f"{name} holds the integer {v}, outside Qdrant's 64-bit range; store it as a str"
-            )
+    check_int64(value, name, "Qdrant")
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as e:

@@ -22,9 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag.filters import Filter
+from m3_rag.stores.base import check_ids
 from m3_rag.stores.lexical import BM25Params
 
-__all__ = ["Backend", "BackendSpec", "Candidates", "DocBatch"]
+__all__ = ["Backend", "BackendSpec", "Candidates", "DocBatch", "check_batch"]
 
 
 @dataclass
@@ -159,3 +160,27 @@ class Backend(Protocol):
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, text, metadata copy)`` of the stored documents among ``ids``, in the order
         of ``ids`` (unknown ids are left out)."""
+
+
+def check_batch(
+    spec: BackendSpec,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    metadatas: Sequence[dict[str, Any]],
+    lexical: object | None,
+    colbert: object | None,
+) -> list[str]:
+    """The checks every :meth:`Backend.add` starts with -> ``ids`` as a list.
+
+    Raises:
+        TypeError, ValueError: bad or duplicate ids, counts that differ, or a lexical or
+            ColBERT input present where ``spec`` has no such store (or missing where it has).
+    """
+    checked = check_ids(ids, len(texts))
+    if len(metadatas) != len(checked):
+        raise ValueError(f"got {len(metadatas)} metadatas for {len(checked)} texts")
+    if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
+        colbert is None
+    ):
+        raise ValueError("the encoded outputs do not match the stores of this backend")
+    return checked

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from m3_rag._memory import release_free_memory
 from m3_rag.filters import Filter, filter_mask
-from m3_rag.stores.backend import BackendSpec, Candidates, DocBatch
+from m3_rag.stores.backend import BackendSpec, Candidates, DocBatch, check_batch
 from m3_rag.stores.base import check_ids, top_k
 from m3_rag.stores.colbert import DTYPES as COLBERT_DTYPES
 from m3_rag.stores.colbert import ColbertStore
@@ -255,13 +255,7 @@ class LocalBackend:
         """Add (or replace by id) documents as one new segment; validated first, so an
         error changes nothing."""
         spec = self._need_spec()
-        ids = check_ids(ids, len(texts))
-        if len(metadatas) != len(ids):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
-        if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
-            colbert is None
-        ):
-            raise ValueError("the encoded outputs do not match the stores of this backend")
+        ids = check_batch(spec, ids, texts, metadatas, lexical, colbert)
         _, vecs = DenseStore(spec.dense_dim)._prepare(ids, dense)
         lex = None
         if spec.lexical is not None and lexical is not None:

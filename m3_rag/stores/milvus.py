@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from m3_rag.filters import Filter
 from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_dot_rows
 from m3_rag.stores import _milvus_codec as codec
+from m3_rag.stores._config import ServerEngine
 from m3_rag.stores._milvus_filters import milvus_expr, milvus_literal
 from m3_rag.stores._milvus_schema import (
     check_config,
@@ -41,7 +42,7 @@ from m3_rag.stores._milvus_schema import (
     is_server,
     str_list,
 )
-from m3_rag.stores.backend import BackendSpec, Candidates
+from m3_rag.stores.backend import BackendSpec, Candidates, check_batch
 from m3_rag.stores.base import check_ids
 from m3_rag.stores.colbert import ColbertStore
 from m3_rag.stores.dense import DenseStore
@@ -53,7 +54,7 @@ MAX_TOPK = 16384  # Milvus's largest search limit
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
-class MilvusBackend:
+class MilvusBackend(ServerEngine):
     """Milvus storage for a :class:`~m3_rag.HybridRetriever`.
 
     ``HybridRetriever(encoder, backend=MilvusBackend("./m3.db", "docs"))`` creates the
@@ -195,11 +196,6 @@ class MilvusBackend:
             self._client.close()
             self._client = None
 
-    def _spec(self) -> BackendSpec:
-        if self.spec is None:
-            raise ValueError(f"{self!r} is not open: pass it to HybridRetriever(backend=...)")
-        return self.spec
-
     # ---------------------------------------------------------------- meta rows
     def _meta_row(self, key: str) -> dict[str, Any]:
         rows = self.client.query(
@@ -281,10 +277,6 @@ class MilvusBackend:
             "HybridRetriever(encoder, backend=MilvusBackend(uri, collection))"
         )
 
-    def known_empty(self) -> bool:
-        """Never claims emptiness (counting would cost a round trip)."""
-        return False
-
     def __len__(self) -> int:
         self._spec()
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
@@ -304,13 +296,7 @@ class MilvusBackend:
         Every input is validated before anything is written: on error nothing stored is lost.
         """
         spec = self._spec()
-        ids = check_ids(ids, len(texts))
-        if len(metadatas) != len(ids):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(ids)} texts")
-        if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
-            colbert is None
-        ):
-            raise ValueError("the encoded outputs do not match the stores of this backend")
+        ids = check_batch(spec, ids, texts, metadatas, lexical, colbert)
         check_sizes(ids, texts)
         for i, m in enumerate(metadatas):
             check_json(m, f"metadatas[{i}]")
@@ -571,14 +557,6 @@ class MilvusBackend:
         dtype = np.dtype(spec.colbert_dtype)
         packed, offsets, scales = codec.decode_blobs(blobs, spec.colbert_dim, dtype)
         return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)), scales=scales)
-
-    def documents(
-        self, cands: Candidates, order: np.ndarray
-    ) -> list[tuple[str, str, dict[str, Any]]]:
-        return [
-            (cands.payload[i][0], cands.payload[i][1], copy.deepcopy(cands.payload[i][2]))
-            for i in order.tolist()
-        ]
 
     def select(self, flt: Filter) -> list[str]:
         """Ids of the stored documents passing the dict filter ``flt`` (paged)."""

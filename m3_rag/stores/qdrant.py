@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag.filters import Filter
-from m3_rag.stores._config import check_index_config, index_config
+from m3_rag.stores._config import ServerEngine, check_index_config, index_config
 from m3_rag.stores._qdrant_filters import metadata_path, qdrant_filter
 from m3_rag.stores._qdrant_schema import (
     FORMAT,
@@ -46,14 +46,14 @@ from m3_rag.stores._qdrant_schema import (
     point_id,
     to_points,
 )
-from m3_rag.stores.backend import BackendSpec, Candidates
+from m3_rag.stores.backend import BackendSpec, Candidates, check_batch
 from m3_rag.stores.base import check_ids
 from m3_rag.stores.lexical import LexicalStore
 
 __all__ = ["QdrantBackend", "point_id"]
 
 
-class QdrantBackend:
+class QdrantBackend(ServerEngine):
     """Qdrant storage for a :class:`~m3_rag.HybridRetriever`.
 
     ``HybridRetriever(encoder, backend=QdrantBackend(url="http://localhost:6333"))`` creates
@@ -229,21 +229,12 @@ class QdrantBackend:
             self._client.close()
             self._client = None
 
-    def _spec(self) -> BackendSpec:
-        if self.spec is None:
-            raise ValueError(f"{self!r} is not open: pass it to HybridRetriever(backend=...)")
-        return self.spec
-
     def save(self, path: Any, settings: Any = None) -> None:
         """Refused: the collection persists in Qdrant by itself."""
         raise ValueError(
             f"{self!r} persists in Qdrant; reopen it with "
             "HybridRetriever(encoder, backend=QdrantBackend(..., collection=...))"
         )
-
-    def known_empty(self) -> bool:
-        """Never claims emptiness (counting would cost a round trip)."""
-        return False
 
     def __len__(self) -> int:
         self._spec()
@@ -265,31 +256,22 @@ class QdrantBackend:
         refuses rolls back the earlier requests of this call (new points deleted, replaced
         ones restored), so nothing already stored is lost.
         """
-
         spec = self._spec()
-        ids = check_ids(ids, len(texts))
-        counts = None
-        if spec.lexical == "bm25" and lexical is not None:
-            counts = LexicalStore(spec.vocab_size, "bm25")._prepare(ids, lexical)[1]
-        if counts is not None and self._avgdl is None:  # another writer may have set it
+        ids = check_batch(spec, ids, texts, metadatas, lexical, colbert)
+        block = None  # [m, vocab]: M3 weights or BM25 term counts
+        if spec.lexical and lexical is not None:
+            block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
+        bm25 = spec.lexical == "bm25" and block is not None
+        if bm25 and self._avgdl is None:  # another writer may have set it
             stored = (self.client.get_collection(self.collection).config.metadata or {}).get(
                 "m3_rag_bm25_avgdl"
             )
             self._avgdl = None if stored is None else float(stored)
         avgdl, new_avgdl = self._avgdl, None
-        if counts is not None and avgdl is None:  # the first documents set the reference
-            dl = np.asarray(counts.sum(axis=1), dtype=np.float64)
+        if bm25 and block is not None and avgdl is None:  # the first documents set it
+            dl = np.asarray(block.sum(axis=1), dtype=np.float64)
             avgdl = new_avgdl = float(dl.mean()) if len(dl) and dl.mean() > 0 else 1.0
-        points = to_points(
-            spec,
-            ids,
-            texts,
-            metadatas,
-            dense,
-            counts if counts is not None else lexical,
-            colbert,
-            avgdl,
-        )
+        points = to_points(spec, ids, texts, metadatas, dense, block, colbert, avgdl)
         # validated and encoded: now write, undoing what was written on failure
         pids: list[Any] = [p.id for p in points]
         old = {r.id: r for r in self._retrieve(pids, vectors=True)}
@@ -469,14 +451,6 @@ class QdrantBackend:
         )
         by_pid = {p.id: p.score / len(q) for p in res.points}
         return np.asarray([by_pid.get(p, 0.0) for p in pids], dtype=np.float32)
-
-    def documents(
-        self, cands: Candidates, order: np.ndarray
-    ) -> list[tuple[str, str, dict[str, Any]]]:
-        return [
-            (cands.payload[i][0], cands.payload[i][1], copy.deepcopy(cands.payload[i][2]))
-            for i in order.tolist()
-        ]
 
     def select(self, flt: Filter) -> list[str]:
         """Ids of the stored documents passing the dict filter ``flt`` (paged scroll)."""
