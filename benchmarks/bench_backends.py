@@ -21,12 +21,9 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +36,7 @@ from m3_rag import EncodeOutput, HybridRetriever
 from m3_rag.stores.local import LocalBackend
 from m3_rag.stores.milvus import MilvusBackend
 from m3_rag.stores.qdrant import QdrantBackend
-
-
-class _Counting:
-    """The real engine client, counting the calls made through it."""
-
-    def __init__(self, client: Any) -> None:
-        self.client, self.calls = client, 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*a: Any, **kw: Any) -> Any:
-            self.calls += 1
-            return attr(*a, **kw)
-
-        return call
+from m3_rag.testing import CountingClient, milvus_lite_server
 
 
 def _latency(r: HybridRetriever, n_queries: int, seed: int = 1) -> dict[str, float]:
@@ -64,7 +44,7 @@ def _latency(r: HybridRetriever, n_queries: int, seed: int = 1) -> dict[str, flo
     backend: Any = r.backend
     counting = None
     if hasattr(backend, "_client"):
-        counting = backend._client = _Counting(backend.client)
+        counting = backend._client = CountingClient(backend.client)
     times, trips = [], []
     for i in range(n_queries + 3):
         q = EncodeOutput(
@@ -73,12 +53,12 @@ def _latency(r: HybridRetriever, n_queries: int, seed: int = 1) -> dict[str, flo
             colbert=[unit_rows(rng, 16, DIM)],
             lengths=np.array([17]),
         )
-        before = counting.calls if counting else 0
+        before = len(counting.calls) if counting else 0
         t = time.perf_counter()
         hits = r.search_encoded(q, k=10)
         if i >= 3:  # warm-up
             times.append(time.perf_counter() - t)
-            trips.append((counting.calls if counting else 0) - before)
+            trips.append((len(counting.calls) if counting else 0) - before)
         assert len(hits) == 10
     if counting is not None:
         backend._client = counting.client
@@ -92,32 +72,6 @@ def _latency(r: HybridRetriever, n_queries: int, seed: int = 1) -> dict[str, flo
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-@contextmanager
-def milvus_server(data: Path) -> Iterator[str]:
-    """``milvus-lite server`` in its own process on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = ["milvus-lite", "server", "--data-dir", str(data), "--host", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("milvus-lite server did not start") from None
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _backends(tmp: Path, server: Callable[[], str]) -> dict[str, Callable[[], Any]]:
@@ -150,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     encoder = synthetic_encoder()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, milvus_server(Path(tmp) / "server") as uri:
+    with tempfile.TemporaryDirectory() as tmp, milvus_lite_server(Path(tmp) / "server") as uri:
         for name, make in _backends(Path(tmp), lambda: uri).items():
             if args.only and name not in args.only:
                 continue

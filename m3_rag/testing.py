@@ -8,12 +8,24 @@ corpus, saved as an XLM-R fast tokenizer (``<s>=0, <pad>=1, </s>=2, <unk>=3, <ma
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["SAMPLE_TEXTS", "build_m3_checkpoint", "build_reranker_checkpoint", "build_tokenizer"]
+__all__ = [
+    "SAMPLE_TEXTS",
+    "CountingClient",
+    "build_m3_checkpoint",
+    "build_reranker_checkpoint",
+    "build_tokenizer",
+    "milvus_lite_server",
+]
 
 SAMPLE_TEXTS: list[str] = [
     "BGE-M3 produces dense, sparse and multi-vector representations in one forward pass.",
@@ -221,3 +233,59 @@ def _save(model: Any, out: Path, weights_format: str) -> None:
         torch.save(model.state_dict(), out / "pytorch_model.bin")
     else:
         raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
+
+
+@contextmanager
+def milvus_lite_server(data_dir: str | Path, timeout: float = 60.0) -> Iterator[str]:
+    """``milvus-lite server`` as a separate process on a free 127.0.0.1 port, stopped on exit.
+
+    Yields:
+        Its URI, ``http://127.0.0.1:PORT`` (for ``MilvusBackend``).
+
+    Raises:
+        RuntimeError: it exited or did not listen within ``timeout`` seconds.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["milvus-lite", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("milvus-lite server did not start on 127.0.0.1") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class CountingClient:
+    """Wraps a real engine client and records the name of every method called (the round
+    trips a search makes)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a: Any, **kw: Any) -> Any:
+            self.calls.append(name)
+            return attr(*a, **kw)
+
+        return call

@@ -158,22 +158,3 @@ def msmarco_minilm(msmarco, minilm_dir: Path):  # type: ignore[no-untyped-def]
     ]
     r.add_texts(texts, ids=ids, show_progress=False)
     return r
-
-
-class CountingClient:
-    """Wraps a real engine client and records the name of every method called (the round
-    trips a search makes)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client, self.calls = client, []
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*a: Any, **kw: Any) -> Any:
-            self.calls.append(name)
-            return attr(*a, **kw)
-
-        return call

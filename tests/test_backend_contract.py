@@ -8,9 +8,6 @@ Milvus Lite embedded; Milvus Lite as a separate server process on 127.0.0.1, rea
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -20,7 +17,7 @@ from _qdrant_idf import qdrant_idf
 from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
-from m3_rag.testing import SAMPLE_TEXTS
+from m3_rag.testing import SAMPLE_TEXTS, milvus_lite_server
 
 IDS = [f"doc-{i}" for i in range(len(SAMPLE_TEXTS))]
 METAS = [{"i": i, "par": i % 2, "lang": ["en", "zh", "ar", "fr"][i % 4]} for i in range(len(IDS))]
@@ -31,42 +28,8 @@ QUERIES = ["capital city", "机器学习", SAMPLE_TEXTS[6], "retrieval model"]
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``milvus-lite server`` in its own process on a free loopback port (stopped at the end)."""
     require("milvus_lite", "pip install -e '.[milvus]'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tmp_path_factory.mktemp("milvus-server")
-    proc = subprocess.Popen(
-        [
-            "milvus-lite",
-            "server",
-            "--data-dir",
-            str(data),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("milvus-lite server did not start on 127.0.0.1")
-            time.sleep(0.2)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with milvus_lite_server(tmp_path_factory.mktemp("milvus-server")) as uri:
+        yield uri
 
 
 Factory = Callable[..., HybridRetriever]

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import CountingClient, require
+from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import BeirData, evaluate_run
 from m3_rag.stores import _milvus_codec as codec
 from m3_rag.stores._milvus_filters import milvus_expr
 from m3_rag.stores.lexical import BM25Params, bm25_tf
-from m3_rag.testing import SAMPLE_TEXTS
+from m3_rag.testing import SAMPLE_TEXTS, CountingClient
 
 require("pymilvus", "pip install -e '.[milvus]'")
 require("milvus_lite", "pip install -e '.[milvus]'")

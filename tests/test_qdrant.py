@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CountingClient, require
+from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import BeirData, evaluate_run
 from m3_rag.stores.lexical import BM25Params, bm25_tf
-from m3_rag.testing import SAMPLE_TEXTS
+from m3_rag.testing import SAMPLE_TEXTS, CountingClient
 
 require("qdrant_client", "pip install -e '.[qdrant]'")
 
