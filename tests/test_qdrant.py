@@ -257,11 +257,17 @@ def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
         {"indexed_fields": {"lang": "text"}},
         {"batch_size": 0},
         {"bm25_avgdl": -1.0},
+        {"bm25_avgdl": "x"},
     ):
         with pytest.raises(ValueError):
             QdrantBackend(":memory:", **bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="exactly one"):
         QdrantBackend(":memory:", path="/tmp/x")
+    for bad_type in ({"location": ""}, {"url": 6333}, {"location": ":memory:", "collection": 1}):
+        with pytest.raises(TypeError):
+            QdrantBackend(**bad_type)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="indexed_fields"):
+        QdrantBackend(":memory:", indexed_fields=["lang"])  # type: ignore[arg-type]
     assert point_id("a") == point_id("a") != point_id("b")
 
 
@@ -345,3 +351,19 @@ def _encoded(r: HybridRetriever, texts: list[str]) -> tuple[Any, Any, Any]:
     """``(dense, BM25 term counts, ColBERT)`` of ``texts`` as the retriever stores them."""
     enc = r.encoder.encode_documents(texts)
     return enc.dense, r._term_counts(texts), enc.colbert
+
+
+def test_unreadable_local_storage_is_a_value_error(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    """A corrupt local-mode directory, or one another client holds, is refused and left as
+    it is."""
+    (tmp_path / "meta.json").write_text("{corrupt")
+    with pytest.raises(ValueError, match="local storage"):
+        HybridRetriever(tiny_encoder, backend=QdrantBackend(path=str(tmp_path)))
+    assert (tmp_path / "meta.json").read_text() == "{corrupt"
+    held = QdrantBackend(path=str(tmp_path / "held"), collection="docs")
+    r = HybridRetriever(tiny_encoder, backend=held)
+    r.add_texts(SAMPLE_TEXTS[:2], ids=IDS[:2])
+    with pytest.raises(ValueError, match="local storage"):
+        HybridRetriever(tiny_encoder, backend=QdrantBackend(path=str(tmp_path / "held")))
+    assert len(r) == 2 and r.add_texts([]) == [] and len(r) == 2
+    held.close()

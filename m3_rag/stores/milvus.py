@@ -111,7 +111,9 @@ class MilvusBackend(ServerEngine):
         self.index_type, self.index_params = index_type, dict(index_params or {})
         self.batch_size, self.show_progress, self.timeout = batch_size, show_progress, timeout
         self.allow_model_mismatch = allow_model_mismatch
-        self.colbert_inline = int(colbert_inline)
+        if not isinstance(colbert_inline, int) or colbert_inline < 0:
+            raise ValueError(f"colbert_inline must be an int >= 0, got {colbert_inline!r}")
+        self.colbert_inline = colbert_inline
         self._connect_kwargs = {"token": token, "db_name": db_name}
         self._client: Any = None
         self.spec: BackendSpec | None = None

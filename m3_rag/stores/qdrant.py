@@ -30,6 +30,8 @@ local engine's.
 from __future__ import annotations
 
 import copy
+import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -91,7 +93,7 @@ class QdrantBackend(ServerEngine):
         self,
         location: str | None = None,
         *,
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         url: str | None = None,
         collection: str = "m3_rag",
         api_key: str | None = None,
@@ -113,7 +115,12 @@ class QdrantBackend(ServerEngine):
                 "give exactly one of location=':memory:', path=DIR, url=URL or client=; "
                 f"got {len(given)}"
             )
-        if not isinstance(collection, str) or not collection or "/" in collection:
+        for name, value in (("location", location), ("path", path), ("url", url)):
+            if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value)):
+                raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+        if not isinstance(collection, str):
+            raise TypeError(f"collection must be a str, got {type(collection).__name__}")
+        if not collection or "/" in collection:
             raise ValueError(f"collection must be a non-empty name without '/', got {collection!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -121,14 +128,22 @@ class QdrantBackend(ServerEngine):
             raise ValueError(
                 f"colbert_quantization must be None or 'int8', got {colbert_quantization!r}"
             )
+        if indexed_fields is not None and not isinstance(indexed_fields, Mapping):
+            raise TypeError("indexed_fields must be a dict {metadata key: 'keyword' | ...}")
         fields = dict(indexed_fields or {})
         for key, kind in fields.items():
             if kind not in PAYLOAD_TYPES:
                 raise ValueError(f"indexed_fields[{key!r}] must be one of {PAYLOAD_TYPES}")
             metadata_path(key)
-        if bm25_avgdl is not None and not (float(bm25_avgdl) > 0):
-            raise ValueError(f"bm25_avgdl must be positive, got {bm25_avgdl!r}")
-        self.location, self.path, self.url, self.collection = location, path, url, collection
+        if bm25_avgdl is not None and (
+            isinstance(bm25_avgdl, bool)
+            or not isinstance(bm25_avgdl, (int, float))
+            or not math.isfinite(bm25_avgdl)
+            or bm25_avgdl <= 0
+        ):
+            raise ValueError(f"bm25_avgdl must be a positive number, got {bm25_avgdl!r}")
+        self.location, self.url, self.collection = location, url, collection
+        self.path = None if path is None else str(path)
         self._connect = {"api_key": api_key, "prefer_grpc": prefer_grpc, "timeout": timeout}
         self._client: Any = client
         self.batch_size, self.exact = batch_size, exact
@@ -160,6 +175,10 @@ class QdrantBackend(ServerEngine):
                     location=self.location, path=self.path, url=self.url, **kw
                 )
             except Exception as e:
+                if self.path is not None:  # local storage: a bad or locked directory
+                    raise ValueError(
+                        f"cannot open qdrant-client's local storage at {self.path!r}: {e}"
+                    ) from e
                 raise ConnectionError(f"cannot open Qdrant at {self!r}: {e}") from e
         return self._client
 
@@ -176,8 +195,9 @@ class QdrantBackend(ServerEngine):
         if spec.vocab_size > 2**32:
             raise ValueError("Qdrant sparse vectors hold term ids below 2**32")
         config = index_config(spec, FORMAT)
+        client = self.client  # a bad local directory raises its own ValueError
         try:
-            exists = self.client.collection_exists(self.collection)
+            exists = client.collection_exists(self.collection)
         except Exception as e:
             raise ConnectionError(f"cannot reach Qdrant at {self!r}: {e}") from e
         if exists:
