@@ -547,8 +547,6 @@ class MilvusBackend(ServerEngine):
         spec = self._spec()
         if not spec.colbert_dim:
             raise ValueError("this index has no ColBERT vectors")
-        if cands.colbert is not None:
-            return cands.colbert
         by_id = {r["id"]: r["colbert"] for r in self._fetch(cands.ids, ["colbert"])}
         return self._colbert_of([by_id.get(i, []) for i in cands.ids], query)
 

@@ -282,10 +282,10 @@ class QdrantBackend(ServerEngine):
         if spec.lexical and lexical is not None:
             block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
         bm25 = spec.lexical == "bm25" and block is not None
+        meta: dict[str, Any] = {}
         if bm25 and self._avgdl is None:  # another writer may have set it
-            stored = (self.client.get_collection(self.collection).config.metadata or {}).get(
-                "m3_rag_bm25_avgdl"
-            )
+            meta = dict(self.client.get_collection(self.collection).config.metadata or {})
+            stored = meta.get("m3_rag_bm25_avgdl")
             self._avgdl = None if stored is None else float(stored)
         avgdl, new_avgdl = self._avgdl, None
         if bm25 and block is not None and avgdl is None:  # the first documents set it
@@ -296,7 +296,9 @@ class QdrantBackend(ServerEngine):
         pids: list[Any] = [p.id for p in points]
         old = {r.id: r for r in self._retrieve(pids, vectors=True)}
         if new_avgdl is not None:
-            self._record_avgdl(new_avgdl)
+            meta["m3_rag_bm25_avgdl"] = new_avgdl  # the collection's metadata, read above
+            self.client.update_collection(self.collection, metadata=meta)
+            self._avgdl = new_avgdl
         done = 0
         try:
             for start in range(0, len(points), self.batch_size):
@@ -311,12 +313,6 @@ class QdrantBackend(ServerEngine):
                 f"{min(done + self.batch_size, len(points)) - 1} ({type(e).__name__}: {e}); "
                 f"the {done} documents written before were rolled back"
             ) from e
-
-    def _record_avgdl(self, avgdl: float) -> None:
-        meta = dict(self.client.get_collection(self.collection).config.metadata or {})
-        meta["m3_rag_bm25_avgdl"] = avgdl
-        self.client.update_collection(self.collection, metadata=meta)
-        self._avgdl = avgdl
 
     def _rollback(self, written: list[Any], old: dict[Any, Any]) -> None:
         from qdrant_client import models
@@ -450,15 +446,13 @@ class QdrantBackend(ServerEngine):
         )
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
-        """ColBERT MaxSim of the candidates -> ``[c]`` (from the search request when it was
-        scored there, else one more request restricted to the candidates)."""
+        """ColBERT MaxSim of the candidates -> ``[c]``, one request restricted to them (the
+        retriever calls it only when ``candidates`` did not score them already)."""
         from qdrant_client import models
 
         spec = self._spec()
         if not spec.colbert_dim:
             raise ValueError("this index has no ColBERT vectors")
-        if cands.colbert is not None:
-            return cands.colbert
         q = np.asarray(query, np.float32)
         pids: list[Any] = [point_id(i) for i in cands.ids]
         res = self.client.query_points(
