@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from m3_rag.backends.local.ann import DenseANN
+from m3_rag.backends.validate import top_k
 from m3_rag.scoring import dense_scan
-from m3_rag.stores.ann import DenseANN
-from m3_rag.stores.base import top_k
 
 DIM = 1024
 

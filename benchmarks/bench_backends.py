@@ -33,9 +33,9 @@ from _synthetic import query_terms, unit_rows
 from bench_search import DIM, VOCAB, build, synthetic_encoder
 
 from m3_rag import EncodeOutput, HybridRetriever
-from m3_rag.stores.local import LocalBackend
-from m3_rag.stores.milvus import MilvusBackend
-from m3_rag.stores.qdrant import QdrantBackend
+from m3_rag.backends.local.engine import LocalBackend
+from m3_rag.backends.milvus.engine import MilvusBackend
+from m3_rag.backends.qdrant.engine import QdrantBackend
 from m3_rag.testing import CountingClient, milvus_lite_server
 
 

@@ -37,8 +37,8 @@ import numpy as np
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag._memory import fix_mmap_threshold
+from m3_rag.backends.local.engine import LocalBackend
 from m3_rag.encoder import EncodeOutput
-from m3_rag.stores.local import LocalBackend
 from m3_rag.testing import build_m3_checkpoint
 
 DIM, VOCAB, TERMS, COLBERT, QUERY_VECS = 1024, 30000, 100, 16, 16

@@ -25,7 +25,7 @@ import torch
 from _synthetic import query_terms, unit_rows, zipf_terms
 
 from m3_rag import EncodeOutput, HybridRetriever, M3Encoder
-from m3_rag.stores.local import LocalBackend
+from m3_rag.backends.local.engine import LocalBackend
 from m3_rag.testing import build_m3_checkpoint
 
 DIM = 1024

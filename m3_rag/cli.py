@@ -152,8 +152,8 @@ def _source_key(args: argparse.Namespace) -> dict[str, Any]:
 def _resumable(out: Path, args: argparse.Namespace) -> bool:
     """True when --out holds an index this command started (resume it); False when there is
     none. Anything else needs --force."""
+    from m3_rag.backends.local.disk import read_manifest
     from m3_rag.persist import is_index
-    from m3_rag.stores.local_disk import read_manifest
 
     if not is_index(out):
         return False
@@ -174,8 +174,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from m3_rag import HybridRetriever
     from m3_rag._memory import fix_mmap_threshold
+    from m3_rag.backends.local.engine import LocalBackend
     from m3_rag.sources import iter_source
-    from m3_rag.stores.local import LocalBackend
 
     fix_mmap_threshold()  # this process only ingests: keep its heap from fragmenting
     out = Path(args.out)
@@ -256,7 +256,7 @@ def _swap(new: Path, out: Path) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from m3_rag import HybridRetriever, Reranker
-    from m3_rag.stores.registry import saved_index
+    from m3_rag.backends.registry import saved_index
 
     query, weights = _query(args.query), _weights(args.weights)
     if args.k < 1 or (args.candidates is not None and args.candidates < 1):

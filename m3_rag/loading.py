@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from m3_rag.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -46,10 +48,6 @@ _OFFLINE_HINT = (
     "(e.g. `huggingface-cli download {name} --local-dir DIR`) and pass DIR instead, "
     "or set HF_HUB_OFFLINE=1 if it is already in the Hugging Face cache."
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory exists but one of its files is unreadable or inconsistent."""
 
 
 def resolve_model_dir(

@@ -44,6 +44,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from m3_rag.errors import IndexFormatError
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -64,11 +66,6 @@ _READ_LOCK = ".m3-rag.readers"
 _SNAPSHOT = re.compile(r"^snap-\d{8}T\d{6}-[0-9a-f]{8}$")
 _ARRAY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CHUNK = 1 << 22
-
-
-class IndexFormatError(ValueError):
-    """The directory is not a readable m3-rag index: wrong format or version, a missing,
-    corrupt or tampered file (the message names it), or inconsistent contents."""
 
 
 # ------------------------------------------------------------------------------ locks

@@ -23,15 +23,16 @@ from m3_rag._inputs import (
 )
 from m3_rag._memory import release_free_memory
 from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, analyzer_from_config, term_counts
+from m3_rag.backends.protocol import Backend, IndexSpec
+from m3_rag.backends.registry import make_backend, saved_index
+from m3_rag.backends.validate import check_ids
+from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
 from m3_rag.persist import IndexFormatError
 from m3_rag.rerank import Reranker
 from m3_rag.scoring import sparse_matrix
-from m3_rag.stores.backend import Backend, BackendSpec
-from m3_rag.stores.base import check_ids
-from m3_rag.stores.lexical import BM25Params
-from m3_rag.stores.registry import make_backend, saved_index
+from m3_rag.spec import LexicalKind
 
 __all__ = ["HybridRetriever", "SearchHit"]
 
@@ -90,11 +91,11 @@ class HybridRetriever:
             ``str -> list[str]`` (then pass the same callable again to :meth:`load`).
             Recorded in the index. Unused by the M3 lexical leg.
         backend: ``"memory"`` (the local engine in RAM; :meth:`save`/:meth:`load` to disk)
-            or a backend object: :class:`~m3_rag.stores.local.LocalBackend` with a path (a
+            or a backend object: :class:`~m3_rag.backends.LocalBackend` with a path (a
             disk-backed, memory-mapped index where every write commits),
-            :class:`~m3_rag.stores.milvus.MilvusBackend`,
-            :class:`~m3_rag.stores.qdrant.QdrantBackend`, or any engine implementing
-            :class:`~m3_rag.stores.backend.Backend`. An engine that persists by itself is
+            :class:`~m3_rag.backends.MilvusBackend`,
+            :class:`~m3_rag.backends.QdrantBackend`, or any engine implementing
+            :class:`~m3_rag.backends.protocol.Backend`. An engine that persists by itself is
             reopened by passing it again.
     """
 
@@ -132,7 +133,7 @@ class HybridRetriever:
             raise ValueError(
                 f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only"
             )
-        self.lexical = None if lexical == "none" else lexical
+        self.lexical: LexicalKind | None = None if lexical == "none" else lexical  # type: ignore[assignment]
         self.analyzer: Analyzer | None = None  # None: the model's tokenizer
         if analyzer == "unicode":
             self.analyzer = UnicodeAnalyzer()
@@ -146,7 +147,7 @@ class HybridRetriever:
         vocab_size = encoder.vocab_size
         if self.lexical == "bm25" and self.analyzer is not None:
             vocab_size = HASH_SPACE
-        spec = BackendSpec(
+        spec = IndexSpec(
             encoder.model_name,
             encoder.dense_dim,
             encoder.colbert_dim,

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from m3_rag.stores.memory import MemoryBackend
+from m3_rag.backends.local.snapshot import MemoryBackend
 
 SIZES = {"a": 40, "b": 70}
 

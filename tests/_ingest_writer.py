@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from m3_rag.stores.backend import BackendSpec
-from m3_rag.stores.local import LocalBackend
+from m3_rag.backends.local.engine import LocalBackend
+from m3_rag.backends.protocol import IndexSpec
 
 CHUNK, CHUNKS, DIM, COL, VOCAB = 40, 30, 16, 8, 300
-SPEC = BackendSpec("synthetic", DIM, COL, "m3", VOCAB, colbert_dtype="int8")
+SPEC = IndexSpec("synthetic", DIM, COL, "m3", VOCAB, colbert_dtype="int8")
 
 
 def doc(i: int) -> tuple[np.ndarray, dict[int, float], np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 
 
 def qdrant_idf(self: object, terms: np.ndarray, p: object) -> np.ndarray:
-    """Replaces ``m3_rag.stores.local._Stats.idf``: Qdrant's IDF modifier,
+    """Replaces ``m3_rag.backends.local.engine._Stats.idf``: Qdrant's IDF modifier,
     ``ln(1 + (N - n + 0.5) / (n + 0.5))`` over the live documents (no epsilon floor)."""
     known = dict(zip(self.terms.tolist(), self.df.tolist(), strict=True))  # type: ignore[attr-defined]
     df = np.asarray([known.get(t, 0) for t in terms.tolist()], np.float64)

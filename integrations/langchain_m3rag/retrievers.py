@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field
 
 from m3_rag import HybridRetriever, M3Encoder, Reranker, SearchHit
 from m3_rag._inputs import SCORES_KEY
-from m3_rag.stores.base import id_list
+from m3_rag.backends.validate import id_list
 
 
 def hit_to_document(hit: SearchHit) -> Document:

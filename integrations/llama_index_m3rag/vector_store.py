@@ -19,8 +19,8 @@ from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_
 
 from llama_index_m3rag.retriever import to_core_filter
 from m3_rag import HybridRetriever, M3Encoder
+from m3_rag.backends.validate import id_list
 from m3_rag.cache import as_encode_output, encode_cached
-from m3_rag.stores.base import id_list
 
 _MODES = {
     VectorStoreQueryMode.DEFAULT,

@@ -1,0 +1,1 @@
+"""The first per-store engines, still used as validators (to be removed)."""
