@@ -90,6 +90,9 @@ class HybridRetriever:
             :class:`~m3_rag.analysis.UnicodeAnalyzer` (e.g. with a stemmer), or any callable
             ``str -> list[str]`` (then pass the same callable again to :meth:`load`).
             Recorded in the index. Unused by the M3 lexical leg.
+        source: What the index is built from (JSON values), recorded with the index from
+            its first commit; ``m3-rag index`` keeps the source path and chunking here to
+            know a rerun of the same command (and resume it).
         backend: ``"memory"`` (the local engine in RAM; :meth:`save`/:meth:`load` to disk)
             or a backend object: :class:`~m3_rag.backends.LocalBackend` with a path (a
             disk-backed, memory-mapped index where every write commits),
@@ -114,6 +117,7 @@ class HybridRetriever:
         bm25: BM25Params | None = None,
         backend: str | Backend = "memory",
         analyzer: str | Analyzer = "unicode",
+        source: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(encoder, M3Encoder):
             raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
@@ -158,6 +162,9 @@ class HybridRetriever:
             bm25=bm25,
             analyzer=self._analyzer_config(),
         )
+        if source is not None and not isinstance(source, Mapping):
+            raise TypeError(f"source must be a mapping or None, got {type(source).__name__}")
+        self.source = None if source is None else dict(source)
         self.backend: Backend = make_backend(backend).open(spec, self._settings())
         self._lock = threading.RLock()  # writes only: searches never wait for it
 
@@ -183,6 +190,7 @@ class HybridRetriever:
             "rerank_top_n": self.rerank_top_n,
             "lexical": self.lexical or "none",
             "analyzer": self._analyzer_config(),
+            **({"source": dict(self.source)} if self.source is not None else {}),
         }
 
     @property

@@ -7,15 +7,27 @@ never come back in results.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from m3_rag._inputs import check_unicode
 from m3_rag.persist import read_index, write_index
+from m3_rag.scoring import sparse_matrix
+from m3_rag.spec import IndexSpec
 
-__all__ = ["IdRows", "check_ids", "id_list", "top_k"]
+__all__ = [
+    "IdRows",
+    "PreparedBatch",
+    "check_ids",
+    "id_list",
+    "prepare_batch",
+    "quantize_int8",
+    "top_k",
+]
 
 
 def id_list(ids: Any) -> list[Any]:
@@ -160,3 +172,133 @@ class IdRows:
     def _drop_ids(self, keep: np.ndarray) -> None:
         self._ids = [i for i, k in zip(self._ids, keep.tolist(), strict=True) if k]
         self._pos = {i: r for r, i in enumerate(self._ids)}
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-vector int8 quantisation.
+
+    Args:
+        x: ``[T, dim]`` float vectors.
+
+    Returns:
+        ``[T, dim]`` int8 codes and ``[T]`` float32 scales, ``x ~= codes * scales[:, None]``
+        (absolute error at most ``scale / 2`` per component).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scales = np.abs(x).max(axis=1) / 127 if len(x) else np.zeros(0, np.float32)
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A validated batch, in the storage types of its :class:`~m3_rag.spec.IndexSpec`.
+
+    Attributes:
+        ids, texts, metadatas: ``m`` of each.
+        dense: ``[m, dense_dim]`` in ``spec.dense_dtype``.
+        lexical: ``[m, vocab_size]`` float32 CSR (weights or term counts, >= 0), or ``None``.
+        colbert: ``[T, colbert_dim]`` packed vectors in ``spec.colbert_dtype`` (int8 codes
+            for ``"int8"``), or ``None``.
+        colbert_offsets: ``[m + 1]`` int64: document ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+        colbert_scales: ``[T]`` float32 scales of int8 codes, else ``None``.
+    """
+
+    ids: list[str]
+    texts: list[str]
+    metadatas: list[dict[str, Any]]
+    dense: np.ndarray
+    lexical: sp.csr_matrix | None
+    colbert: np.ndarray | None
+    colbert_offsets: np.ndarray | None
+    colbert_scales: np.ndarray | None
+
+    @property
+    def colbert_lengths(self) -> np.ndarray | None:
+        """``[m]`` vectors per document, or ``None``."""
+        return None if self.colbert_offsets is None else np.diff(self.colbert_offsets)
+
+
+def prepare_batch(
+    spec: IndexSpec,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    metadatas: Sequence[dict[str, Any]],
+    dense: np.ndarray,
+    lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
+    colbert: Sequence[np.ndarray] | None,
+) -> PreparedBatch:
+    """Validate a batch for ``spec`` and convert it to storage types, changing nothing.
+
+    The one check every engine's ``add`` starts with.
+
+    Raises:
+        TypeError, ValueError: bad or duplicate ids; counts that differ; a leg present
+            where ``spec`` has none (or missing where it has one); a wrong shape; a NaN or
+            inf (or a value overflowing the storage dtype); a negative lexical weight or a
+            term id outside ``[0, vocab_size)``.
+    """
+    checked = check_ids(ids, len(texts))
+    if len(metadatas) != len(checked):
+        raise ValueError(f"got {len(metadatas)} metadatas for {len(checked)} texts")
+    if (spec.lexical is None) != (lexical is None) or (spec.colbert_dim is None) != (
+        colbert is None
+    ):
+        raise ValueError("the encoded outputs do not match the legs of this index")
+    vecs = np.asarray(dense)
+    if vecs.ndim != 2 or vecs.shape != (len(checked), spec.dense_dim):
+        raise ValueError(
+            f"dense vectors must have shape [{len(checked)}, {spec.dense_dim}], got {vecs.shape}"
+        )
+    vecs = np.ascontiguousarray(vecs, dtype=spec.dense_dtype)
+    if not np.isfinite(vecs).all():
+        raise ValueError("dense vectors contain NaN or inf (or overflow their storage dtype)")
+    block = None
+    if spec.lexical is not None and lexical is not None:
+        block = _lexical_block(lexical, spec.vocab_size)
+        if block.shape[0] != len(checked):
+            raise ValueError(f"got {block.shape[0]} lexical rows for {len(checked)} texts")
+    packed = offsets = scales = None
+    if spec.colbert_dim is not None and colbert is not None:
+        packed, offsets, scales = _colbert_block(colbert, spec, len(checked))
+    return PreparedBatch(
+        checked, list(texts), list(metadatas), vecs, block, packed, offsets, scales
+    )
+
+
+def _lexical_block(
+    lexical: Sequence[Mapping[int, float]] | sp.csr_matrix, vocab_size: int
+) -> sp.csr_matrix:
+    if sp.issparse(lexical):
+        block = sp.csr_matrix(lexical, dtype=np.float32)
+        if block.shape[1] != vocab_size:
+            raise ValueError(f"lexical matrix has {block.shape[1]} columns, expected {vocab_size}")
+    else:
+        block = sparse_matrix(lexical, vocab_size)
+    if block.nnz and (not np.isfinite(block.data).all() or block.data.min() < 0):
+        raise ValueError("lexical weights must be finite and >= 0")
+    return block
+
+
+def _colbert_block(
+    colbert: Sequence[np.ndarray], spec: IndexSpec, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if len(colbert) != m:
+        raise ValueError(f"got {len(colbert)} ColBERT matrices for {m} texts")
+    dim = int(spec.colbert_dim or 0)
+    mats = [np.asarray(v) for v in colbert]
+    for i, mat in enumerate(mats):
+        if mat.ndim != 2 or mat.shape[1] != dim:
+            raise ValueError(f"colbert[{i}] must have shape [t, {dim}], got {mat.shape}")
+    lengths = np.fromiter((len(mat) for mat in mats), dtype=np.int64, count=len(mats))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    int8 = spec.colbert_dtype == "int8"
+    store = np.dtype(np.float32 if int8 else spec.colbert_dtype)
+    block = np.concatenate(mats).astype(store) if lengths.sum() else np.zeros((0, dim), store)
+    if not np.isfinite(block).all():
+        raise ValueError("ColBERT vectors contain NaN or inf (or overflow their storage dtype)")
+    if not int8:
+        return block, offsets, None
+    codes, scales = quantize_int8(block)
+    return codes, offsets, scales
