@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument(
         "--modes",
-        help="comma list of dense,sparse,bm25,colbert,hybrid,hybrid-rrf "
+        help="comma list of dense,lexical,colbert,hybrid,hybrid-rrf "
         "(default: every mode the model has)",
     )
     p.add_argument(

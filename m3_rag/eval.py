@@ -133,7 +133,7 @@ def evaluate_run(run: Mapping[str, Sequence[str]], qrels: Qrels) -> dict[str, fl
     }
 
 
-MODES = ("dense", "sparse", "bm25", "colbert", "hybrid", "hybrid-rrf")
+MODES = ("dense", "lexical", "colbert", "hybrid", "hybrid-rrf")
 
 
 def mode_options(mode: str) -> dict[str, Any]:
@@ -144,8 +144,7 @@ def mode_options(mode: str) -> dict[str, Any]:
     """
     options: dict[str, dict[str, Any]] = {
         "dense": {"weights": (1.0, 0.0, 0.0)},
-        "sparse": {"weights": (0.0, 1.0, 0.0)},
-        "bm25": {"weights": (0.0, 1.0, 0.0)},
+        "lexical": {"weights": (0.0, 1.0, 0.0)},
         "colbert": {"weights": (0.0, 0.0, 1.0)},
         "hybrid": {},
         "hybrid-rrf": {"fusion": "rrf"},
@@ -156,12 +155,10 @@ def mode_options(mode: str) -> dict[str, Any]:
 
 
 def available_modes(lexical: str | None, has_colbert: bool) -> list[str]:
-    """The modes a retriever can run: its lexical leg is ``sparse`` (M3) or ``bm25``."""
+    """The modes a retriever can run (``lexical`` whatever the leg's kind, M3 or BM25)."""
     modes = ["dense"]
-    if lexical == "m3":
-        modes.append("sparse")
-    elif lexical == "bm25":
-        modes.append("bm25")
+    if lexical is not None:
+        modes.append("lexical")
     if has_colbert:
         modes.append("colbert")
     return [*modes, "hybrid", "hybrid-rrf"]

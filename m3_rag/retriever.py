@@ -193,10 +193,6 @@ class HybridRetriever:
             **({"source": dict(self.source)} if self.source is not None else {}),
         }
 
-    @property
-    def _lex_key(self) -> str:
-        return "bm25" if self.lexical == "bm25" else "sparse"
-
     # ---------------------------------------------------------------- indexing
     def add_texts(
         self,
@@ -566,7 +562,7 @@ class HybridRetriever:
             return []
         per_mode: dict[str, np.ndarray] = {"dense": cands.dense}
         if cands.lexical is not None and w[1] > 0:
-            per_mode[self._lex_key] = cands.lexical
+            per_mode["lexical"] = cands.lexical
         if colbert_q is not None:
             per_mode["colbert"] = (
                 cands.colbert
@@ -602,11 +598,12 @@ class HybridRetriever:
     def _fuse(
         self, per_mode: dict[str, np.ndarray], w: tuple[float, float, float], how: str
     ) -> np.ndarray:
-        weight = {"dense": w[0], self._lex_key: w[1], "colbert": w[2]}
+        weight = {"dense": w[0], "lexical": w[1], "colbert": w[2]}
         if how == "rrf":
             return scoring.rrf_fusion(per_mode, weight)
         modes = per_mode
-        if "bm25" in modes:  # BM25 is unbounded: min-max every leg over the candidates
+        if self.lexical == "bm25" and "lexical" in modes:  # BM25 is unbounded: min-max
+            # every leg over the candidates
             modes = {m: _minmax(s) for m, s in per_mode.items()}
         return scoring.weighted_fusion(modes, weight)
 

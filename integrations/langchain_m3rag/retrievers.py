@@ -22,7 +22,7 @@ from m3_rag.backends.validate import id_list
 
 def hit_to_document(hit: SearchHit) -> Document:
     """A LangChain ``Document`` with the hit's id, its metadata (a private copy) and
-    ``metadata["m3_rag_scores"]`` = ``{"score": final, "dense", "sparse"|"bm25", "colbert",
+    ``metadata["m3_rag_scores"]`` = ``{"score": final, "dense", "lexical", "colbert",
     "fused", "rerank"?}`` (the key is reserved: the index refuses user metadata holding it)."""
     return Document(
         id=hit.id,

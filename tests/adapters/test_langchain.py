@@ -98,7 +98,7 @@ def test_retriever_documents_carry_id_and_scores(core: HybridRetriever) -> None:
     docs = r.invoke(SAMPLE_TEXTS[3])
     assert len(docs) == 3 and docs[0].id == "doc3" and docs[0].page_content == SAMPLE_TEXTS[3]
     scores = docs[0].metadata["m3_rag_scores"]
-    assert set(scores) == {"score", "dense", "sparse", "colbert", "fused"}
+    assert set(scores) == {"score", "dense", "lexical", "colbert", "fused"}
     assert docs[0].metadata["lang"] == "other" and isinstance(scores["score"], float)
     assert len(r.invoke("x", k=5)) == 5
 

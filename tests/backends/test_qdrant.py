@@ -50,7 +50,7 @@ def test_a_search_is_one_request(tiny_encoder: M3Encoder, lexical: str) -> None:
     hits = r.search("capital city", k=5, filter={"lang": ["en", "fr"]})
     assert counting.calls == ["query_batch_points"]
     assert hits and all(h.metadata["lang"] in ("en", "fr") for h in hits)
-    lex_key = {"m3": "sparse", "bm25": "bm25"}[lexical]
+    lex_key = "lexical"
     assert set(hits[0].scores) == {"dense", lex_key, "colbert", "fused"}
     # ColBERT scored in that request equals the separate request's scores
     q = tiny_encoder.encode_queries(["capital city"])
@@ -186,7 +186,7 @@ def test_bm25_is_scored_by_the_engine_with_the_recorded_length(tiny_encoder: M3E
     side = np.where(tf > 0, bm25_tf(tf, dl[:, None], backend._avgdl, BM25Params()), 0.0)
     expected = side @ (q.data * idf)
     hits = r.search("capital city of France", k=n, candidates=n)
-    got = {h.id: h.scores["bm25"] for h in hits}
+    got = {h.id: h.scores["lexical"] for h in hits}
     assert (expected > 0).sum() >= 2
     for doc_id, e in zip([IDS[i] for i in keep], expected, strict=True):
         assert got[doc_id] == pytest.approx(e, rel=1e-5, abs=1e-6), doc_id

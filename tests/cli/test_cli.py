@@ -16,7 +16,7 @@ def test_demo_on_m3_checkpoint(tiny_m3_dir: Path, capsys: pytest.CaptureFixture[
     assert main(["demo", "--model", str(tiny_m3_dir), "-k", "2", "--query", "hybrid search"]) == 0
     out = capsys.readouterr().out
     assert (
-        "query: hybrid search" in out and "sparse=" in out and "colbert=" in out and "  2. [" in out
+        "query: hybrid search" in out and "lexical=" in out and "colbert=" in out and "  2. [" in out
     )
 
 
@@ -142,12 +142,12 @@ def test_eval_prints_table_and_json(
         == 0
     )
     out = capsys.readouterr().out
-    for mode in ("dense", "sparse", "colbert", "hybrid", "hybrid-rrf"):
+    for mode in ("dense", "lexical", "colbert", "hybrid", "hybrid-rrf"):
         assert f"\n{mode} " in out
     result = json.loads((tmp_path / "r.json").read_text())
     assert [m["mode"] for m in result["modes"]] == [
         "dense",
-        "sparse",
+        "lexical",
         "colbert",
         "hybrid",
         "hybrid-rrf",
@@ -157,7 +157,7 @@ def test_eval_prints_table_and_json(
     # (a random model's sparse weights give no such guarantee)
     by_mode = {m["mode"]: m for m in result["modes"]}
     assert by_mode["dense"]["mrr@10"] == 1.0 and by_mode["colbert"]["mrr@10"] == 1.0
-    assert by_mode["sparse"]["recall@100"] == 1.0
+    assert by_mode["lexical"]["recall@100"] == 1.0
 
 
 def test_eval_rejects_modes_the_model_lacks(

@@ -65,7 +65,7 @@ def test_search_equals_brute_force_when_candidates_cover_the_corpus(
         want = _brute_force(r, query, r.weights)[:5]
         assert [h.id for h in hits] == [i for i, _ in want]
         np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-4)
-        assert set(hits[0].scores) == {"dense", "sparse", "colbert", "fused"}
+        assert set(hits[0].scores) == {"dense", "lexical", "colbert", "fused"}
 
 
 def test_hits_are_typed_and_ranked(retriever: HybridRetriever) -> None:
@@ -80,7 +80,7 @@ def test_hits_are_typed_and_ranked(retriever: HybridRetriever) -> None:
 def test_weights_and_fusion_per_call(retriever: HybridRetriever) -> None:
     dense_only = retriever.search("capital", k=3, weights=(1, 0, 0))
     assert all(h.score == pytest.approx(h.scores["dense"], abs=1e-6) for h in dense_only)
-    assert "sparse" not in dense_only[0].scores and "colbert" not in dense_only[0].scores
+    assert "lexical" not in dense_only[0].scores and "colbert" not in dense_only[0].scores
     rrf = retriever.search("capital", k=3, fusion="rrf")
     assert all(0 < h.score <= 3 / 61 + 1e-9 for h in rrf)
     with pytest.raises(ValueError, match="fusion"):
@@ -157,7 +157,7 @@ def test_dense_only_model_uses_bm25(tiny_dense_dir: Path) -> None:
     assert r.lexical == "bm25"
     r.add_texts(SAMPLE_TEXTS, ids=IDS)
     hits = r.search("北京是中华人民共和国的首都", k=2)
-    assert set(hits[0].scores) == {"dense", "bm25", "fused"}
+    assert set(hits[0].scores) == {"dense", "lexical", "fused"}
     assert r.search("北京是中华人民共和国的首都", k=1, weights=(0, 1, 0))[0].id == "doc9"
     with pytest.raises(ValueError, match="dense-only"):
         HybridRetriever(enc, lexical="m3")
