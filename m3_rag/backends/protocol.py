@@ -91,10 +91,23 @@ class Backend(Protocol):
 
     def __len__(self) -> int: ...
 
-    def open(self, spec: IndexSpec, settings: Mapping[str, Any] | None = None) -> Backend:
-        """Bind to a retriever (create or check the stored index); returns the backend.
+    def open(
+        self,
+        spec: IndexSpec,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        allow_model_mismatch: bool = False,
+    ) -> Backend:
+        """Bind to a retriever (create the index, or check the stored one against ``spec``
+        with :meth:`~m3_rag.spec.IndexSpec.check_stored`); returns the backend.
 
-        ``settings`` are the retriever's own settings, recorded where the engine can."""
+        ``settings`` are the retriever's own settings, recorded where the engine can.
+        ``allow_model_mismatch`` accepts an index built under another model name (the
+        retriever's option; engines take it here, not in their constructors).
+
+        Raises:
+            IndexMismatchError: the stored index was built for another spec.
+            IndexFormatError: the stored index is unreadable."""
 
     def known_empty(self) -> bool:
         """True only when the index is certainly empty and knowing it costs nothing."""
