@@ -120,7 +120,7 @@ def test_another_model_needs_allow_model_mismatch() -> None:
     ],
 )
 def test_bad_records_are_index_format_errors(record: object) -> None:
-    with pytest.raises(IndexFormatError, match="^index d: "):
+    with pytest.raises(IndexFormatError, match=r"^index d: "):
         IndexSpec.from_json(record, "index d")
 
 
