@@ -1,8 +1,9 @@
 """The M3 encoder: one forward pass, dense + sparse + ColBERT outputs.
 
-Numerically identical to FlagEmbedding's ``BGEM3FlagModel`` (see ``DESIGN.md``): dense is the
-L2-normalised CLS state, sparse is ``relu(sparse_linear(h))`` reduced by max per token id, ColBERT
-is ``colbert_linear(h[:, 1:])`` L2-normalised and trimmed to ``n_tokens - 1`` rows.
+Numerically identical to FlagEmbedding's ``BGEM3FlagModel`` (where and why the API differs:
+``docs/differences.md``, "Differences from FlagEmbedding"): dense is the L2-normalised CLS
+state, sparse is ``relu(sparse_linear(h))`` reduced by max per token id, ColBERT is
+``colbert_linear(h[:, 1:])`` L2-normalised and trimmed to ``n_tokens - 1`` rows.
 """
 
 from __future__ import annotations
