@@ -140,6 +140,20 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     return (w[0], w[1], w[2])
 
 
+FUSIONS = ("weighted", "rrf")
+
+
+def check_fusion(fusion: Any) -> str:
+    """One of :data:`FUSIONS`.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return str(fusion)
+
+
 def check_count(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -4,40 +4,27 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from m3_rag import scoring
-from m3_rag._inputs import (
-    check_count,
-    check_metadatas,
-    check_query,
-    check_texts,
-    check_weights,
-)
-from m3_rag._memory import release_free_memory
-from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, analyzer_from_config, term_counts
-from m3_rag.backends.protocol import Backend, IndexSpec
-from m3_rag.backends.registry import make_backend, saved_index
+from m3_rag._inputs import check_count, check_fusion, check_query, check_weights
+from m3_rag.analysis import HASH_SPACE, Analyzer
+from m3_rag.backends.local import LocalBackend
+from m3_rag.backends.protocol import Backend, Savable
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
-from m3_rag.persist import IndexFormatError
+from m3_rag.indexing import IndexingMixin, make_analyzer
+from m3_rag.reopen import check_encoder, recorded_analyzer, recorded_settings
 from m3_rag.rerank import Reranker
-from m3_rag.scoring import sparse_matrix
-from m3_rag.spec import LexicalKind
+from m3_rag.spec import IndexSpec, LexicalKind
 
 __all__ = ["HybridRetriever", "SearchHit"]
-
-FUSIONS = ("weighted", "rrf")
-ADD_CHUNK = 256  # documents encoded and stored at a time (bounds ingestion memory)
 
 
 @dataclass(frozen=True)
@@ -49,7 +36,7 @@ class SearchHit:
         text: Document text.
         metadata: A copy of the document's metadata.
         score: The final score (the reranker's when it ran, else the fused score).
-        scores: Per-mode scores: ``dense``, ``sparse`` (M3 lexical) or ``bm25``, ``colbert``,
+        scores: Per-mode scores: ``dense``, ``lexical`` (M3 weights or BM25), ``colbert``,
             ``fused``, and ``rerank`` when the reranker ran.
     """
 
@@ -60,7 +47,7 @@ class SearchHit:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-class HybridRetriever:
+class HybridRetriever(IndexingMixin):
     """Hybrid retrieval over one M3 encoder pass per document.
 
     Stage 1: the union of the dense top-``candidates`` and the lexical top-``candidates``.
@@ -93,13 +80,15 @@ class HybridRetriever:
         source: What the index is built from (JSON values), recorded with the index from
             its first commit; ``m3-rag index`` keeps the source path and chunking here to
             know a rerun of the same command (and resume it).
-        backend: ``"memory"`` (the local engine in RAM; :meth:`save`/:meth:`load` to disk)
-            or a backend object: :class:`~m3_rag.backends.LocalBackend` with a path (a
-            disk-backed, memory-mapped index where every write commits),
-            :class:`~m3_rag.backends.MilvusBackend`,
+        backend: Where the documents live. ``None`` (default): the local engine in RAM
+            (``LocalBackend()``; :meth:`save`/:meth:`load` to disk);
+            :class:`~m3_rag.backends.LocalBackend` with a path (a disk-backed index where
+            every write commits), :class:`~m3_rag.backends.MilvusBackend`,
             :class:`~m3_rag.backends.QdrantBackend`, or any engine implementing
             :class:`~m3_rag.backends.protocol.Backend`. An engine that persists by itself is
             reopened by passing it again.
+        allow_model_mismatch: Open a stored index built under another model name (the same
+            model from another path); every shape must still match.
     """
 
     def __init__(
@@ -115,9 +104,10 @@ class HybridRetriever:
         dense_dtype: str = "float32",
         colbert_dtype: str = "float16",
         bm25: BM25Params | None = None,
-        backend: str | Backend = "memory",
+        backend: Backend | None = None,
         analyzer: str | Analyzer = "unicode",
         source: Mapping[str, Any] | None = None,
+        allow_model_mismatch: bool = False,
     ) -> None:
         if not isinstance(encoder, M3Encoder):
             raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
@@ -126,7 +116,7 @@ class HybridRetriever:
         self.encoder = encoder
         self.reranker = reranker
         self.weights = check_weights(weights)
-        self.fusion = _check_fusion(fusion)
+        self.fusion = check_fusion(fusion)
         self.candidates = check_count(candidates, "candidates", minimum=1)
         self.rerank_top_n = check_count(rerank_top_n, "rerank_top_n", minimum=1)
         if lexical == "auto":
@@ -137,17 +127,8 @@ class HybridRetriever:
             raise ValueError(
                 f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only"
             )
-        self.lexical: LexicalKind | None = None if lexical == "none" else lexical  # type: ignore[assignment]
-        self.analyzer: Analyzer | None = None  # None: the model's tokenizer
-        if analyzer == "unicode":
-            self.analyzer = UnicodeAnalyzer()
-        elif analyzer != "model":
-            if not callable(analyzer):
-                raise TypeError(
-                    "analyzer must be 'unicode', 'model', a UnicodeAnalyzer or a callable "
-                    f"str -> list[str], got {analyzer!r}"
-                )
-            self.analyzer = analyzer
+        self.lexical = None if lexical == "none" else cast(LexicalKind, lexical)
+        self.analyzer = make_analyzer(analyzer)  # None: the model's tokenizer
         vocab_size = encoder.vocab_size
         if self.lexical == "bm25" and self.analyzer is not None:
             vocab_size = HASH_SPACE
@@ -165,7 +146,9 @@ class HybridRetriever:
         if source is not None and not isinstance(source, Mapping):
             raise TypeError(f"source must be a mapping or None, got {type(source).__name__}")
         self.source = None if source is None else dict(source)
-        self.backend: Backend = make_backend(backend).open(spec, self._settings())
+        # TRANSITION: always pass allow_model_mismatch once every engine's open takes it
+        mismatch = {"allow_model_mismatch": True} if allow_model_mismatch else {}
+        self.backend = _engine(backend).open(spec, self._settings(), **mismatch)
         self._lock = threading.RLock()  # writes only: searches never wait for it
 
     def __len__(self) -> int:
@@ -193,237 +176,7 @@ class HybridRetriever:
             **({"source": dict(self.source)} if self.source is not None else {}),
         }
 
-    # ---------------------------------------------------------------- indexing
-    def add_texts(
-        self,
-        texts: Sequence[str],
-        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
-        ids: Sequence[str] | None = None,
-        *,
-        batch_size: int | None = None,
-        show_progress: bool | None = None,
-    ) -> list[str]:
-        """Encode texts once and add them to every store; an existing id is replaced.
-
-        Args:
-            texts: Document texts.
-            metadatas: One JSON-serialisable dict (or ``None``) per text.
-            ids: One unique non-empty str per text; default: random UUIDs.
-            batch_size, show_progress: Encoding options.
-
-        Returns:
-            The ids, in input order.
-
-        Raises:
-            TypeError / ValueError: bad texts, metadata or ids; nothing is added.
-        """
-        items = check_texts(texts)
-        doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
-        metas = check_metadatas(metadatas, len(items))
-        bar = tqdm(total=len(items), unit="doc", desc="index", disable=not show_progress)
-        with bar:
-            for s in range(0, len(items), ADD_CHUNK):
-                e = min(s + ADD_CHUNK, len(items))
-                self._encode_add(items[s:e], metas[s:e], doc_ids[s:e], batch_size)
-                bar.update(e - s)
-        return doc_ids
-
-    def add_documents(
-        self,
-        documents: Iterable[Any],
-        *,
-        chunk_size: int = ADD_CHUNK,
-        batch_size: int | None = None,
-        skip_existing: bool = False,
-        show_progress: bool = False,
-        total: int | None = None,
-    ) -> int:
-        """Encode and add a stream of documents ``chunk_size`` at a time (memory stays
-        bounded by the chunk, not the corpus; each chunk is one commit of a disk index).
-
-        Args:
-            documents: Any iterable (a generator is read lazily) of ``str``, of dicts
-                ``{"text", "id"?, "metadata"?}``, or of objects with ``.text``, ``.id``,
-                ``.metadata`` (e.g. :class:`~m3_rag.sources.Record`). Without an id a
-                random one is given.
-            chunk_size: Documents encoded and committed together.
-            batch_size: Encoding batch size.
-            skip_existing: Leave out documents whose id is already stored (to resume an
-                interrupted ingestion: run it again with the same ids).
-            show_progress: A progress bar counting documents.
-            total: The number of documents, when known (for the progress bar).
-
-        Returns:
-            The number of documents added (skipped ones not counted).
-
-        Raises:
-            TypeError / ValueError: a bad document; the chunks before it stay added.
-        """
-        size = check_count(chunk_size, "chunk_size", minimum=1)
-        added = 0
-        bar = tqdm(total=total, unit="doc", desc="index", disable=not show_progress)
-        with bar:
-            for chunk in _chunks(documents, size):
-                texts, metas, ids = _unpack(chunk)
-                seen = len(texts)
-                if skip_existing:
-                    have = {d[0] for d in self.backend.fetch(ids)}
-                    keep = [i for i, x in enumerate(ids) if x not in have]
-                    texts, metas, ids = (
-                        [texts[i] for i in keep],
-                        [metas[i] for i in keep],
-                        [ids[i] for i in keep],
-                    )
-                items = check_texts(texts)
-                doc_ids = check_ids(ids, len(items))
-                self._encode_add(items, check_metadatas(metas, len(items)), doc_ids, batch_size)
-                added += len(items)
-                bar.update(seen)
-        return added
-
-    def _encode_add(
-        self, items: list[str], metas: list[dict[str, Any]], ids: list[str], batch_size: int | None
-    ) -> None:
-        if not items:
-            return
-        out = self.encoder.encode_documents(
-            items,
-            batch_size=batch_size,
-            show_progress=False,
-            return_sparse=self.lexical == "m3",
-            return_colbert=self.encoder.has_colbert,
-        )
-        self._add_checked(items, out, metas, ids)
-        del out
-        release_free_memory()  # keeps ingestion memory flat (see m3_rag/_memory.py)
-
-    def add_encoded(
-        self,
-        texts: Sequence[str],
-        encoded: EncodeOutput,
-        metadatas: Sequence[Mapping[str, Any] | None] | None = None,
-        ids: Sequence[str] | None = None,
-    ) -> list[str]:
-        """Add documents whose encodings were computed already (one ``encode_documents``
-        pass, e.g. shared between indexes or computed on another machine).
-
-        Args:
-            texts: Document texts (BM25 terms come from them).
-            encoded: ``encode_documents(texts)`` output: ``dense [m, dim]``; ``sparse`` when
-                the lexical leg is M3; ``colbert`` when the model has ColBERT.
-            metadatas, ids: As :meth:`add_texts`.
-
-        Returns:
-            The ids, in input order.
-
-        Raises:
-            TypeError / ValueError: bad input, or encodings that do not match the texts or
-                this index; nothing is added.
-        """
-        items = check_texts(texts)
-        doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
-        metas = check_metadatas(metadatas, len(items))
-        return self._add_checked(items, encoded, metas, doc_ids)
-
-    def _add_checked(
-        self, items: list[str], encoded: Any, metas: list[dict[str, Any]], doc_ids: list[str]
-    ) -> list[str]:
-        """:meth:`add_encoded` once texts, metadata and ids are validated."""
-        if not isinstance(encoded, EncodeOutput):
-            raise TypeError(f"encoded must be an EncodeOutput, got {type(encoded).__name__}")
-        if encoded.dense is None or len(encoded.dense) != len(items):
-            raise ValueError(f"encoded needs dense vectors for the {len(items)} texts")
-        if self.lexical == "m3" and (encoded.sparse is None or len(encoded.sparse) != len(items)):
-            raise ValueError("encoded needs sparse weights (encode with return_sparse=True)")
-        colbert = encoded.colbert if self.encoder.has_colbert else None
-        if self.encoder.has_colbert and (colbert is None or len(colbert) != len(items)):
-            raise ValueError("encoded needs ColBERT vectors (encode with return_colbert=True)")
-        if not items:
-            return []
-        lexical: Any = encoded.sparse if self.lexical == "m3" else None
-        if self.lexical == "bm25":
-            lexical = self._term_counts(items)
-        with self._lock:
-            self.backend.add(doc_ids, items, metas, encoded.dense, lexical, colbert)
-        return doc_ids
-
-    def add_from(
-        self, source: HybridRetriever, *, batch_size: int = 1000, show_progress: bool = False
-    ) -> int:
-        """Copy every document of another retriever, with its stored encodings (no model
-        pass), e.g. to move a saved index into Milvus.
-
-        Returns:
-            The number of documents copied.
-
-        Raises:
-            TypeError: ``source`` is not a HybridRetriever whose backend can export.
-            ValueError: ``source`` was built with another model shape or lexical kind.
-        """
-        export = getattr(source, "backend", None) and getattr(source.backend, "export", None)
-        if not isinstance(source, HybridRetriever) or export is None:
-            raise TypeError(
-                "source must be a HybridRetriever whose backend can export its encodings "
-                "(the local/memory backend)"
-            )
-        a, b = source.encoder, self.encoder
-        if (a.dense_dim, a.colbert_dim, source.lexical) != (
-            b.dense_dim,
-            b.colbert_dim,
-            self.lexical,
-        ):
-            raise ValueError(
-                "source has dense/ColBERT dims and lexical kind "
-                f"{a.dense_dim}/{a.colbert_dim}/{source.lexical}, this retriever "
-                f"{b.dense_dim}/{b.colbert_dim}/{self.lexical}"
-            )
-        if source._analyzer_config() != self._analyzer_config():
-            raise ValueError(
-                f"source's BM25 analyzer {source._analyzer_config()!r} differs from this "
-                f"retriever's {self._analyzer_config()!r}: their term ids differ"
-            )
-        n = 0
-        total = -(-len(source) // batch_size)
-        batches = export(batch_size)  # a consistent view of the source
-        for batch in tqdm(batches, total=total, desc="copy", disable=not show_progress):
-            with self._lock:
-                self.backend.add(*batch)
-            n += len(batch.ids)
-        return n
-
-    def _analyzer_config(self) -> dict[str, Any] | str | None:
-        """What the index records of its BM25 analyzer."""
-        if self.lexical != "bm25":
-            return None
-        if self.analyzer is None:
-            return "model"
-        if isinstance(self.analyzer, UnicodeAnalyzer):
-            return self.analyzer.config()
-        return "callable"
-
-    def _term_counts(self, texts: list[str]) -> sp.csr_matrix:
-        """BM25 term counts ``[len(texts), vocab]``: the analyzer's terms hashed to ids, or
-        the model's tokenizer (no special tokens, no truncation)."""
-        if self.analyzer is not None:
-            return sparse_matrix([term_counts(self._analyze(t)) for t in texts], HASH_SPACE)
-        tok = self.encoder.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-        lengths = np.fromiter((len(t) for t in tok), dtype=np.int64, count=len(tok))
-        cols = np.fromiter((i for t in tok for i in t), dtype=np.int64, count=int(lengths.sum()))
-        rows = np.repeat(np.arange(len(tok)), lengths)
-        counts = sp.csr_matrix(
-            (np.ones(len(cols), np.float32), (rows, cols)),
-            shape=(len(tok), self.encoder.vocab_size),
-        )
-        counts.sum_duplicates()
-        return counts
-
-    def _analyze(self, text: str) -> list[str]:
-        assert self.analyzer is not None
-        terms = self.analyzer(text)
-        if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
-            raise TypeError(f"the analyzer must return a list of str, got {terms!r:.100}")
-        return terms
-
+    # ---------------------------------------------------------------- documents
     def delete(self, ids: Sequence[str], *, missing_ok: bool = False) -> int:
         """Delete documents by id.
 
@@ -533,7 +286,7 @@ class HybridRetriever:
             k=check_count(k, "k", minimum=0),
             filter=check_filter(flt),
             weights=self.weights if weights is None else check_weights(weights),
-            fusion=self.fusion if fusion is None else _check_fusion(fusion),
+            fusion=self.fusion if fusion is None else check_fusion(fusion),
             candidates=self.candidates
             if candidates is None
             else check_count(candidates, "candidates", 1),
@@ -609,20 +362,19 @@ class HybridRetriever:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the index to a directory as one snapshot (JSON manifest + ``.npy``; atomic,
-        checksummed, no pickle). A disk-backed index saved to its own directory is left as
-        it is (every write is committed already).
+        """Write the index to a directory (index format 3: checksummed segments, committed
+        atomically, no pickle), which :meth:`load` opens. A disk-backed index saved to its
+        own directory is left as it is (every write is committed already).
 
         Raises:
-            ValueError: the backend persists by itself (e.g. Milvus).
+            ValueError: the backend persists by itself (e.g. Milvus, Qdrant).
         """
-        save = getattr(self.backend, "save", None)
-        if save is None:
+        if not isinstance(self.backend, Savable):
             raise ValueError(
                 f"{self.backend!r} persists by itself; reopen it with "
                 "HybridRetriever(encoder, backend=<the same backend>)"
             )
-        save(path, self._settings())
+        self.backend.save(path, self._settings())
 
     @classmethod
     def load(
@@ -634,76 +386,41 @@ class HybridRetriever:
         allow_model_mismatch: bool = False,
         analyzer: Analyzer | None = None,
     ) -> HybridRetriever:
-        """Load an index saved by :meth:`save`.
+        """Open an index written by :meth:`save` (or by ``LocalBackend(path)``) with the
+        settings it records; a format-2 index (m3-rag 0.1) is read into RAM.
+
+        Args:
+            path: The index directory.
+            encoder: The encoder of the model the index was built with.
+            reranker: Optional :class:`Reranker`.
+            allow_model_mismatch: Accept an encoder under another model name (e.g. the same
+                model from another path); its dimensions must still fit.
+            analyzer: The callable the index was built with, when it was built with a custom
+                BM25 analyzer (the index records every other analyzer itself).
 
         Raises:
             FileNotFoundError: no index at ``path``.
-            ValueError: the index was built with another model (pass
-                ``allow_model_mismatch=True`` to accept a same-shaped one, e.g. the same model
-                from another path) or its dimensions do not fit ``encoder``.
+            IndexFormatError: an unreadable index, or one recording bad settings.
+            IndexMismatchError: the index was built with another model (pass
+                ``allow_model_mismatch=True`` to accept a same-shaped one), its dimensions or
+                vocabulary do not fit ``encoder``, or ``analyzer`` does not fit it.
         """
-        manifest, make = saved_index(path)
-        model, cfg = manifest.get("model"), manifest.get("retriever")
-        if not isinstance(model, str) or not isinstance(cfg, dict):
-            raise IndexFormatError(f"{path}: manifest.json needs 'model' and 'retriever'")
-        if model != encoder.model_name and not allow_model_mismatch:
-            raise ValueError(
-                f"index {path} was built with model {model!r}, the encoder is "
-                f"{encoder.model_name!r}; pass allow_model_mismatch=True if they are the same model"
-            )
-        if (
-            manifest.get("dense_dim") != encoder.dense_dim
-            or manifest.get("colbert_dim") != encoder.colbert_dim
-        ):
-            raise ValueError(
-                f"index {path} has dense/ColBERT dims "
-                f"{manifest.get('dense_dim')}/{manifest.get('colbert_dim')}, "
-                f"the encoder {encoder.dense_dim}/{encoder.colbert_dim}"
-            )
-        saved = cfg.get("analyzer", "model")  # indexes before the analyzer: the model's
-        chosen: str | Analyzer
-        if saved == "callable":
-            if analyzer is None:
-                raise ValueError(
-                    f"index {path} was built with a custom analyzer: pass it again, "
-                    "HybridRetriever.load(path, encoder, analyzer=my_analyzer)"
-                )
-            chosen = analyzer
-        elif analyzer is not None:
-            raise ValueError(f"index {path} records its analyzer ({saved!r}); do not pass one")
-        else:
-            try:
-                chosen = "model" if saved in ("model", None) else analyzer_from_config(saved)
-            except (ValueError, TypeError, ImportError) as e:
-                raise IndexFormatError(f"{path}: bad analyzer in manifest.json: {e}") from None
-        vocab = manifest.get("vocab_size")
-        uses_model_vocab = manifest.get("lexical") == "m3" or saved in ("model", None)
-        if vocab is not None and uses_model_vocab and vocab != encoder.vocab_size:
-            raise ValueError(
-                f"index {path} has vocabulary size {vocab}, the encoder {encoder.vocab_size}"
-            )
-        options: dict[str, Any] = {
-            "rerank_top_n": cfg.get("rerank_top_n"),
-            "dense_dtype": manifest.get("dense_dtype"),
-            "colbert_dtype": manifest.get("colbert_dtype") or "float16",
-            "analyzer": chosen,
-        }
-        try:
-            args = (cfg["weights"], cfg["fusion"], cfg["candidates"], cfg["lexical"])
-            bm25 = BM25Params(**manifest["bm25"]) if manifest.get("bm25") else None
-            cls(encoder, reranker, *args, bm25=bm25, **options)  # settings check, nothing read
-        except (KeyError, TypeError, ValueError) as e:
-            msg = f"{path}: manifest.json has a bad retriever setting: {e}"
-            raise IndexFormatError(msg) from None
-        self = cls(
-            encoder, reranker, *args, bm25=bm25, **options, backend=make(allow_model_mismatch)
+        from m3_rag.backends.registry import open_saved  # TRANSITION: top-level once it lands
+
+        saved = open_saved(path)
+        where = f"index {path}"
+        check_encoder(saved.spec, encoder, where, allow_model_mismatch)
+        return cls(
+            encoder,
+            reranker,
+            **recorded_settings(saved.settings, saved.spec, where),
+            dense_dtype=saved.spec.dense_dtype,
+            colbert_dtype=saved.spec.colbert_dtype,
+            bm25=saved.spec.bm25,
+            analyzer=recorded_analyzer(saved.spec, analyzer, where),
+            backend=saved.backend,
+            allow_model_mismatch=allow_model_mismatch,
         )
-        if self.lexical != manifest["lexical"]:
-            raise IndexFormatError(
-                f"{path}: manifest.json says lexical {manifest['lexical']!r} for the stores and "
-                f"{cfg['lexical']!r} for the retriever"
-            )
-        return self
 
 
 @dataclass(frozen=True)
@@ -722,46 +439,14 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def _check_fusion(fusion: Any) -> str:
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    return str(fusion)
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise TypeError(f"documents must be an iterable of documents, got {type(items).__name__}")
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _unpack(chunk: list[Any]) -> tuple[list[Any], list[Any], list[str]]:
-    """texts, metadatas, ids of a chunk of documents (random ids where none is given)."""
-    texts: list[Any] = []
-    metas: list[Any] = []
-    ids: list[str] = []
-    for doc in chunk:
-        text: Any
-        meta: Any
-        doc_id: Any
-        if isinstance(doc, str):
-            text, meta, doc_id = doc, None, None
-        elif isinstance(doc, Mapping):
-            text, meta, doc_id = doc.get("text"), doc.get("metadata"), doc.get("id")
-        elif hasattr(doc, "text"):
-            text, meta, doc_id = doc.text, getattr(doc, "metadata", None), getattr(doc, "id", None)
-        else:
-            raise TypeError(
-                "each document must be a str, a dict with 'text' (and 'id', 'metadata') or "
-                f"an object with .text, got {type(doc).__name__}"
-            )
-        texts.append(text)
-        metas.append(meta)
-        ids.append(uuid.uuid4().hex if doc_id is None else doc_id)
-    return texts, metas, ids
+def _engine(backend: Backend | None) -> Backend:
+    """The backend a retriever's ``backend`` argument names (``None``: a new in-RAM engine)."""
+    if backend is None:
+        return LocalBackend()
+    if isinstance(backend, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"backend={backend!r} is not a backend: pass nothing (or backend=LocalBackend()) "
+            "for an index in RAM, or a backend object such as LocalBackend(path), "
+            "MilvusBackend(uri, collection) or QdrantBackend(...)"
+        )
+    return backend
