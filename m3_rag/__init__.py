@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from m3_rag._inputs import SCORES_KEY
 from m3_rag.encoder import EncodeOutput, M3Encoder
-from m3_rag.loading import CheckpointError
-from m3_rag.persist import IndexFormatError
+from m3_rag.errors import (
+    CheckpointError,
+    IndexFormatError,
+    IndexMismatchError,
+    WriteConflictError,
+)
 from m3_rag.rerank import Reranker, RerankResult
 from m3_rag.retriever import HybridRetriever, SearchHit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCORES_KEY",
     "CheckpointError",
     "EncodeOutput",
     "HybridRetriever",
     "IndexFormatError",
+    "IndexMismatchError",
     "M3Encoder",
     "RerankResult",
     "Reranker",
     "SearchHit",
+    "WriteConflictError",
     "__version__",
 ]

@@ -15,8 +15,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
-from m3_rag import HybridRetriever, M3Encoder, Reranker, SearchHit
-from m3_rag._inputs import SCORES_KEY
+from m3_rag import SCORES_KEY, HybridRetriever, M3Encoder, Reranker, SearchHit
 from m3_rag.backends.validate import id_list
 
 

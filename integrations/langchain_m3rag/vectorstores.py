@@ -11,8 +11,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from langchain_m3rag.embeddings import M3Embeddings
-from m3_rag import HybridRetriever, M3Encoder, SearchHit
-from m3_rag._inputs import SCORES_KEY
+from m3_rag import SCORES_KEY, HybridRetriever, M3Encoder, SearchHit
 from m3_rag.backends.validate import id_list
 
 _SEARCH_OPTIONS = ("filter", "weights", "fusion", "candidates", "rerank")

@@ -23,8 +23,7 @@ from llama_index.core.vector_stores.types import (
     MetadataFilters,
 )
 
-from m3_rag import HybridRetriever, M3Encoder, Reranker
-from m3_rag._inputs import SCORES_KEY
+from m3_rag import SCORES_KEY, HybridRetriever, M3Encoder, Reranker
 
 
 def _match(op: FilterOperator, have: Any, want: Any) -> bool:
@@ -175,7 +174,8 @@ class M3Retriever(BaseRetriever):
         self.retriever.delete(node_ids)
 
     def persist(self, persist_dir: str | os.PathLike[str]) -> None:
-        """Save the index (atomic; JSON + ``.npy``)."""
+        """Save the index with :meth:`HybridRetriever.save` (index format 3, committed
+        atomically)."""
         self.retriever.save(persist_dir)
 
     @classmethod

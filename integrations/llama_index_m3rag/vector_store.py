@@ -130,7 +130,9 @@ class M3VectorStore(BasePydanticVectorStore):
         return [i for i in id_list(node_ids) if keep is None or i in keep]
 
     def persist(self, persist_path: str, fs: Any = None) -> None:
-        """Save the index to the directory ``persist_path`` (memory backend; atomic)."""
+        """Save the index to the directory ``persist_path`` with :meth:`HybridRetriever.save`
+        (index format 3, committed atomically; a local-engine index, Milvus and Qdrant
+        persist by themselves)."""
         if fs is not None:
             raise ValueError("M3VectorStore persists to a local directory only (fs=None)")
         self._retriever.save(persist_path)
@@ -139,7 +141,8 @@ class M3VectorStore(BasePydanticVectorStore):
     def from_persist_path(
         cls, persist_path: str | os.PathLike[str], encoder: M3Encoder, **kwargs: Any
     ) -> M3VectorStore:
-        """Load a store saved by :meth:`persist`."""
+        """Load a store saved by :meth:`persist` (``kwargs`` go to
+        :meth:`HybridRetriever.load`: ``reranker``, ``allow_model_mismatch``, ``analyzer``)."""
         return cls(HybridRetriever.load(persist_path, encoder, **kwargs))
 
     # ------------------------------------------------------------------ search
