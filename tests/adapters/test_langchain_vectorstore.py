@@ -48,7 +48,7 @@ def test_scores_filters_and_retriever(tiny_encoder: M3Encoder) -> None:
     scored = store.similarity_search_with_score(SAMPLE_TEXTS[3], k=3, fusion="rrf")
     doc, score = scored[0]
     assert doc.id == "d3" and doc.metadata["m3_rag_scores"]["score"] == pytest.approx(score)
-    assert set(doc.metadata["m3_rag_scores"]) == {"score", "dense", "sparse", "colbert", "fused"}
+    assert set(doc.metadata["m3_rag_scores"]) == {"score", "dense", "lexical", "colbert", "fused"}
     zh = store.similarity_search("机器学习", k=10, filter={"lang": "zh"})
     assert {d.metadata["lang"] for d in zh} == {"zh"} and len(zh) == 5
     dense_only = store.similarity_search_with_score(SAMPLE_TEXTS[5], k=2, weights=(1, 0, 0))

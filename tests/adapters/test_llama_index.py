@@ -74,7 +74,7 @@ def test_retrieve_returns_scored_nodes(retriever: M3Retriever) -> None:
     assert set(got[0].node.metadata["m3_rag_scores"]) == {
         "score",
         "dense",
-        "sparse",
+        "lexical",
         "colbert",
         "fused",
     }

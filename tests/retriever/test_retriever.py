@@ -13,9 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import resign
+from conftest import require, resign
 
-from m3_rag import HybridRetriever, IndexFormatError, M3Encoder, Reranker, SearchHit
+from m3_rag import (
+    HybridRetriever,
+    IndexFormatError,
+    IndexMismatchError,
+    M3Encoder,
+    Reranker,
+    SearchHit,
+)
+from m3_rag.backends import LocalBackend
 from m3_rag.testing import SAMPLE_TEXTS
 
 META = [
@@ -204,9 +212,9 @@ def test_load_refuses_other_models_and_corruption(
     retriever: HybridRetriever, tiny_m3_bin_dir: Path, tiny_encoder: M3Encoder, tmp_path: Path
 ) -> None:
     retriever.save(tmp_path / "idx")
-    with pytest.raises(ValueError, match="allow_model_mismatch"):
+    with pytest.raises(IndexMismatchError, match="allow_model_mismatch"):
         HybridRetriever.load(tmp_path / "idx", _renamed(tiny_encoder))
-    with pytest.raises(ValueError, match="dims"):
+    with pytest.raises(IndexMismatchError, match="dims"):
         HybridRetriever.load(
             tmp_path / "idx", M3Encoder(tiny_m3_bin_dir), allow_model_mismatch=True
         )
@@ -332,3 +340,50 @@ def test_bad_constructor_arguments(tiny_encoder: M3Encoder) -> None:
     with pytest.raises(ValueError, match="dtype"):
         HybridRetriever(tiny_encoder, colbert_dtype="int4")
     assert os.fspath(tiny_encoder.path)
+
+
+def test_one_name_for_the_ram_engine(tiny_encoder: M3Encoder) -> None:
+    ram = HybridRetriever(tiny_encoder)
+    assert isinstance(ram.backend, LocalBackend) and ram.backend.path is None
+    for old in ("memory", "local", b"memory"):
+        with pytest.raises(TypeError, match=r"pass nothing \(or backend=LocalBackend\(\)\)"):
+            HybridRetriever(tiny_encoder, backend=old)  # type: ignore[arg-type]
+    explicit = HybridRetriever(tiny_encoder, backend=LocalBackend())
+    explicit.add_texts(SAMPLE_TEXTS, ids=IDS)
+    ram.add_texts(SAMPLE_TEXTS, ids=IDS)
+    assert explicit.search("capital of France", k=5) == ram.search("capital of France", k=5)
+
+
+def test_capabilities_are_checked_not_probed(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    """save needs a Savable engine, add_from an Exportable source; Qdrant is neither."""
+    require("qdrant_client", "pip install -e '.[qdrant]'")
+    from m3_rag.backends import QdrantBackend
+
+    q = HybridRetriever(tiny_encoder, backend=QdrantBackend(location=":memory:", collection="c"))
+    q.add_texts(SAMPLE_TEXTS[:4], ids=IDS[:4])
+    ram = HybridRetriever(tiny_encoder)
+    with pytest.raises(TypeError, match="can export its encodings"):
+        ram.add_from(q)
+    with pytest.raises(TypeError, match="can export its encodings"):
+        ram.add_from(q.backend)  # type: ignore[arg-type]
+    assert len(ram) == 0
+    with pytest.raises(ValueError, match="persists"):
+        q.save(tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+    ram.add_texts(SAMPLE_TEXTS[4:9], ids=IDS[4:9])
+    assert q.add_from(ram, batch_size=2) == 5 and len(q) == 9
+
+
+def test_allow_model_mismatch_is_a_retriever_option(
+    tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    built = HybridRetriever(tiny_encoder, backend=LocalBackend(tmp_path / "disk"))
+    built.add_texts(SAMPLE_TEXTS, ids=IDS)
+    want = built.search("capital of France", k=5)
+    built.backend.close()  # type: ignore[attr-defined]
+    with pytest.raises(IndexMismatchError, match="allow_model_mismatch"):
+        HybridRetriever(_renamed(tiny_encoder), backend=LocalBackend(tmp_path / "disk"))
+    again = HybridRetriever(
+        _renamed(tiny_encoder), backend=LocalBackend(tmp_path / "disk"), allow_model_mismatch=True
+    )
+    assert again.search("capital of France", k=5) == want
