@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Filter", "check_filter", "filter_mask"]
+__all__ = ["Filter", "all_of", "check_filter", "filter_mask", "matches"]
 
 Filter = Mapping[str, Any] | Callable[[dict[str, Any]], bool] | None
 
@@ -68,3 +68,23 @@ def filter_mask(metadatas: Sequence[Mapping[str, Any]], flt: Filter) -> np.ndarr
         if not mask.any():
             break
     return mask
+
+
+def matches(metadata: Mapping[str, Any], flt: Filter) -> bool:
+    """Whether one document's metadata passes ``flt`` (every document passes ``None``)."""
+    mask = filter_mask([metadata], flt)
+    return True if mask is None else bool(mask[0])
+
+
+def all_of(a: Filter, b: Filter) -> Filter:
+    """The filter passing what both ``a`` and ``b`` pass: one dict when both are dicts on
+    different keys (compared column-wise), else a callable."""
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, Mapping) and isinstance(b, Mapping) and not set(a) & set(b):
+        return {**a, **b}
+
+    def check(metadata: dict[str, Any]) -> bool:
+        return matches(metadata, a) and matches(metadata, b)
+
+    return check

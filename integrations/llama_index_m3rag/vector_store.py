@@ -21,6 +21,7 @@ from llama_index_m3rag.retriever import to_core_filter
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.backends.validate import id_list
 from m3_rag.cache import as_encode_output, encode_cached
+from m3_rag.filters import all_of
 
 _MODES = {
     VectorStoreQueryMode.DEFAULT,
@@ -157,8 +158,7 @@ class M3VectorStore(BasePydanticVectorStore):
             raise ValueError("M3VectorStore does not restrict a query to node_ids; use filters")
         flt: Any = to_core_filter(query.filters)
         if query.doc_ids:
-            by_doc = {"ref_doc_id": list(query.doc_ids)}
-            flt = by_doc if flt is None else _both(flt, by_doc)
+            flt = all_of(flt, {"ref_doc_id": list(query.doc_ids)})
         k = query.similarity_top_k
         options: dict[str, Any] = {"filter": flt}
         if query.mode == VectorStoreQueryMode.DEFAULT:
@@ -180,17 +180,3 @@ class M3VectorStore(BasePydanticVectorStore):
             similarities=[h.score for h in hits],
             ids=[h.id for h in hits],
         )
-
-
-def _both(a: Any, b: dict[str, Any]) -> Any:
-    """AND of a core filter (dict or callable) and a dict filter."""
-    if isinstance(a, dict) and not set(a) & set(b):
-        return {**a, **b}
-    from m3_rag.filters import filter_mask
-
-    def check(meta: dict[str, Any]) -> bool:
-        ok_b = bool(filter_mask([meta], b)[0])  # type: ignore[index]
-        ok_a = a(meta) if callable(a) else bool(filter_mask([meta], a)[0])  # type: ignore[index]
-        return ok_a and ok_b
-
-    return check

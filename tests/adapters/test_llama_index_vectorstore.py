@@ -92,6 +92,13 @@ def test_modes_map_onto_the_core_search(enc: M3Encoder) -> None:
         VectorStoreQuery(query_str=q, similarity_top_k=10, doc_ids=["doc-1", "doc-2"])
     )
     assert {n.ref_doc_id for n in res.nodes or []} == {"doc-1", "doc-2"}
+    # doc_ids AND filters: a dict filter on other keys, then a callable (a range)
+    both = dict(similarity_top_k=23, doc_ids=[f"doc-{i}" for i in range(6, 12)])
+    res = store.query(VectorStoreQuery(query_str=q, filters=zh, **both))  # type: ignore[arg-type]
+    assert {n.ref_doc_id for n in res.nodes or []} == {f"doc-{i}" for i in range(8, 12)}
+    low = MetadataFilters(filters=[MetadataFilter(key="i", value=9, operator=FilterOperator.LT)])
+    res = store.query(VectorStoreQuery(query_str=q, filters=low, **both))  # type: ignore[arg-type]
+    assert {n.ref_doc_id for n in res.nodes or []} == {"doc-6", "doc-7", "doc-8"}
     with pytest.raises(ValueError, match="not supported"):
         store.query(VectorStoreQuery(query_str=q, mode=VectorStoreQueryMode.MMR))
     with pytest.raises(ValueError, match="query_str"):

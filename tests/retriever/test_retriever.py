@@ -387,3 +387,21 @@ def test_allow_model_mismatch_is_a_retriever_option(
         _renamed(tiny_encoder), backend=LocalBackend(tmp_path / "disk"), allow_model_mismatch=True
     )
     assert again.search("capital of France", k=5) == want
+
+
+def test_filters_combine(retriever: HybridRetriever) -> None:
+    from m3_rag.filters import all_of, matches
+
+    zh, low = {"lang": "zh"}, {"i": [8, 9, 13]}
+    assert all_of(None, zh) is zh and all_of(zh, None) is zh and all_of(None, None) is None
+    assert all_of(zh, {"x": 1}) == {"lang": "zh", "x": 1}  # one dict: compared column-wise
+    for a, b, want, kind in (
+        (zh, low, {"doc8", "doc9"}, dict),
+        (zh, {"lang": "ar"}, set(), None),  # the same key twice: both must hold
+        (lambda m: m["i"] % 2 == 0, zh, {"doc8", "doc10", "doc12"}, None),
+    ):
+        combined = all_of(a, b)
+        assert isinstance(combined, dict) if kind is dict else callable(combined)
+        assert {h.id for h in retriever.search("x", k=50, filter=combined)} == want
+        assert set(retriever.select(combined)) == want
+    assert matches({"lang": "zh"}, zh) and not matches({}, zh) and matches({}, None)
