@@ -24,6 +24,7 @@ from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, term_counts
 from m3_rag.backends.protocol import Backend, Exportable
 from m3_rag.backends.validate import check_ids
 from m3_rag.encoder import EncodeOutput, M3Encoder
+from m3_rag.errors import IndexMismatchError
 from m3_rag.scoring import sparse_matrix
 from m3_rag.spec import LexicalKind
 
@@ -237,7 +238,8 @@ class IndexingMixin:
 
         Raises:
             TypeError: ``source`` is not a HybridRetriever whose backend can export.
-            ValueError: ``source`` was built with another model shape or lexical kind.
+            IndexMismatchError: ``source`` was built with another model shape, lexical kind
+                or BM25 analyzer.
         """
         if not isinstance(source, IndexingMixin) or not isinstance(source.backend, Exportable):
             raise TypeError(
@@ -250,13 +252,13 @@ class IndexingMixin:
             b.colbert_dim,
             self.lexical,
         ):
-            raise ValueError(
+            raise IndexMismatchError(
                 "source has dense/ColBERT dims and lexical kind "
                 f"{a.dense_dim}/{a.colbert_dim}/{source.lexical}, this retriever "
                 f"{b.dense_dim}/{b.colbert_dim}/{self.lexical}"
             )
         if source._analyzer_config() != self._analyzer_config():
-            raise ValueError(
+            raise IndexMismatchError(
                 f"source's BM25 analyzer {source._analyzer_config()!r} differs from this "
                 f"retriever's {self._analyzer_config()!r}: their term ids differ"
             )

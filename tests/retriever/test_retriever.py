@@ -405,3 +405,23 @@ def test_filters_combine(retriever: HybridRetriever) -> None:
         assert {h.id for h in retriever.search("x", k=50, filter=combined)} == want
         assert set(retriever.select(combined)) == want
     assert matches({"lang": "zh"}, zh) and not matches({}, zh) and matches({}, None)
+
+
+def test_add_from_copies_encodings_and_refuses_other_indexes(
+    retriever: HybridRetriever, tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    disk = HybridRetriever(tiny_encoder, candidates=5, backend=LocalBackend(tmp_path / "d"))
+    assert disk.add_from(retriever, batch_size=4) == len(SAMPLE_TEXTS)
+    for q in ("capital of France", "机器学习"):
+        a = disk.search(q, k=7, filter={"lang": ["zh", "other"]})
+        b = retriever.search(q, k=7, filter={"lang": ["zh", "other"]})
+        assert [(h.id, h.text, h.metadata) for h in a] == [(h.id, h.text, h.metadata) for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-6)
+    bm25 = HybridRetriever(tiny_encoder, lexical="bm25")
+    with pytest.raises(IndexMismatchError, match="lexical kind"):
+        bm25.add_from(retriever)
+    stemmed = HybridRetriever(tiny_encoder, lexical="bm25", analyzer="model")
+    stemmed.add_texts(SAMPLE_TEXTS[:3])
+    with pytest.raises(IndexMismatchError, match="analyzer"):
+        bm25.add_from(stemmed)
+    assert len(bm25) == 0
