@@ -25,6 +25,7 @@ __all__ = [
     "build_reranker_checkpoint",
     "build_tokenizer",
     "milvus_lite_server",
+    "refused_upserts",
 ]
 
 SAMPLE_TEXTS: list[str] = [
@@ -289,3 +290,40 @@ class CountingClient:
             return attr(*a, **kw)
 
         return call
+
+
+@contextmanager
+def refused_upserts(backend: Any, at: int, error: BaseException) -> Iterator[list[int]]:
+    """Inject a fault into the real client of a server engine (Milvus, Qdrant): its
+    ``at``-th upsert into ``backend.collection`` raises ``error`` instead of writing
+    (upserts into other collections pass through); the client is restored on exit.
+
+    Args:
+        backend: A :class:`~m3_rag.backends.MilvusBackend` or
+            :class:`~m3_rag.backends.QdrantBackend` (its ``client`` and ``collection``).
+        at: Which upsert fails, from 1.
+        error: What it raises (``SystemExit`` stands for a killed process).
+
+    Yields:
+        The number of rows of every upsert into the collection, failed one included.
+    """
+    client = backend.client
+    real = client.upsert
+    had = "upsert" in vars(client)
+    calls: list[int] = []
+
+    def upsert(collection: str, rows: Any, *args: Any, **kw: Any) -> Any:
+        if collection == backend.collection:
+            calls.append(len(rows))
+            if len(calls) == at:
+                raise error
+        return real(collection, rows, *args, **kw)
+
+    client.upsert = upsert
+    try:
+        yield calls
+    finally:
+        if had:
+            client.upsert = real
+        else:
+            del client.upsert

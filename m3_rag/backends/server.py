@@ -1,6 +1,9 @@
-"""What the server engines (Milvus, Qdrant) share: the configuration a collection records
-and its check on reopening, the int64 check of metadata, and the methods that only read the
-retriever's spec or a search's fetched documents."""
+"""What the server engines (Milvus, Qdrant) share: the check of a collection's record on
+reopening, the int64 check of metadata, and the methods that only read the retriever's
+spec or a search's fetched documents.
+
+The configuration a collection records is :meth:`~m3_rag.spec.IndexSpec.to_json` plus the
+engine's own keys; reopening checks it with :meth:`~m3_rag.spec.IndexSpec.check_stored`."""
 
 from __future__ import annotations
 
@@ -10,68 +13,39 @@ from typing import Any
 import numpy as np
 
 from m3_rag.backends.protocol import Candidates, IndexSpec
-from m3_rag.bm25 import BM25Params
+from m3_rag.errors import IndexFormatError
 
-__all__ = ["ServerEngine", "check_index_config", "check_int64", "index_config"]
+__all__ = ["ServerEngine", "check_int64", "check_record"]
 
 _INT64 = (-(2**63), 2**63 - 1)
 
-_CHECKED = (
-    "dense_dim",
-    "colbert_dim",
-    "colbert_dtype",
-    "lexical",
-    "vocab_size",
-    "bm25",
-    "analyzer",
-)
 
-
-def index_config(spec: IndexSpec, fmt: int) -> dict[str, Any]:
-    """The JSON record of ``spec`` an engine stores beside its documents."""
-    return {
-        "format": fmt,
-        "model": spec.model,
-        "dense_dim": spec.dense_dim,
-        "colbert_dim": spec.colbert_dim,
-        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
-        "lexical": spec.lexical,
-        "vocab_size": spec.vocab_size,
-        "bm25": (spec.bm25 or BM25Params()).as_dict() if spec.lexical == "bm25" else None,
-        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
-    }
-
-
-def check_index_config(
-    stored: dict[str, Any],
-    wanted: dict[str, Any],
+def check_record(
+    stored: Any,
+    spec: IndexSpec,
     name: str,
+    formats: tuple[int, ...],
+    *,
     allow_model_mismatch: bool,
-    engine: str,
-) -> None:
-    """Refuse to reopen collection ``name`` for an index it was not built for.
+) -> IndexSpec:
+    """Refuse to reopen collection ``name``, recording ``stored`` (``spec.to_json()`` and
+    the engine's ``format``), for ``spec``.
+
+    Returns:
+        The stored specification.
 
     Raises:
-        ValueError: another format, model (unless ``allow_model_mismatch``), dimension,
-            ColBERT dtype, lexical kind, vocabulary, BM25 parameters or analyzer.
+        IndexFormatError: a format not in ``formats``, or an unreadable record.
+        IndexMismatchError: another model (unless allowed) or another setting, named.
     """
-    if stored.get("format") != wanted["format"]:
-        raise ValueError(
-            f"collection {name!r} has format {stored.get('format')}, need {wanted['format']}"
+    where = f"collection {name!r}"
+    fmt = stored.get("format") if isinstance(stored, dict) else None
+    if fmt not in formats:
+        raise IndexFormatError(
+            f"{where} has format {fmt!r}; this version reads formats {list(formats)}: "
+            "use the m3-rag version that wrote it, or another collection"
         )
-    if stored["model"] != wanted["model"] and not allow_model_mismatch:
-        raise ValueError(
-            f"collection {name!r} was built with model {stored['model']!r}, the encoder is "
-            f"{wanted['model']!r}; pass {engine}(..., allow_model_mismatch=True) if they "
-            "are the same model"
-        )
-    stored = {"analyzer": "model" if stored.get("lexical") == "bm25" else None} | stored
-    for key in _CHECKED:
-        if stored.get(key) != wanted[key]:
-            raise ValueError(
-                f"collection {name!r} has {key}={stored.get(key)!r}, this retriever needs "
-                f"{wanted[key]!r}; use another collection or the settings it was built with"
-            )
+    return spec.check_stored(stored, where, allow_model_mismatch=allow_model_mismatch)
 
 
 def check_int64(value: Any, name: str, engine: str) -> None:

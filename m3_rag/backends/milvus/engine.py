@@ -1,10 +1,12 @@
 """Milvus backend: the same HybridRetriever over Milvus Lite (a local file) or a Milvus server.
 
 One collection of documents per retriever: ``id`` (primary key), ``text``, ``metadata``
-(JSON), ``dense`` (FLOAT_VECTOR, IP), ``sparse`` (SPARSE_FLOAT_VECTOR, IP, inverted index)
-and ``colbert`` (the document's ColBERT vectors in their storage dtype, base64 in an
-ARRAY<VARCHAR>). A one-row-per-key side collection ``<name>_m3meta`` holds the index
-configuration and, for BM25, the corpus statistics (document frequencies, count, length).
+(JSON), ``dense`` (FLOAT_VECTOR, IP), ``lexical`` (SPARSE_FLOAT_VECTOR, IP, inverted index;
+``sparse`` in collections of format 1, which still open) and ``colbert`` (the document's
+ColBERT vectors in their storage dtype, base64 in an ARRAY<VARCHAR>). A one-row-per-key side
+collection ``<name>_m3meta`` holds the index record (``IndexSpec.to_json()`` and the
+collection format) and, for BM25, the corpus statistics (document frequencies, count,
+length).
 
 Candidate generation (dense top-n, lexical top-n, metadata filter) runs in Milvus in one
 ``hybrid_search`` round trip that also returns the candidates' stored vectors (and, for up
@@ -28,24 +30,22 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from m3_rag.backends.legacy.colbert import ColbertStore
-from m3_rag.backends.legacy.dense import DenseStore
-from m3_rag.backends.legacy.lexical import LexicalStore
 from m3_rag.backends.milvus import codec
 from m3_rag.backends.milvus.filters import milvus_expr, milvus_literal
 from m3_rag.backends.milvus.schema import (
-    check_config,
-    check_json,
-    check_sizes,
-    config_of,
+    FORMATS,
+    check_documents,
     create_collections,
     is_server,
+    lexical_field,
+    record,
     str_list,
 )
-from m3_rag.backends.protocol import Candidates, IndexSpec, check_batch
-from m3_rag.backends.server import ServerEngine
-from m3_rag.backends.validate import check_ids
+from m3_rag.backends.protocol import Candidates, IndexSpec
+from m3_rag.backends.server import ServerEngine, check_record
+from m3_rag.backends.validate import check_ids, prepare_batch
 from m3_rag.bm25 import BM25Params, bm25_idf, bm25_tf
+from m3_rag.errors import IndexFormatError
 from m3_rag.filters import Filter
 from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_dot_rows
 
@@ -76,8 +76,6 @@ class MilvusBackend(ServerEngine):
         colbert_inline: Up to this many candidates (both legs' limits together), a search
             returns their ColBERT vectors in the same reply (one round trip); above it they
             are fetched in a second request (replies stay far below gRPC limits).
-        allow_model_mismatch: Accept an encoder whose model name differs from the one that
-            built the collection (same dimensions still required).
 
     Raises:
         ImportError: pymilvus is missing (``pip install 'm3-rag[milvus]'``).
@@ -96,7 +94,6 @@ class MilvusBackend(ServerEngine):
         show_progress: bool | None = None,
         timeout: float = 10.0,
         colbert_inline: int = 512,
-        allow_model_mismatch: bool = False,
     ) -> None:
         if not isinstance(uri, str) or not uri:
             raise TypeError(f"uri must be a non-empty str, got {uri!r}")
@@ -111,13 +108,13 @@ class MilvusBackend(ServerEngine):
         self.meta_collection = f"{collection}_m3meta"
         self.index_type, self.index_params = index_type, dict(index_params or {})
         self.batch_size, self.show_progress, self.timeout = batch_size, show_progress, timeout
-        self.allow_model_mismatch = allow_model_mismatch
         if not isinstance(colbert_inline, int) or colbert_inline < 0:
             raise ValueError(f"colbert_inline must be an int >= 0, got {colbert_inline!r}")
         self.colbert_inline = colbert_inline
         self._connect_kwargs = {"token": token, "db_name": db_name}
         self._client: Any = None
         self.spec: IndexSpec | None = None
+        self._lex = "lexical"  # the lexical field ("sparse" in a format-1 collection)
         self._df = sp.csr_matrix((1, 1), dtype=np.float64)  # [1, vocab] document frequencies
         self._n_docs, self._total_len = 0, 0.0
         self._idf: tuple[np.ndarray, np.ndarray] | None = None
@@ -143,33 +140,49 @@ class MilvusBackend(ServerEngine):
                 raise ConnectionError(f"cannot reach Milvus at {self.uri!r}: {e}") from e
         return self._client
 
-    def open(self, spec: IndexSpec, settings: Mapping[str, Any] | None = None) -> MilvusBackend:
+    def open(
+        self,
+        spec: IndexSpec,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        allow_model_mismatch: bool = False,
+    ) -> MilvusBackend:
         """Create the collection for ``spec``, or check and load an existing one.
+
+        Args:
+            spec: The retriever's index specification.
+            settings: The retriever's settings (unused: the collection records ``spec``).
+            allow_model_mismatch: Accept a collection built under another model name (same
+                dimensions and settings still required).
 
         Raises:
             ConnectionError: the server is unreachable.
-            ValueError: the collection was built with another model, dimension or lexical
-                kind, or was not created by m3-rag.
+            IndexMismatchError: the collection was built with another model or settings.
+            IndexFormatError: the collection was not created by m3-rag, or by a version
+                whose format this one does not read.
         """
         if spec.dense_dtype != "float32":
             raise ValueError("the Milvus backend stores dense vectors as float32")
         if self.spec is not None and self.spec != spec:
             raise ValueError(f"{self!r} is already open for another index")
         c = self.client
-        config = config_of(spec)
         if c.has_collection(self.collection):
             if not c.has_collection(self.meta_collection):
-                raise ValueError(
+                raise IndexFormatError(
                     f"collection {self.collection!r} exists but was not created by m3-rag; "
                     "pick another collection name"
                 )
             c.load_collection(self.meta_collection)
             stored = json.loads(self._meta_row("config")["value"])
-            check_config(stored, config, self.collection, self.allow_model_mismatch)
+            check_record(
+                stored, spec, self.collection, FORMATS, allow_model_mismatch=allow_model_mismatch
+            )
+            self._lex = lexical_field(c, self.collection) or "lexical"
             c.load_collection(self.collection)
         else:
             self._create(spec)
-            self._write_meta("config", config, {spec.vocab_size: 1.0})
+            self._write_meta("config", record(spec), {spec.vocab_size: 1.0})
+            self._lex = "lexical"
         self.spec = spec
         if spec.lexical == "bm25":
             self._read_stats()
@@ -249,7 +262,7 @@ class MilvusBackend(ServerEngine):
         killed write only)."""
         df = sp.csr_matrix((1, self._spec().vocab_size), dtype=np.float64)
         n, total = 0, 0.0
-        for batch in self._pages(["id", "sparse", "dl", "avgdl"]):
+        for batch in self._pages(["id", self._lex, "dl", "avgdl"]):
             df = df + _presence(self._stored_tf(batch))
             n += len(batch)
             total += float(sum(float(r["dl"]) for r in batch))
@@ -296,33 +309,32 @@ class MilvusBackend(ServerEngine):
     ) -> None:
         """Add or replace documents (upsert by id), in batches.
 
-        Every input is validated before anything is written: on error nothing stored is lost.
+        Every row of every batch is validated and encoded before the first write (the
+        batch with :func:`~m3_rag.backends.validate.prepare_batch`, then Milvus's own limits:
+        :meth:`check_documents`); a write Milvus refuses is rolled back. On error nothing
+        stored is lost.
         """
         spec = self._spec()
-        ids = check_batch(spec, ids, texts, metadatas, lexical, colbert)
-        check_sizes(ids, texts)
-        for i, m in enumerate(metadatas):
-            check_json(m, f"metadatas[{i}]")
-        vecs = DenseStore(spec.dense_dim)._prepare(ids, dense)[1].astype(np.float32)
+        batch = prepare_batch(spec, ids, texts, metadatas, dense, lexical, colbert)
+        ids = batch.ids
+        self.check_documents(ids, batch.texts, batch.metadatas)
         rows: list[dict[str, Any]] = [
             {"id": i, "text": t, "metadata": m, "dense": v}
-            for i, t, m, v in zip(ids, texts, metadatas, vecs, strict=True)
+            for i, t, m, v in zip(ids, batch.texts, batch.metadatas, batch.dense, strict=True)
         ]
-        if spec.colbert_dim and colbert is not None:
-            store = ColbertStore(spec.colbert_dim, spec.colbert_dtype)
-            _, block, lengths, scales = store._prepare(ids, colbert)
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
+        if batch.colbert is not None and batch.colbert_offsets is not None:
+            packed, offsets, scales = batch.colbert, batch.colbert_offsets, batch.colbert_scales
             for r, a, b in zip(rows, offsets[:-1], offsets[1:], strict=True):
                 r["colbert"] = codec.encode_blob(
-                    block[a:b], None if scales is None else scales[a:b]
+                    packed[a:b], None if scales is None else scales[a:b]
                 )
         stats = None
-        if spec.lexical and lexical is not None:
-            block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
+        if batch.lexical is not None:
+            block = batch.lexical
             if spec.lexical == "bm25":
                 block, stats = self._bm25_rows(ids, block, rows)
             for r, i in zip(rows, range(len(rows)), strict=True):
-                r["sparse"] = codec.encode_sparse(block[i], spec.vocab_size)
+                r[self._lex] = codec.encode_sparse(block[i], spec.vocab_size)
         # everything is validated and encoded: now write, undoing what was written on failure
         existing = [r["id"] for r in self._fetch(ids, [])]
         old = {r["id"]: r for r in self._fetch(existing, ["*"])}
@@ -347,6 +359,18 @@ class MilvusBackend(ServerEngine):
         if stats is not None:
             self._df, self._n_docs, self._total_len = stats
             self._write_stats()
+
+    def check_documents(
+        self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
+    ) -> None:
+        """Refuse documents a Milvus row cannot hold (before anything is encoded or
+        written): ids over 512 bytes or with control characters, texts over 65,535 bytes,
+        metadata with an integer outside int64 or over 64 KiB of JSON.
+
+        Raises:
+            ValueError: naming the first bad document.
+        """
+        check_documents(ids, texts, metadatas)
 
     def _rollback(self, written: list[str], old: dict[str, dict[str, Any]]) -> None:
         """Remove the new ids written by a failed add and put back the rows it replaced;
@@ -383,7 +407,7 @@ class MilvusBackend(ServerEngine):
         return weights, (df, n, total)
 
     def _forget(self, old: list[dict[str, Any]]) -> tuple[sp.csr_matrix, int, float]:
-        """The BM25 statistics without stored rows ``old`` (with ``sparse``, ``dl``,
+        """The BM25 statistics without stored rows ``old`` (with the lexical field, ``dl``,
         ``avgdl``): ``(df, n, total_len)``, new objects."""
         if not old:
             return self._df.copy(), self._n_docs, self._total_len
@@ -394,7 +418,7 @@ class MilvusBackend(ServerEngine):
 
     def _stored_tf(self, rows: list[dict[str, Any]]) -> sp.csr_matrix:
         spec = self._spec()
-        weights = codec.decode_sparse([r["sparse"] for r in rows], spec.vocab_size)
+        weights = codec.decode_sparse([r[self._lex] for r in rows], spec.vocab_size)
         dl = np.asarray([float(r["dl"]) for r in rows])
         written = np.asarray([float(r["avgdl"]) for r in rows])
         return codec.recover_tf(weights, dl, written, self._bm25())
@@ -427,10 +451,10 @@ class MilvusBackend(ServerEngine):
 
     # ---------------------------------------------------------------- reading
     def _fetch(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
-        """Stored rows of ``ids`` (those that exist), with ``id``, ``sparse`` when there is a
-        lexical leg, and ``fields``."""
+        """Stored rows of ``ids`` (those that exist), with ``id``, the lexical field when
+        there is a lexical leg, and ``fields``."""
         spec = self._spec()
-        out_fields = ["id", *fields] + (["sparse"] if spec.lexical else [])
+        out_fields = ["id", *fields] + ([self._lex] if spec.lexical else [])
         found: list[dict[str, Any]] = []
         # keep replies far below gRPC limits
         step = 32 if "colbert" in fields or "*" in fields else 512
@@ -475,11 +499,11 @@ class MilvusBackend(ServerEngine):
             lex_q = self._lexical_query(lexical_query)
             nz = {t: w for t, w in lex_q.items() if w > 0}  # every hit then scores > 0
             if nz:
-                reqs.append(AnnSearchRequest([nz], "sparse", ip, limit, expr=expr))
+                reqs.append(AnnSearchRequest([nz], self._lex, ip, limit, expr=expr))
         bound = min(len(reqs) * limit, MAX_TOPK)
         inline = colbert_query is not None and spec.colbert_dim and bound <= self.colbert_inline
         fields = ["id", "text", "metadata", "dense"]
-        fields += (["sparse"] if spec.lexical else []) + (["colbert"] if inline else [])
+        fields += ([self._lex] if spec.lexical else []) + (["colbert"] if inline else [])
         fields += ["dl", "avgdl"] if spec.lexical == "bm25" else []
         if len(reqs) == 1:
             res = self.client.search(
@@ -540,7 +564,7 @@ class MilvusBackend(ServerEngine):
             w = bm25_tf(tf.data, dl[doc_rows], self._avgdl, self._bm25()).astype(np.float32)
             docs = sp.csr_matrix((w, tf.indices, tf.indptr), shape=tf.shape)
         else:
-            docs = codec.decode_sparse([r["sparse"] for r in rows], spec.vocab_size)
+            docs = codec.decode_sparse([r[self._lex] for r in rows], spec.vocab_size)
         return sparse_dot_rows(docs, q)
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:

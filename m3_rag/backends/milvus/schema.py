@@ -1,5 +1,9 @@
-"""Milvus collection layout, configuration checks and expression helpers (no pymilvus import
-at module level)."""
+"""Milvus collection layout, the record a collection keeps of its index, the limits of a row,
+and expression helpers (no pymilvus import at module level).
+
+Collection formats: 2 (this version) names the lexical field ``lexical``; 1 (earlier
+versions) named it ``sparse``. Both open: the field is read from the collection's schema.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,29 @@ from typing import Any
 from m3_rag.backends.milvus import codec
 from m3_rag.backends.milvus.filters import milvus_literal
 from m3_rag.backends.protocol import IndexSpec
-from m3_rag.backends.server import check_index_config, check_int64, index_config
+from m3_rag.backends.server import check_int64
 
 __all__ = [
     "FORMAT",
+    "FORMATS",
+    "LEXICAL_FIELDS",
     "MAX_ID_BYTES",
     "MAX_TEXT_BYTES",
-    "check_config",
+    "check_documents",
     "check_json",
     "check_sizes",
-    "config_of",
     "create_collections",
     "is_server",
+    "lexical_field",
+    "record",
     "str_list",
 ]
 
 MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 65535
-FORMAT = 1
+FORMAT = 2  # the collection format written
+FORMATS = (1, 2)  # the formats read
+LEXICAL_FIELDS = ("lexical", "sparse")  # the lexical field's name: format 2, format 1
 
 
 def create_collections(
@@ -62,8 +71,8 @@ def create_collections(
     index = c.prepare_index_params()
     index.add_index("dense", index_type=index_type, metric_type="IP", params=dict(index_params))
     if spec.lexical:
-        s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-        index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+        s.add_field("lexical", DataType.SPARSE_FLOAT_VECTOR)
+        index.add_index("lexical", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
     if spec.lexical == "bm25":
         s.add_field("dl", DataType.DOUBLE)
         s.add_field("avgdl", DataType.DOUBLE)
@@ -78,14 +87,16 @@ def create_collections(
     c.create_collection(collection, schema=s, index_params=index, consistency_level="Strong")
 
 
-def config_of(spec: IndexSpec) -> dict[str, Any]:
-    return index_config(spec, FORMAT)
+def lexical_field(client: Any, collection: str) -> str | None:
+    """The name of the lexical field of an existing ``collection`` (``"lexical"``, or
+    ``"sparse"`` in a format-1 collection), ``None`` when it has none."""
+    names = {f["name"] for f in client.describe_collection(collection)["fields"]}
+    return next((n for n in LEXICAL_FIELDS if n in names), None)
 
 
-def check_config(
-    stored: dict[str, Any], wanted: dict[str, Any], name: str, allow_model_mismatch: bool
-) -> None:
-    check_index_config(stored, wanted, name, allow_model_mismatch, "MilvusBackend")
+def record(spec: IndexSpec) -> dict[str, Any]:
+    """What a collection records of its index: ``spec.to_json()`` and the format."""
+    return spec.to_json() | {"format": FORMAT}
 
 
 def check_sizes(ids: Sequence[str], texts: Sequence[str]) -> None:
@@ -114,6 +125,18 @@ def check_json(value: Any, name: str) -> None:
     size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
     if size > MAX_JSON_BYTES:
         raise ValueError(f"{name} is {size} bytes of JSON, over Milvus's {MAX_JSON_BYTES}")
+
+
+def check_documents(ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[Any]) -> None:
+    """Refuse what a Milvus row cannot hold, every row before any is written: ids and
+    texts too long, ids with control characters, metadata :func:`check_json` refuses.
+
+    Raises:
+        ValueError: naming the first bad row.
+    """
+    check_sizes(ids, texts)
+    for i, m in enumerate(metadatas):
+        check_json(m, f"metadatas[{i}]")
 
 
 def str_list(values: Sequence[str]) -> str:

@@ -7,11 +7,15 @@ One collection per retriever. Each point holds three named vectors and a payload
   ``tf (k1+1) / (tf + k1 (1 - b + b dl/avgdl))`` with Qdrant's IDF modifier, so the engine
   scores BM25 itself;
 - ``colbert``: the ColBERT multivector with the ``max_sim`` comparator and no HNSW graph
-  (it only rescores), optionally on disk and int8-quantised;
+  (it only rescores), optionally on disk; with ``HybridRetriever(colbert_dtype="int8")``
+  the stored values are the local engine's int8 codes dequantised and the engine keeps an
+  int8 scalar-quantised copy in RAM (collections made with the former
+  ``colbert_quantization="int8"`` switch keep their quantisation and still open);
 - payload ``{"id", "text", "metadata"}`` (point ids are UUIDv5 of the document ids).
 
-The index configuration (model, dimensions, lexical kind, BM25 parameters and the BM25
-reference length) is the collection's metadata; reopening checks it.
+The collection's metadata records the index (``IndexSpec.to_json()`` and the collection
+format, key ``m3_rag``) and the BM25 reference length (``m3_rag_bm25_avgdl``); reopening
+checks the record with ``IndexSpec.check_stored``.
 
 A search is one ``query_batch_points`` request (one round trip) of up to three queries over
 the same two prefetches (dense top-``n`` and lexical top-``n``, both filtered): the union is
@@ -33,23 +37,25 @@ import copy
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from m3_rag.backends.legacy.lexical import LexicalStore
-from m3_rag.backends.protocol import Candidates, IndexSpec, check_batch
+from m3_rag.backends.protocol import Candidates, IndexSpec
 from m3_rag.backends.qdrant.filters import metadata_path, qdrant_filter
 from m3_rag.backends.qdrant.schema import (
-    FORMAT,
+    FORMATS,
     PAYLOAD_TYPES,
+    check_payload,
     create_collection,
     point_id,
+    record,
     to_points,
 )
-from m3_rag.backends.server import ServerEngine, check_index_config, index_config
-from m3_rag.backends.validate import check_ids
+from m3_rag.backends.server import ServerEngine, check_record
+from m3_rag.backends.validate import check_ids, prepare_batch
+from m3_rag.errors import IndexFormatError
 from m3_rag.filters import Filter
 
 __all__ = ["QdrantBackend", "point_id"]
@@ -73,15 +79,13 @@ class QdrantBackend(ServerEngine):
         batch_size: Points per upsert request.
         exact: Search the dense leg exactly (no HNSW), as the local engine does.
         colbert_on_disk: Keep the ColBERT vectors on disk (they are only read to rescore).
-        colbert_quantization: ``"int8"``: scalar-quantise the ColBERT vectors (kept in RAM,
-            originals on disk). ``None``: full precision.
+            Their precision is the retriever's ``colbert_dtype`` (``"int8"``: an int8
+            scalar-quantised copy is kept in RAM).
         dense_on_disk: Keep the dense vectors on disk.
         indexed_fields: Metadata keys to index for filtering, ``{"lang": "keyword",
             "year": "integer"}`` (``"keyword"``, ``"integer"``, ``"float"``, ``"bool"``).
         bm25_avgdl: BM25 reference document length; default: the mean length of the first
             documents added (recorded in the collection).
-        allow_model_mismatch: Accept an encoder whose model name differs from the one that
-            built the collection (same dimensions still required).
 
     Raises:
         ImportError: qdrant-client is missing (``pip install 'm3-rag[qdrant]'``).
@@ -103,11 +107,9 @@ class QdrantBackend(ServerEngine):
         batch_size: int = 256,
         exact: bool = False,
         colbert_on_disk: bool = True,
-        colbert_quantization: Literal["int8"] | None = None,
         dense_on_disk: bool = False,
         indexed_fields: Mapping[str, str] | None = None,
         bm25_avgdl: float | None = None,
-        allow_model_mismatch: bool = False,
     ) -> None:
         given = [x for x in (location, path, url, client) if x is not None]
         if len(given) != 1:
@@ -124,10 +126,6 @@ class QdrantBackend(ServerEngine):
             raise ValueError(f"collection must be a non-empty name without '/', got {collection!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if colbert_quantization not in (None, "int8"):
-            raise ValueError(
-                f"colbert_quantization must be None or 'int8', got {colbert_quantization!r}"
-            )
         if indexed_fields is not None and not isinstance(indexed_fields, Mapping):
             raise TypeError("indexed_fields must be a dict {metadata key: 'keyword' | ...}")
         fields = dict(indexed_fields or {})
@@ -147,9 +145,8 @@ class QdrantBackend(ServerEngine):
         self._connect = {"api_key": api_key, "prefer_grpc": prefer_grpc, "timeout": timeout}
         self._client: Any = client
         self.batch_size, self.exact = batch_size, exact
-        self.colbert_on_disk, self.colbert_quantization = colbert_on_disk, colbert_quantization
+        self.colbert_on_disk = colbert_on_disk
         self.dense_on_disk, self.indexed_fields = dense_on_disk, fields
-        self.allow_model_mismatch = allow_model_mismatch
         self.spec: IndexSpec | None = None
         self._avgdl: float | None = None if bm25_avgdl is None else float(bm25_avgdl)
 
@@ -182,19 +179,31 @@ class QdrantBackend(ServerEngine):
                 raise ConnectionError(f"cannot open Qdrant at {self!r}: {e}") from e
         return self._client
 
-    def open(self, spec: IndexSpec, settings: Mapping[str, Any] | None = None) -> QdrantBackend:
+    def open(
+        self,
+        spec: IndexSpec,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        allow_model_mismatch: bool = False,
+    ) -> QdrantBackend:
         """Create the collection for ``spec``, or check an existing one.
+
+        Args:
+            spec: The retriever's index specification.
+            settings: The retriever's settings (unused: the collection records ``spec``).
+            allow_model_mismatch: Accept a collection built under another model name (same
+                dimensions and settings still required).
 
         Raises:
             ConnectionError: the server is unreachable.
-            ValueError: the collection was built with another model, dimension or lexical
-                kind, or was not created by m3-rag.
+            IndexMismatchError: the collection was built with another model or settings.
+            IndexFormatError: the collection was not created by m3-rag, or by a version
+                whose format this one does not read.
         """
         if self.spec is not None and self.spec != spec:
             raise ValueError(f"{self!r} is already open for another index")
         if spec.vocab_size > 2**32:
             raise ValueError("Qdrant sparse vectors hold term ids below 2**32")
-        config = index_config(spec, FORMAT)
         client = self.client  # a bad local directory raises its own ValueError
         try:
             exists = client.collection_exists(self.collection)
@@ -203,12 +212,16 @@ class QdrantBackend(ServerEngine):
         if exists:
             meta = self.client.get_collection(self.collection).config.metadata or {}
             if "m3_rag" not in meta:
-                raise ValueError(
+                raise IndexFormatError(
                     f"collection {self.collection!r} exists but was not created by m3-rag; "
                     "pick another collection name"
                 )
-            check_index_config(
-                meta["m3_rag"], config, self.collection, self.allow_model_mismatch, "QdrantBackend"
+            check_record(
+                meta["m3_rag"],
+                spec,
+                self.collection,
+                FORMATS,
+                allow_model_mismatch=allow_model_mismatch,
             )
             stored = meta.get("m3_rag_bm25_avgdl")
             if stored is not None and self._avgdl not in (None, float(stored)):
@@ -219,12 +232,12 @@ class QdrantBackend(ServerEngine):
             if stored is not None:
                 self._avgdl = float(stored)
         else:
-            self._create(spec, config)
+            self._create(spec)
         self.spec = spec
         return self
 
-    def _create(self, spec: IndexSpec, config: dict[str, Any]) -> None:
-        meta: dict[str, Any] = {"m3_rag": config}
+    def _create(self, spec: IndexSpec) -> None:
+        meta: dict[str, Any] = {"m3_rag": record(spec)}
         if self._avgdl is not None:
             meta["m3_rag_bm25_avgdl"] = self._avgdl
         create_collection(
@@ -234,7 +247,6 @@ class QdrantBackend(ServerEngine):
             meta,
             dense_on_disk=self.dense_on_disk,
             colbert_on_disk=self.colbert_on_disk,
-            colbert_quantization=self.colbert_quantization,
             indexed_fields=self.indexed_fields,
         )
 
@@ -272,15 +284,16 @@ class QdrantBackend(ServerEngine):
     ) -> None:
         """Add or replace documents (upsert by id), ``batch_size`` points per request.
 
-        Every input is validated and encoded before the first write. A request Qdrant
-        refuses rolls back the earlier requests of this call (new points deleted, replaced
-        ones restored), so nothing already stored is lost.
+        Every row of every request is validated and encoded before the first write (the
+        batch with :func:`~m3_rag.backends.validate.prepare_batch`, then what a payload
+        can hold: :meth:`check_documents`). A request Qdrant refuses rolls back the earlier
+        requests of this call (new points deleted, replaced ones restored), so nothing
+        already stored is lost.
         """
         spec = self._spec()
-        ids = check_batch(spec, ids, texts, metadatas, lexical, colbert)
-        block = None  # [m, vocab]: M3 weights or BM25 term counts
-        if spec.lexical and lexical is not None:
-            block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
+        batch = prepare_batch(spec, ids, texts, metadatas, dense, lexical, colbert)
+        self.check_documents(batch.ids, batch.texts, batch.metadatas)
+        block = batch.lexical  # [m, vocab]: M3 weights or BM25 term counts
         bm25 = spec.lexical == "bm25" and block is not None
         meta: dict[str, Any] = {}
         if bm25 and self._avgdl is None:  # another writer may have set it
@@ -291,7 +304,7 @@ class QdrantBackend(ServerEngine):
         if bm25 and block is not None and avgdl is None:  # the first documents set it
             dl = np.asarray(block.sum(axis=1), dtype=np.float64)
             avgdl = new_avgdl = float(dl.mean()) if len(dl) and dl.mean() > 0 else 1.0
-        points = to_points(spec, ids, texts, metadatas, dense, block, colbert, avgdl)
+        points = to_points(spec, batch, avgdl)
         # validated and encoded: now write, undoing what was written on failure
         pids: list[Any] = [p.id for p in points]
         old = {r.id: r for r in self._retrieve(pids, vectors=True)}
@@ -313,6 +326,19 @@ class QdrantBackend(ServerEngine):
                 f"{min(done + self.batch_size, len(points)) - 1} ({type(e).__name__}: {e}); "
                 f"the {done} documents written before were rolled back"
             ) from e
+
+    def check_documents(
+        self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
+    ) -> None:
+        """Refuse documents a Qdrant payload cannot hold (before anything is encoded or
+        written): metadata with an integer outside int64, NaN or infinity, or values JSON
+        cannot encode.
+
+        Raises:
+            ValueError: naming the first bad document.
+        """
+        for i, m in enumerate(metadatas):
+            check_payload(m, f"metadatas[{i}]")
 
     def _rollback(self, written: list[Any], old: dict[Any, Any]) -> None:
         from qdrant_client import models

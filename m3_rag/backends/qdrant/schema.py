@@ -1,26 +1,42 @@
-"""Qdrant collection layout and point encoding (no qdrant-client import at module level)."""
+"""Qdrant collection layout, the record a collection keeps of its index, and point encoding
+(no qdrant-client import at module level).
+
+Collection formats: 2 (this version) records ``IndexSpec.to_json()``, and its ColBERT
+multivector is int8 scalar-quantised when the spec's ``colbert_dtype`` is ``"int8"``; 1
+(earlier versions) recorded the same keys without ``dense_dtype`` and quantised ColBERT on a
+constructor switch (``colbert_quantization="int8"``), which such collections keep. Both open.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from m3_rag.backends.legacy.colbert import ColbertStore
-from m3_rag.backends.legacy.dense import DenseStore
 from m3_rag.backends.protocol import IndexSpec
 from m3_rag.backends.qdrant.filters import metadata_path
 from m3_rag.backends.server import check_int64
+from m3_rag.backends.validate import PreparedBatch
 from m3_rag.bm25 import BM25Params, bm25_tf
 
-__all__ = ["FORMAT", "PAYLOAD_TYPES", "check_payload", "create_collection", "point_id", "to_points"]
+__all__ = [
+    "FORMAT",
+    "FORMATS",
+    "PAYLOAD_TYPES",
+    "check_payload",
+    "create_collection",
+    "point_id",
+    "record",
+    "to_points",
+]
 
-FORMAT = 1
+FORMAT = 2  # the collection format written
+FORMATS = (1, 2)  # the formats read
 PAYLOAD_TYPES = ("keyword", "integer", "float", "bool")
 _NAMESPACE = uuid.UUID("6b1f4c52-3f0e-5d8a-9c57-0b6f2a7e4d11")
 
@@ -28,6 +44,11 @@ _NAMESPACE = uuid.UUID("6b1f4c52-3f0e-5d8a-9c57-0b6f2a7e4d11")
 def point_id(doc_id: str) -> str:
     """The Qdrant point id of document ``doc_id`` (UUIDv5: Qdrant ids are ints or UUIDs)."""
     return str(uuid.uuid5(_NAMESPACE, doc_id))
+
+
+def record(spec: IndexSpec) -> dict[str, Any]:
+    """What a collection records of its index: ``spec.to_json()`` and the format."""
+    return spec.to_json() | {"format": FORMAT}
 
 
 def create_collection(
@@ -38,13 +59,13 @@ def create_collection(
     *,
     dense_on_disk: bool,
     colbert_on_disk: bool,
-    colbert_quantization: str | None,
     indexed_fields: Mapping[str, str],
 ) -> None:
     """Create collection ``name`` for ``spec``: named vectors ``dense`` (dot product),
-    ``colbert`` (multivector, MaxSim, no HNSW graph) and sparse ``lexical`` (the IDF
-    modifier for BM25), ``metadata`` as the collection's metadata, payload indexes on
-    ``id`` and on ``indexed_fields``."""
+    ``colbert`` (multivector, MaxSim, no HNSW graph; int8 scalar-quantised, kept in RAM,
+    when ``spec.colbert_dtype`` is ``"int8"``) and sparse ``lexical`` (the IDF modifier for
+    BM25), ``metadata`` as the collection's metadata, payload indexes on ``id`` and on
+    ``indexed_fields``."""
     from qdrant_client import models
 
     def dtype(name: str) -> Any:
@@ -60,7 +81,7 @@ def create_collection(
     }
     if spec.colbert_dim:
         quant = None
-        if colbert_quantization == "int8":
+        if spec.colbert_dtype == "int8":
             quant = models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
             )
@@ -96,46 +117,27 @@ def create_collection(
             client.create_payload_index(name, metadata_path(key), kinds[kind])
 
 
-def to_points(
-    spec: IndexSpec,
-    ids: Sequence[str],
-    texts: Sequence[str],
-    metadatas: Sequence[dict[str, Any]],
-    dense: np.ndarray,
-    lexical: sp.csr_matrix | None,
-    colbert: Sequence[np.ndarray] | None,
-    avgdl: float | None,
-) -> list[Any]:
-    """Validate vectors and metadata and encode documents as ``PointStruct`` s (nothing is
-    written). ``ids`` and the batch's shape are checked already (``check_batch``), and
-    ``lexical`` is the validated ``[m, vocab]`` block (``LexicalStore._prepare``).
+def to_points(spec: IndexSpec, batch: PreparedBatch, avgdl: float | None) -> list[Any]:
+    """Encode a validated batch (:func:`~m3_rag.backends.validate.prepare_batch`, its
+    metadata checked by :func:`check_payload`) as ``PointStruct`` s (nothing is written).
 
-    Vectors are rounded to the index's storage dtypes first, so Qdrant scores the values
-    the local engine stores. BM25 ``lexical`` is term counts, stored as the document side
-    of BM25 with reference length ``avgdl``.
-
-    Raises:
-        ValueError: NaN/inf vectors, metadata a payload cannot hold.
+    Vectors are in the index's storage dtypes already, so Qdrant scores the values the
+    local engine stores (int8 ColBERT codes dequantised). BM25 ``batch.lexical`` is term
+    counts, stored as the document side of BM25 with reference length ``avgdl``.
     """
     from qdrant_client import models
 
-    for i, m in enumerate(metadatas):
-        check_payload(m, f"metadatas[{i}]")
-    vecs = DenseStore(spec.dense_dim, spec.dense_dtype)._prepare(ids, dense)[1]
-    vecs = vecs.astype(spec.dense_dtype).astype(np.float32)
-    named: list[dict[str, Any]] = [{"dense": v.tolist()} for v in vecs]
-    if spec.colbert_dim and colbert is not None:
-        store = ColbertStore(spec.colbert_dim, spec.colbert_dtype)
-        _, block, lengths, scales = store._prepare(ids, colbert)
-        values = block.astype(np.float32)
-        if scales is not None:  # int8: what the local engine scores, dequantised
-            values *= scales[:, None]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
+    named: list[dict[str, Any]] = [{"dense": v.tolist()} for v in batch.dense.astype(np.float32)]
+    if batch.colbert is not None and batch.colbert_offsets is not None:
+        values = batch.colbert.astype(np.float32)
+        if batch.colbert_scales is not None:  # int8: what the local engine scores
+            values *= batch.colbert_scales[:, None]
+        offsets = batch.colbert_offsets
         for v, a, b in zip(named, offsets[:-1], offsets[1:], strict=True):
             if b > a:  # a point without ColBERT vectors scores 0 on that leg
                 v["colbert"] = values[a:b].tolist()
-    if spec.lexical and lexical is not None:
-        weights = lexical
+    if batch.lexical is not None:
+        weights = batch.lexical
         if spec.lexical == "bm25":
             weights = bm25_weights(weights, avgdl or 1.0, spec.bm25 or BM25Params())
         for i, v in enumerate(named):
@@ -145,7 +147,7 @@ def to_points(
             )
     return [
         models.PointStruct(id=point_id(i), vector=v, payload={"id": i, "text": t, "metadata": m})
-        for i, t, m, v in zip(ids, texts, metadatas, named, strict=True)
+        for i, t, m, v in zip(batch.ids, batch.texts, batch.metadatas, named, strict=True)
     ]
 
 
