@@ -15,6 +15,9 @@ the same functions as the local engine, so per-mode scores and rankings agree wi
 BM25 rows store the document side ``tf (k1+1) / (tf + K)`` with the mean length at write
 time and queries carry the IDF: Milvus ranks by exact BM25 while the corpus is unchanged
 since the last write; the returned scores are always exact.
+
+Over 450 lines: the write path, its rollback and the BM25 statistics kept in the side
+collection change together and share the one connection.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class MilvusBackend(ServerEngine):
         collection: Collection name (letters, digits, ``_``).
         token: Server credentials (``"user:password"`` or an API key).
         db_name: Server database.
-        index_type: Dense index: ``"FLAT"`` (exact, as the memory backend) or e.g. ``"HNSW"``.
+        index_type: Dense index: ``"FLAT"`` (exact, as the local engine) or e.g. ``"HNSW"``.
         index_params: Extra dense index parameters (e.g. ``{"M": 16, "efConstruction": 200}``).
         batch_size: Rows per insert call.
         show_progress: Progress bar for inserts (default: when more than one batch).

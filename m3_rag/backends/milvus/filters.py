@@ -40,7 +40,7 @@ def milvus_expr(flt: Filter, field: str = "metadata") -> str:
 
     Raises:
         TypeError: a callable filter (a server cannot run Python; use a dict filter, or the
-            memory backend).
+            local engine).
         ValueError: a ``None`` value (JSON null matching differs between Milvus versions).
     """
     flt = check_filter(flt)
@@ -49,7 +49,7 @@ def milvus_expr(flt: Filter, field: str = "metadata") -> str:
     if callable(flt):
         raise TypeError(
             "the Milvus backend needs a dict filter ({'key': value or [any, of]}); a callable "
-            "filter runs in Python and works with the memory backend only"
+            "filter runs in Python and works with the local engine (LocalBackend) only"
         )
     clauses = []
     for key, wanted in flt.items():
