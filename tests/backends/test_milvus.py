@@ -1,10 +1,17 @@
-"""The Milvus backend on Milvus Lite (offline): same results and scores as the memory backend."""
+"""The Milvus backend on Milvus Lite (offline): same results and scores as the local engine.
+
+What every engine shares (search equality, rollback of a refused write, int64 metadata,
+unreachable server, adapters, beir-mini) runs in ``test_backend_contract.py``; this file
+covers what is Milvus's own: the one-round-trip search, reopening and the collection record,
+collections of format 1, the BM25 statistics kept in the side collection, the codec.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +22,9 @@ from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.backends.milvus import codec
 from m3_rag.backends.milvus.filters import milvus_expr
 from m3_rag.bm25 import BM25Params, bm25_tf
-from m3_rag.eval import BeirData, evaluate_run
-from m3_rag.testing import SAMPLE_TEXTS, CountingClient
+from m3_rag.errors import IndexFormatError, IndexMismatchError
+from m3_rag.spec import IndexSpec
+from m3_rag.testing import SAMPLE_TEXTS, CountingClient, refused_upserts
 
 require("pymilvus", "pip install -e '.[milvus]'")
 require("milvus_lite", "pip install -e '.[milvus]'")
@@ -156,26 +164,154 @@ def test_collection_of_another_model_is_refused(
     uri = str(tmp_path / "x.db")
     HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "c")).add_texts(["hello"])
     other = M3Encoder(tiny_m3_bin_dir, device="cpu")  # 16-d ColBERT head
-    with pytest.raises(ValueError, match="colbert_dim"):
-        HybridRetriever(other, backend=MilvusBackend(uri, "c", allow_model_mismatch=True))
-    with pytest.raises(ValueError, match="built with model"):
+    with pytest.raises(IndexMismatchError, match="colbert_dim"):
+        HybridRetriever(other, backend=MilvusBackend(uri, "c"), allow_model_mismatch=True)
+    with pytest.raises(IndexMismatchError, match="built with model"):
         HybridRetriever(other, backend=MilvusBackend(uri, "c"))
-    with pytest.raises(ValueError, match="lexical"):
+    with pytest.raises(IndexMismatchError, match="lexical"):
         HybridRetriever(tiny_encoder, lexical="bm25", backend=MilvusBackend(uri, "c"))
+    with pytest.raises(IndexMismatchError, match="colbert_dtype"):
+        HybridRetriever(tiny_encoder, colbert_dtype="int8", backend=MilvusBackend(uri, "c"))
     copy = tmp_path / "same-model-elsewhere"
     shutil.copytree(tiny_m3_dir, copy)
     same = M3Encoder(copy, device="cpu", max_length=64)
-    r = HybridRetriever(same, backend=MilvusBackend(uri, "c", allow_model_mismatch=True))
+    r = HybridRetriever(same, backend=MilvusBackend(uri, "c"), allow_model_mismatch=True)
     assert len(r) == 1
     with pytest.raises(ValueError, match="letters, digits"):
         MilvusBackend(uri, "bad-name")
+    with pytest.raises(TypeError):  # the option is the retriever's (Backend.open), not ours
+        MilvusBackend(uri, "c", allow_model_mismatch=True)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="colbert_inline"):
+        MilvusBackend(uri, "c", colbert_inline=-1)
+    with pytest.raises(TypeError, match="uri"):
+        MilvusBackend("")
 
 
-def test_unreachable_server_is_a_connection_error(tiny_encoder: M3Encoder) -> None:
-    start = time.monotonic()
-    with pytest.raises(ConnectionError, match="cannot reach Milvus"):
-        HybridRetriever(tiny_encoder, backend=MilvusBackend("http://127.0.0.1:1", timeout=2))
-    assert time.monotonic() - start < 30
+def _format1_record(spec: IndexSpec) -> dict[str, Any]:
+    """The record collections of format 1 hold: ``vocab_size`` always, no ``dense_dtype``,
+    ``bm25`` and ``analyzer`` only for BM25."""
+    return {
+        "format": 1,
+        "model": spec.model,
+        "dense_dim": spec.dense_dim,
+        "colbert_dim": spec.colbert_dim,
+        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
+        "lexical": spec.lexical,
+        "vocab_size": spec.vocab_size,
+        "bm25": spec.bm25_params.as_dict() if spec.lexical == "bm25" else None,
+        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
+    }
+
+
+def _create_format1(uri: str, name: str, spec: IndexSpec) -> None:
+    """Create collection ``name`` as the previous version did: the lexical field is named
+    ``sparse`` and the side collection holds :func:`_format1_record`."""
+    from pymilvus import DataType, MilvusClient
+
+    c = MilvusClient(uri)
+    meta = c.create_schema(auto_id=False, enable_dynamic_field=False)
+    meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+    meta.add_field("value", DataType.VARCHAR, max_length=65535)
+    meta.add_field("vec", DataType.SPARSE_FLOAT_VECTOR)
+    meta_index = c.prepare_index_params()
+    meta_index.add_index("vec", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+    c.create_collection(
+        f"{name}_m3meta", schema=meta, index_params=meta_index, consistency_level="Strong"
+    )
+    s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
+    s.add_field("text", DataType.VARCHAR, max_length=65535)
+    s.add_field("metadata", DataType.JSON)
+    s.add_field("dense", DataType.FLOAT_VECTOR, dim=spec.dense_dim)
+    index = c.prepare_index_params()
+    index.add_index("dense", index_type="FLAT", metric_type="IP")
+    if spec.lexical:
+        s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+    if spec.lexical == "bm25":
+        s.add_field("dl", DataType.DOUBLE)
+        s.add_field("avgdl", DataType.DOUBLE)
+    if spec.colbert_dim:
+        s.add_field(
+            "colbert", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=4096,
+            max_length=65532,
+        )  # fmt: skip
+    c.create_collection(name, schema=s, index_params=index, consistency_level="Strong")
+    record = json.dumps(_format1_record(spec))
+    c.upsert(f"{name}_m3meta", [{"key": "config", "value": record, "vec": {spec.vocab_size: 1.0}}])
+    c.close()
+
+
+def _stored(uri: str, name: str) -> tuple[set[str], dict[str, Any]]:
+    """The field names of collection ``name`` and the record its side collection holds."""
+    from pymilvus import MilvusClient
+
+    c = MilvusClient(uri)
+    fields = {f["name"] for f in c.describe_collection(name)["fields"]}
+    c.load_collection(f"{name}_m3meta")
+    rows = c.query(f"{name}_m3meta", filter='key == "config"', output_fields=["value"])
+    c.close()
+    return fields, json.loads(rows[0]["value"])
+
+
+@pytest.mark.parametrize("lexical", ["m3", "bm25", "none"])
+def test_a_format1_collection_still_opens_and_works(
+    tiny_encoder: M3Encoder, tmp_path: Path, lexical: str
+) -> None:
+    """A collection made by the previous version (lexical field ``sparse``, the record of
+    format 1) opens, takes writes into its ``sparse`` field and searches as the local
+    engine; opening changes neither its layout nor its record. New collections name the
+    field ``lexical`` and record ``spec.to_json()`` with format 2."""
+    uri = str(tmp_path / "m.db")
+    ref = HybridRetriever(tiny_encoder, lexical=lexical)
+    spec = ref.backend.spec  # type: ignore[attr-defined]
+    _create_format1(uri, "old", spec)
+    old = HybridRetriever(tiny_encoder, lexical=lexical, backend=MilvusBackend(uri, "old"))
+    for r in (ref, old):
+        r.add_texts(SAMPLE_TEXTS, METAS, IDS)
+        r.delete([IDS[2]])
+    for q in QUERIES[:4]:
+        _assert_same(ref, old, q, k=5)
+    assert isinstance(old.backend, MilvusBackend)
+    old.backend.close()
+    again = HybridRetriever(tiny_encoder, lexical=lexical, backend=MilvusBackend(uri, "old"))
+    for q in QUERIES[:4]:
+        _assert_same(ref, again, q, k=5)
+    assert isinstance(again.backend, MilvusBackend)
+    again.backend.close()
+    fields, record = _stored(uri, "old")
+    assert ("sparse" in fields) == (lexical != "none") and "lexical" not in fields
+    assert record == _format1_record(spec)
+    with pytest.raises(IndexMismatchError, match="lexical"):
+        other = "m3" if lexical != "m3" else "bm25"
+        HybridRetriever(tiny_encoder, lexical=other, backend=MilvusBackend(uri, "old"))
+
+    new = HybridRetriever(tiny_encoder, lexical=lexical, backend=MilvusBackend(uri, "new"))
+    new.add_texts(SAMPLE_TEXTS[:3], METAS[:3], IDS[:3])
+    assert isinstance(new.backend, MilvusBackend)
+    new.backend.close()
+    fields, record = _stored(uri, "new")
+    assert ("lexical" in fields) == (lexical != "none") and "sparse" not in fields
+    assert record == spec.to_json() | {"format": 2}
+
+
+def test_unknown_format_or_foreign_collection_is_refused(
+    tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    from pymilvus import MilvusClient
+
+    uri = str(tmp_path / "m.db")
+    ref = HybridRetriever(tiny_encoder)
+    future = _format1_record(ref.backend.spec) | {"format": 99}  # type: ignore[attr-defined]
+    _create_format1(uri, "future", ref.backend.spec)  # type: ignore[attr-defined]
+    c = MilvusClient(uri)
+    c.upsert("future_m3meta", [{"key": "config", "value": json.dumps(future), "vec": {1: 1.0}}])
+    c.create_collection("foreign", dimension=4)
+    c.close()
+    with pytest.raises(IndexFormatError, match="format 99"):
+        HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "future"))
+    with pytest.raises(IndexFormatError, match="not created by m3-rag"):
+        HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "foreign"))
 
 
 @pytest.mark.parametrize("colbert_dtype", ["float16", "int8"])
@@ -192,34 +328,8 @@ def test_add_from_copies_without_encoding(
     assert mil.add_from(mem, batch_size=7) == len(SAMPLE_TEXTS)
     for q in QUERIES:
         _assert_same(mem, mil, q, k=5)
-    with pytest.raises(TypeError, match="memory backend"):
+    with pytest.raises(TypeError, match="can export"):  # Milvus does not export
         mem.add_from(mil)
-
-
-def test_adapters_accept_the_backend(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
-    from langchain_core.documents import Document
-    from langchain_m3rag import M3Retriever
-    from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
-    from llama_index_m3rag import M3Retriever as LlamaRetriever
-
-    uri = str(tmp_path / "a.db")
-    lc = M3Retriever.from_texts(
-        SAMPLE_TEXTS,
-        tiny_encoder,
-        metadatas=METAS,
-        ids=IDS,
-        retriever_kwargs={"backend": MilvusBackend(uri, "lc")},
-        k=3,
-    )
-    docs = lc.invoke("capital", filter={"par": 1})
-    assert len(docs) == 3 and all(isinstance(d, Document) and d.metadata["par"] == 1 for d in docs)
-    core = HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "li"))
-    core.add_texts(SAMPLE_TEXTS, METAS, IDS)
-    nodes = LlamaRetriever(core, similarity_top_k=4).retrieve("capital")
-    assert [n.node.node_id for n in nodes] == [h.id for h in core.search("capital", k=4)]
-    flt = MetadataFilters(filters=[MetadataFilter(key="lang", value=["en", "fr"], operator="in")])
-    nodes = LlamaRetriever(core, similarity_top_k=4, filters=flt).retrieve("capital")
-    assert nodes and all(n.node.metadata["lang"] in ("en", "fr") for n in nodes)
 
 
 def test_codec_roundtrips() -> None:
@@ -257,32 +367,6 @@ def test_filters_translate_to_milvus_expressions() -> None:
         milvus_expr({"a": None})
 
 
-@pytest.mark.slow
-def test_msmarco_parity_with_memory(
-    msmarco_minilm: HybridRetriever, msmarco: BeirData, tmp_path: Path
-) -> None:
-    """MiniLM + BM25 on beir-mini msmarco: the same top-10 for >= 95% of the queries and
-    nDCG@10 within 0.005 of the memory backend."""
-    mil = HybridRetriever(
-        msmarco_minilm.encoder, backend=MilvusBackend(str(tmp_path / "ms.db"), "msmarco")
-    )
-    mil.add_from(msmarco_minilm, batch_size=1000)
-    assert len(mil) == len(msmarco_minilm)
-    queries = [q for q in msmarco.queries if q in msmarco.qrels]
-    runs: dict[str, dict[str, list[str]]] = {"memory": {}, "milvus": {}}
-    same = 0
-    for q in queries:
-        text = msmarco.queries[q]
-        enc = msmarco_minilm.encoder.encode_queries([text])
-        a = msmarco_minilm.search_encoded(enc, k=10, query_text=text)
-        b = mil.search_encoded(enc, k=10, query_text=text)
-        runs["memory"][q], runs["milvus"][q] = [h.id for h in a], [h.id for h in b]
-        same += runs["memory"][q] == runs["milvus"][q]
-    assert same >= 0.95 * len(queries)
-    nd = {name: evaluate_run(run, msmarco.qrels)["ndcg@10"] for name, run in runs.items()}
-    assert abs(nd["memory"] - nd["milvus"]) <= 0.005
-
-
 # ------------------------------------------------------------------------------ trust
 def _bm25_state(b: MilvusBackend) -> tuple[dict[int, float], int, float]:
     df = b._df.tocsr()
@@ -298,69 +382,36 @@ def _milvus(enc: M3Encoder, path: Path, name: str, **kw: object) -> HybridRetrie
     )
 
 
-def test_bad_row_in_a_late_batch_writes_nothing(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
-    mil = _milvus(tiny_encoder, tmp_path, "late", batch_size=4)
-    mil.add_texts(SAMPLE_TEXTS[:5], METAS[:5], IDS[:5])
+def test_failed_writes_keep_the_bm25_statistics(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    """A bad row in a late batch and a write refused at the third batch (the contract suite
+    checks the documents and scores) leave the side collection's BM25 statistics as they
+    were."""
+    mil = _milvus(tiny_encoder, tmp_path, "failed", batch_size=4)
+    mil.add_texts(SAMPLE_TEXTS[:6], METAS[:6], IDS[:6])
     assert isinstance(mil.backend, MilvusBackend)
     state = _bm25_state(mil.backend)
-    metas = [{} for _ in range(10)]
+    metas: list[dict[str, Any]] = [{} for _ in range(10)]
     metas[9] = {"big": 2**70}  # valid JSON, beyond Milvus's int64: row 10, third batch
     with pytest.raises(ValueError, match="64-bit"):
-        mil.add_texts(SAMPLE_TEXTS[5:15], metas, IDS[5:15])
-    assert len(mil) == 5 and _bm25_state(mil.backend) == state
-
-
-def test_refused_write_is_rolled_back(
-    tiny_encoder: M3Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The server refuses the third batch (fault injected into the real client): the earlier
-    batches are undone, replaced rows come back, the BM25 statistics are unchanged."""
-    mem = HybridRetriever(tiny_encoder, lexical="bm25")
-    mil = _milvus(tiny_encoder, tmp_path, "refused", batch_size=4)
-    for r in (mem, mil):
-        r.add_texts(SAMPLE_TEXTS[:6], METAS[:6], IDS[:6])
-    assert isinstance(mil.backend, MilvusBackend)
-    state = _bm25_state(mil.backend)
-    client = mil.backend.client
-    real, calls = client.upsert, []
-
-    def upsert(collection: str, rows: list, **kw: object) -> object:
-        if collection == mil.backend.collection:  # type: ignore[union-attr]
-            calls.append(len(rows))
-            if len(calls) == 3:
-                raise ConnectionResetError("server went away")
-        return real(collection, rows, **kw)
-
-    monkeypatch.setattr(client, "upsert", upsert)
-    new = ["replaced " + t for t in SAMPLE_TEXTS[:3]] + SAMPLE_TEXTS[6:15]
-    with pytest.raises(RuntimeError, match="rolled back"):
-        mil.add_texts(new, [{"v": 2} for _ in new], IDS[:3] + IDS[6:15])
-    monkeypatch.setattr(client, "upsert", real)
+        mil.add_texts(SAMPLE_TEXTS[6:16], metas, IDS[6:16])
     assert len(mil) == 6 and _bm25_state(mil.backend) == state
-    for q in QUERIES:
-        _assert_same(mem, mil, q, k=6)  # same texts, metadata and exact scores as before
+    new = ["replaced " + t for t in SAMPLE_TEXTS[:3]] + SAMPLE_TEXTS[6:15]
+    fault = ConnectionResetError("server went away")
+    with refused_upserts(mil.backend, 3, fault), pytest.raises(RuntimeError, match="rolled back"):
+        mil.add_texts(new, [{"v": 2} for _ in new], IDS[:3] + IDS[6:15])
+    assert len(mil) == 6 and _bm25_state(mil.backend) == state
+    assert _bm25_state(mil.backend)[1] == 6
 
 
 def test_killed_write_statistics_are_recomputed_on_open(
-    tiny_encoder: M3Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_encoder: M3Encoder, tmp_path: Path
 ) -> None:
     mil = _milvus(tiny_encoder, tmp_path, "killed", batch_size=4)
     mil.add_texts(SAMPLE_TEXTS[:6], METAS[:6], IDS[:6])
     assert isinstance(mil.backend, MilvusBackend)
-    client = mil.backend.client
-    real, calls = client.upsert, []
-
-    def upsert(collection: str, rows: list, **kw: object) -> object:
-        if collection == mil.backend.collection:  # type: ignore[union-attr]
-            calls.append(1)
-            if len(calls) == 2:  # the process dies: no rollback, no statistics update
-                raise SystemExit("killed")
-        return real(collection, rows, **kw)
-
-    monkeypatch.setattr(client, "upsert", upsert)
-    with pytest.raises(SystemExit):
+    # the process dies at the second batch: no rollback, no statistics update
+    with refused_upserts(mil.backend, 2, SystemExit("killed")), pytest.raises(SystemExit):
         mil.add_texts(SAMPLE_TEXTS[6:18], METAS[6:18], IDS[6:18])
-    monkeypatch.setattr(client, "upsert", real)
     mil.backend.close()
     again = _milvus(tiny_encoder, tmp_path, "killed", batch_size=4)
     assert isinstance(again.backend, MilvusBackend)

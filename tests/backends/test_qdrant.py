@@ -1,8 +1,10 @@
 """The Qdrant backend on qdrant-client's local mode (in RAM and on disk), offline.
 
-The backend contract (same results and per-mode scores as the local engine) runs in
+The backend contract (same results and per-mode scores as the local engine, rollback of a
+refused write, int64 metadata, unreachable server, adapters, beir-mini) runs in
 ``test_backend_contract.py``; this file covers what is Qdrant's own: the one-request search,
-filters and their injection cases, reopening, rollback, BM25 in the engine, and beir-mini.
+filters and their injection cases, reopening and the collection record, collections of
+format 1, int8 ColBERT, BM25 in the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.bm25 import BM25Params, bm25_tf
-from m3_rag.eval import BeirData, evaluate_run
+from m3_rag.errors import IndexFormatError, IndexMismatchError
+from m3_rag.spec import IndexSpec
 from m3_rag.testing import SAMPLE_TEXTS, CountingClient
 
 require("qdrant_client", "pip install -e '.[qdrant]'")
@@ -129,17 +132,33 @@ def test_reopen_checks_the_configuration(
     r2 = HybridRetriever(tiny_encoder, lexical="bm25", backend=again)
     assert len(r2) == 10 and again._avgdl == avgdl
     assert [(h.id, h.scores) for h in r2.search("capital city", k=5)] == before
-    with pytest.raises(ValueError, match="lexical"):
+    with pytest.raises(IndexMismatchError, match="lexical"):
         HybridRetriever(
             tiny_encoder,
             lexical="m3",
             backend=QdrantBackend(client=again.client, collection="docs"),
         )
     other = M3Encoder(tiny_m3_bin_dir, device="cpu")
-    with pytest.raises(ValueError, match="built with model"):
+    with pytest.raises(IndexMismatchError, match="built with model"):
         HybridRetriever(
             other, lexical="bm25", backend=QdrantBackend(client=again.client, collection="docs")
         )
+    with pytest.raises(IndexMismatchError, match="colbert_dim"):
+        HybridRetriever(
+            other,
+            lexical="bm25",
+            backend=QdrantBackend(client=again.client, collection="docs"),
+            allow_model_mismatch=True,
+        )
+    with pytest.raises(IndexMismatchError, match="colbert_dtype"):
+        HybridRetriever(
+            tiny_encoder,
+            lexical="bm25",
+            colbert_dtype="int8",
+            backend=QdrantBackend(client=again.client, collection="docs"),
+        )
+    meta = again.client.get_collection("docs").config.metadata
+    assert meta["m3_rag"] == r2.backend.spec.to_json() | {"format": 2}  # type: ignore[attr-defined]
     # a second writer opened before the first documents came takes their reference length
     late = QdrantBackend(client=again.client, collection="docs")
     late.spec = again.spec
@@ -157,7 +176,7 @@ def test_reopen_checks_the_configuration(
     again.client.create_collection(
         "foreign", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT)
     )
-    with pytest.raises(ValueError, match="not created by m3-rag"):
+    with pytest.raises(IndexFormatError, match="not created by m3-rag"):
         HybridRetriever(
             tiny_encoder, backend=QdrantBackend(client=again.client, collection="foreign")
         )
@@ -192,68 +211,43 @@ def test_bm25_is_scored_by_the_engine_with_the_recorded_length(tiny_encoder: M3E
         assert got[doc_id] == pytest.approx(e, rel=1e-5, abs=1e-6), doc_id
 
 
-def test_refused_write_is_rolled_back(
-    tiny_encoder: M3Encoder, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Qdrant refuses the third request (fault injected into the real client): the earlier
-    requests are undone and the replaced documents come back with their vectors."""
-    r = _qdrant(tiny_encoder, batch_size=4)
-    r.add_texts(SAMPLE_TEXTS[:6], METAS[:6], IDS[:6])
-    before = {q: [(h.id, h.scores) for h in r.search(q, k=6)] for q in ("capital", "机器学习")}
-    backend = r.backend
-    assert isinstance(backend, QdrantBackend)
-    client = backend.client
-    real, calls = client.upsert, []
-
-    def upsert(collection: str, points: list, **kw: object) -> object:
-        calls.append(len(points))
-        if len(calls) == 3:
-            raise ConnectionResetError("server went away")
-        return real(collection, points, **kw)
-
-    monkeypatch.setattr(client, "upsert", upsert)
-    new = ["replaced " + t for t in SAMPLE_TEXTS[:3]] + SAMPLE_TEXTS[6:15]
-    with pytest.raises(RuntimeError, match="rolled back"):
-        r.add_texts(new, [{"v": 2} for _ in new], IDS[:3] + IDS[6:15])
-    monkeypatch.setattr(client, "upsert", real)
-    assert len(r) == 6 and r.get(IDS[:1]) == [(IDS[0], SAMPLE_TEXTS[0], METAS[0])]
-    after = {q: [(h.id, h.scores) for h in r.search(q, k=6)] for q in ("capital", "机器学习")}
-    assert after == before
-
-
-def test_bad_input_writes_nothing(tiny_encoder: M3Encoder) -> None:
-    r = _qdrant(tiny_encoder, batch_size=4)
-    r.add_texts(SAMPLE_TEXTS[:5], METAS[:5], IDS[:5])
-    metas: list[dict[str, Any]] = [{} for _ in range(10)]
-    metas[9] = {"big": 2**70}  # valid JSON, beyond int64: row 10, third request
-    with pytest.raises(ValueError, match="64-bit"):
-        r.add_texts(SAMPLE_TEXTS[5:15], metas, IDS[5:15])
-    with pytest.raises(TypeError, match="dict filter"):
-        r.search("x", filter=lambda m: True)
-    assert len(r) == 5 and sorted(r.select()) == IDS[:5]
-
-
 def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
+    """Constructor options and the retriever's ColBERT dtype shape the collection: int8
+    ColBERT (``HybridRetriever(colbert_dtype="int8")``) is Qdrant's int8 scalar
+    quantisation of the multivector."""
     client = QdrantClient(":memory:")
     b = QdrantBackend(
         client=client,
         collection="opts",
-        colbert_quantization="int8",
         colbert_on_disk=True,
         indexed_fields={"lang": "keyword"},
         exact=True,
     )
-    r = HybridRetriever(tiny_encoder, backend=b)
+    r = HybridRetriever(tiny_encoder, colbert_dtype="int8", backend=b)
     r.add_texts(SAMPLE_TEXTS[:4], METAS[:4], IDS[:4])
     params = client.get_collection("opts").config.params
     colbert = params.vectors["colbert"]
     assert colbert.multivector_config.comparator == models.MultiVectorComparator.MAX_SIM
     assert colbert.hnsw_config.m == 0 and colbert.on_disk is True
     assert colbert.quantization_config is not None
+    assert colbert.quantization_config.scalar.type == models.ScalarType.INT8
     assert params.sparse_vectors["lexical"].modifier is None  # M3 weights: no IDF
+    assert client.get_collection("opts").config.metadata["m3_rag"]["colbert_dtype"] == "int8"
     assert r.search("capital", k=2)
+    # the same scores as the local engine storing int8 codes
+    ref = HybridRetriever(tiny_encoder, colbert_dtype="int8")
+    ref.add_texts(SAMPLE_TEXTS[:4], METAS[:4], IDS[:4])
+    for x, y in zip(ref.search("capital", k=4), r.search("capital", k=4), strict=True):
+        assert x.id == y.id
+        assert y.scores["colbert"] == pytest.approx(x.scores["colbert"], rel=1e-5, abs=1e-5)
+    plain = HybridRetriever(tiny_encoder, backend=QdrantBackend(client=client, collection="f16"))
+    assert plain.backend.spec.colbert_dtype == "float16"  # type: ignore[attr-defined]
+    assert client.get_collection("f16").config.params.vectors["colbert"].quantization_config is None
+    with pytest.raises(TypeError):  # the one switch is the retriever's colbert_dtype
+        QdrantBackend(":memory:", colbert_quantization="int8")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):  # the option is the retriever's (Backend.open), not ours
+        QdrantBackend(":memory:", allow_model_mismatch=True)  # type: ignore[call-arg]
     for bad in (
-        {"colbert_quantization": "pq"},
         {"indexed_fields": {"lang": "text"}},
         {"batch_size": 0},
         {"bm25_avgdl": -1.0},
@@ -271,80 +265,92 @@ def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
     assert point_id("a") == point_id("a") != point_id("b")
 
 
-def test_unreachable_server_is_a_connection_error(tiny_encoder: M3Encoder) -> None:
-    with pytest.raises(ConnectionError, match="cannot reach Qdrant"):
-        HybridRetriever(tiny_encoder, backend=QdrantBackend(url="http://127.0.0.1:1", timeout=2))
-
-
-@pytest.mark.slow
-def test_msmarco_difference_is_the_documented_bm25(
-    msmarco_minilm: HybridRetriever, msmarco: BeirData, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """MiniLM + BM25 on beir-mini msmarco. Qdrant's BM25 (its IDF, a fixed reference length)
-    ranks differently from rank-bm25's: nDCG@10 stays within 0.005 of the local engine, and
-    the local engine given Qdrant's IDF (``qdrant_idf``) and the same length returns the
-    same top-10 as Qdrant for >= 95% of the queries, so that difference explains the gap
-    (the figures are in the README)."""
-    from _qdrant_idf import qdrant_idf
-
-    from m3_rag.backends.local import engine as local
-
-    ids = list(msmarco.corpus)
-    texts = [
-        (msmarco.corpus[i].get("title", "") + " " + msmarco.corpus[i]["text"]).strip() for i in ids
-    ]
-    avgdl = float(np.asarray(msmarco_minilm._term_counts(texts).sum(axis=1)).mean())
-    q = HybridRetriever(
-        msmarco_minilm.encoder,
-        backend=QdrantBackend(":memory:", collection="msmarco", bm25_avgdl=avgdl),
-    )
-    q.add_from(msmarco_minilm, batch_size=1000)
-    assert len(q) == len(msmarco_minilm)
-    queries = [x for x in msmarco.queries if x in msmarco.qrels]
-    enc = {x: msmarco_minilm.encoder.encode_queries([msmarco.queries[x]]) for x in queries}
-
-    def run(r: HybridRetriever) -> dict[str, list[str]]:
-        return {
-            x: [h.id for h in r.search_encoded(enc[x], k=10, query_text=msmarco.queries[x])]
-            for x in queries
-        }
-
-    runs = {"local": run(msmarco_minilm), "qdrant": run(q)}
-    monkeypatch.setattr(local._Stats, "idf", qdrant_idf)
-    runs["local-qdrant-idf"] = run(msmarco_minilm)
-    same = {
-        name: sum(runs[name][x] == runs["qdrant"][x] for x in queries)
-        for name in ("local", "local-qdrant-idf")
+def _format1_record(spec: IndexSpec) -> dict[str, Any]:
+    """The record collections of format 1 hold: ``vocab_size`` always, no ``dense_dtype``,
+    ``bm25`` and ``analyzer`` only for BM25."""
+    return {
+        "format": 1,
+        "model": spec.model,
+        "dense_dim": spec.dense_dim,
+        "colbert_dim": spec.colbert_dim,
+        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
+        "lexical": spec.lexical,
+        "vocab_size": spec.vocab_size,
+        "bm25": spec.bm25_params.as_dict() if spec.lexical == "bm25" else None,
+        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
     }
-    nd = {name: evaluate_run(run, msmarco.qrels)["ndcg@10"] for name, run in runs.items()}
-    print(f"same top-10 as qdrant (of {len(queries)}): {same}; nDCG@10 {nd}")
-    assert same["local-qdrant-idf"] >= 0.95 * len(queries)
-    assert abs(nd["local"] - nd["qdrant"]) <= 0.005
 
 
-def test_adapters_accept_the_backend(tiny_encoder: M3Encoder) -> None:
-    from langchain_core.documents import Document
-    from langchain_m3rag import M3Retriever
-    from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
-    from llama_index_m3rag import M3Retriever as LlamaRetriever
-
-    lc = M3Retriever.from_texts(
-        SAMPLE_TEXTS,
-        tiny_encoder,
-        metadatas=METAS,
-        ids=IDS,
-        retriever_kwargs={"backend": QdrantBackend(":memory:", collection="lc")},
-        k=3,
+def _create_format1(client: Any, name: str, spec: IndexSpec) -> None:
+    """Create collection ``name`` as the previous version did with its
+    ``colbert_quantization="int8"`` switch: ColBERT in the spec's dtype plus an int8 scalar
+    quantisation, the record of format 1."""
+    f16 = models.Datatype.FLOAT16
+    colbert = models.VectorParams(
+        size=spec.colbert_dim or 1,
+        distance=models.Distance.DOT,
+        multivector_config=models.MultiVectorConfig(
+            comparator=models.MultiVectorComparator.MAX_SIM
+        ),
+        hnsw_config=models.HnswConfigDiff(m=0),
+        on_disk=True,
+        quantization_config=models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
+        ),
+        datatype=f16 if spec.colbert_dtype == "float16" else models.Datatype.FLOAT32,
     )
-    docs = lc.invoke("capital", filter={"par": 1})
-    assert len(docs) == 3 and all(isinstance(d, Document) and d.metadata["par"] == 1 for d in docs)
-    core = _qdrant(tiny_encoder)
-    core.add_texts(SAMPLE_TEXTS, METAS, IDS)
-    nodes = LlamaRetriever(core, similarity_top_k=4).retrieve("capital")
-    assert [n.node.node_id for n in nodes] == [h.id for h in core.search("capital", k=4)]
-    flt = MetadataFilters(filters=[MetadataFilter(key="lang", value=["en", "fr"], operator="in")])
-    nodes = LlamaRetriever(core, similarity_top_k=4, filters=flt).retrieve("capital")
-    assert nodes and all(n.node.metadata["lang"] in ("en", "fr") for n in nodes)
+    modifier = models.Modifier.IDF if spec.lexical == "bm25" else None
+    client.create_collection(
+        name,
+        vectors_config={
+            "dense": models.VectorParams(size=spec.dense_dim, distance=models.Distance.DOT),
+            "colbert": colbert,
+        },
+        sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=modifier)}
+        if spec.lexical
+        else {},
+        metadata={"m3_rag": _format1_record(spec)},
+    )
+
+
+@pytest.mark.parametrize("lexical", ["m3", "bm25", "none"])
+def test_a_format1_collection_still_opens_and_works(tiny_encoder: M3Encoder, lexical: str) -> None:
+    """A collection made by the previous version (the record of format 1, ColBERT quantised
+    by the former ``colbert_quantization="int8"`` switch) opens with the retriever's default
+    settings, takes writes and searches as a new collection does; opening changes neither
+    its record nor its quantisation."""
+    client = QdrantClient(":memory:")
+    new = HybridRetriever(
+        tiny_encoder, lexical=lexical, backend=QdrantBackend(client=client, collection="new")
+    )
+    spec = new.backend.spec  # type: ignore[attr-defined]
+    _create_format1(client, "old", spec)
+    old = HybridRetriever(
+        tiny_encoder, lexical=lexical, backend=QdrantBackend(client=client, collection="old")
+    )
+    for r in (new, old):
+        r.add_texts(SAMPLE_TEXTS, METAS, IDS)
+        r.delete([IDS[2]])
+    for q in ("capital city", "机器学习", SAMPLE_TEXTS[6]):
+        assert [(h.id, h.scores) for h in old.search(q, k=5)] == [
+            (h.id, h.scores) for h in new.search(q, k=5)
+        ]
+    info = client.get_collection("old").config
+    assert info.metadata["m3_rag"] == _format1_record(spec)
+    assert info.params.vectors["colbert"].quantization_config is not None
+    assert client.get_collection("new").config.metadata["m3_rag"] == spec.to_json() | {"format": 2}
+    with pytest.raises(IndexMismatchError, match="colbert_dtype"):
+        HybridRetriever(
+            tiny_encoder,
+            lexical=lexical,
+            colbert_dtype="int8",
+            backend=QdrantBackend(client=client, collection="old"),
+        )
+    client.update_collection("old", metadata={"m3_rag": _format1_record(spec) | {"format": 9}})
+    with pytest.raises(IndexFormatError, match="format 9"):
+        HybridRetriever(
+            tiny_encoder, lexical=lexical, backend=QdrantBackend(client=client, collection="old")
+        )
 
 
 def _encoded(r: HybridRetriever, texts: list[str]) -> tuple[Any, Any, Any]:
