@@ -1,4 +1,8 @@
-"""The ``m3-rag`` command line: ``demo``, ``index``, ``search``, ``eval``."""
+"""The ``m3-rag`` command line: ``demo``, ``index``, ``migrate``, ``search``, ``eval``.
+
+Argument parsing, printing and exit codes only: ingestion is :mod:`m3_rag.ingest`. Every
+failure is one line on stderr with exit code 2 (130 for Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+TEXT_GLOBS = ("*.txt", "*.md")  # m3_rag.sources.TEXT_GLOBS (not imported: --help stays fast)
 DEFAULT_MODEL = "BAAI/bge-m3"
 DEMO_QUERIES = [
     "What is hybrid search?",
@@ -47,13 +52,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum``, else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a --device that names no usable device before anything slow runs."""
+    from m3_rag._device import resolve_device
+
+    try:
+        resolve_device(device)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--device: {_one_line(str(e))}") from None
 
 
 def _encoder(model: str, device: str | None, batch_size: int = 32) -> Any:
     from m3_rag import M3Encoder
 
+    _check_device(device)
     try:
         return M3Encoder(model, device=device, batch_size=batch_size)
     except _LOAD_ERRORS as e:
@@ -75,19 +106,38 @@ def _weights(text: str | None) -> tuple[float, float, float] | None:
         ) from None
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity (which JSON cannot hold) replaced by ``None``,
+    so that what ``--json`` prints is valid JSON for any reader."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def hits_json(query: str, hits: list[Any]) -> str:
+    """One line of JSON for ``search --json``: ``{"query", "hits": [{"id", "score", "scores",
+    "text", "metadata"}]}``; a score that is not a finite number is ``null``."""
+    rows = [
+        {
+            "id": h.id,
+            "score": float(h.score),
+            "scores": {m: float(x) for m, x in h.scores.items()},
+            "text": h.text,
+            "metadata": h.metadata,
+        }
+        for h in hits
+    ]
+    body = json_safe({"query": query, "hits": rows})
+    return json.dumps(body, ensure_ascii=False, allow_nan=False)
+
+
 def _print_hits(query: str, hits: list[Any], as_json: bool) -> None:
     if as_json:
-        rows = [
-            {
-                "id": h.id,
-                "score": h.score,
-                "scores": h.scores,
-                "text": h.text,
-                "metadata": h.metadata,
-            }
-            for h in hits
-        ]
-        print(json.dumps({"query": query, "hits": rows}, ensure_ascii=False))
+        print(hits_json(query, hits))
         return
     print(f"query: {query}")
     for rank, h in enumerate(hits, start=1):
@@ -104,6 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from m3_rag.sources import demo_corpus
 
     queries = [_query(q) for q in args.query or DEMO_QUERIES]
+    _check_device(args.device)
     records = demo_corpus()
     r = HybridRetriever(_encoder(args.model, args.device))
     r.add_texts([x.text for x in records], [x.metadata for x in records], [x.id for x in records])
@@ -122,136 +173,75 @@ def _query(text: str) -> str:
         raise CliError(f"bad query: {e}") from None
 
 
-def _check_out(out: Path, force: bool, source: Path) -> None:
-    """Refuse any --out that is not new, empty, or an m3-rag index (resumed, or replaced
-    with --force), and any --out inside the source."""
-    from m3_rag.persist import check_target
-
-    try:
-        check_target(out)  # never write into a directory that is not an index
-    except ValueError as e:
-        raise CliError(f"--out: {e}") from None
-    try:
-        src = source.resolve()
-        if out.resolve() == src or src in out.resolve().parents:
-            raise CliError(f"--out {out} is inside the source {source}; pick another directory")
-    except OSError:
-        pass
+def _warn(text: str) -> None:
+    print(f"m3-rag: warning: {_one_line(text)}", file=sys.stderr)
 
 
-def _source_key(args: argparse.Namespace) -> dict[str, Any]:
-    """What makes a rerun of `m3-rag index` the same command (and so resumable)."""
-    return {
-        "path": str(Path(args.source).resolve()),
-        "chunk_size": args.chunk_size,
-        "chunk_overlap": args.chunk_overlap,
-        "globs": list(args.glob or ("*.txt", "*.md")),
-    }
-
-
-def _resumable(out: Path, args: argparse.Namespace) -> bool:
-    """True when --out holds an index this command started (resume it); False when there is
-    none. Anything else needs --force."""
-    from m3_rag.backends.local.disk import read_manifest
-    from m3_rag.persist import is_index
-
-    if not is_index(out):
-        return False
-    try:
-        saved = read_manifest(out).get("retriever", {}).get("source")
-    except (OSError, ValueError):
-        saved = None
-    if saved != _source_key(args):
-        raise CliError(
-            f"--out {out} already holds an index of another source or settings; pass --force "
-            "to replace it (or rerun the command that built it, to resume)"
-        )
-    return True
+def _info(text: str) -> None:
+    print(_one_line(text), file=sys.stderr)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    import shutil
-
-    from m3_rag import HybridRetriever
     from m3_rag._memory import fix_mmap_threshold
-    from m3_rag.backends.local.engine import LocalBackend
-    from m3_rag.sources import iter_source
+    from m3_rag.ingest import plan_index, run_index
 
     fix_mmap_threshold()  # this process only ingests: keep its heap from fragmenting
-    out = Path(args.out)
-    _check_out(out, args.force, Path(args.source))
-    resume = False if args.force else _resumable(out, args)
-    # --force builds beside the old index and swaps at the end: until then it stays whole
-    target = out.with_name(f".{out.name}.m3-rag-new") if args.force else out
-    if args.force:
-        shutil.rmtree(target, ignore_errors=True)
-
-    def records(warn: bool = False) -> Iterator[Any]:
-        return iter_source(
+    _check_device(args.device)
+    try:  # checks the target and the whole source (a first pass) before anything is written
+        plan = plan_index(
             args.source,
-            args.chunk_size,
-            args.chunk_overlap,
-            globs=args.glob or ("*.txt", "*.md"),
+            args.out,
+            chunk_size=args.chunk_size,
+            chunk_overlap=args.chunk_overlap,
+            globs=args.glob or TEXT_GLOBS,
             encoding_errors=args.encoding_errors,
-            on_skip=(lambda why: print(f"m3-rag: warning: {why}", file=sys.stderr))
-            if warn
-            else None,
+            force=args.force,
+            on_warning=_warn,
         )
-
-    try:  # a first streaming pass checks the whole source before anything is written
-        total = sum(1 for _ in records(warn=True))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
         raise CliError(_one_line(str(e))) from None
     enc = _encoder(args.model, args.device, args.batch_size)
-    t = time.perf_counter()
     try:
-        r = HybridRetriever(enc, backend=LocalBackend(target))
-        r.backend.settings["source"] = _source_key(args)  # type: ignore[attr-defined]
-        before = len(r)
-        if resume:
-            print(f"resuming: {before} passages already in {out}", file=sys.stderr)
-        added = r.add_documents(
-            records(),
-            total=total,
-            chunk_size=args.commit_every,
+        report = run_index(
+            plan,
+            enc,
+            commit_every=args.commit_every,
             batch_size=args.batch_size,
-            skip_existing=True,
-            show_progress=True,
+            compact=args.compact,
+            progress=True,
+            on_info=_info,
         )
-        if args.compact:
-            r.backend.compact()  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         if args.force:
-            shutil.rmtree(target, ignore_errors=True)
             raise _Interrupted("interrupted; nothing was changed on disk") from None
         raise _Interrupted(
-            f"interrupted; {out} keeps every passage committed so far: run the same "
+            f"interrupted; {args.out} keeps every passage committed so far: run the same "
             "command again to resume"
         ) from None
     except (OSError, TypeError, ValueError, RuntimeError) as e:
-        if args.force:
-            shutil.rmtree(target, ignore_errors=True)
         raise CliError(_one_line(str(e))) from None
-    elapsed = time.perf_counter() - t
-    if args.force:
-        _swap(target, out)
-    print(f"indexed {added} passages in {elapsed:.1f}s ({len(r)} in the index) -> {out} ({r!r})")
+    print(
+        f"indexed {report.added} passages in {report.seconds:.1f}s ({report.count} in the "
+        f"index) -> {report.out} ({report.description})"
+    )
     return 0
 
 
-def _swap(new: Path, out: Path) -> None:
-    """Put the index built at ``new`` in place of ``out`` (an index or nothing)."""
-    import shutil
-
-    from m3_rag.persist import check_target
-
-    check_target(out)  # nothing else wrote there meanwhile
-    old = out.with_name(f".{out.name}.m3-rag-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Convert a format-2 snapshot (``HybridRetriever.save`` before 0.2) to a format-3
+    index."""
+    try:
+        from m3_rag.backends.local.migrate import migrate
+    except ImportError as e:  # pragma: no cover - a broken install
+        raise CliError(f"this m3-rag cannot migrate indexes ({e})") from None
+    try:
+        n = migrate(args.old, args.new)
+    except KeyboardInterrupt:
+        raise _Interrupted(f"interrupted; {args.old} is unchanged") from None
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise CliError(_one_line(str(e))) from None
+    print(f"migrated {n} documents: {args.old} -> {args.new} (index format 3)")
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -259,8 +249,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from m3_rag.backends.registry import saved_index
 
     query, weights = _query(args.query), _weights(args.weights)
-    if args.k < 1 or (args.candidates is not None and args.candidates < 1):
-        raise CliError("-k and --candidates must be >= 1")
+    _check_device(args.device)
     try:
         manifest = saved_index(args.index)[0]
     except (OSError, ValueError) as e:
@@ -358,7 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print("(latency: one query end to end, query encoding included)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
         print(f"wrote {args.json}")
     return 0
 
@@ -381,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="index the embedded multilingual demo corpus and run a few queries"
     )
     common(p)
-    p.add_argument("-k", type=int, default=3, help="hits per query")
+    p.add_argument("-k", type=_count(1), default=3, help="hits per query")
     p.add_argument("--query", action="append", help="a query (repeatable)")
     p.set_defaults(func=cmd_demo)
 
@@ -394,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
         "is resumed (passages already committed are skipped)",
     )
     common(p)
-    p.add_argument("--chunk-size", type=int, default=1000, help="characters per chunk (folders)")
-    p.add_argument("--chunk-overlap", type=int, default=150, help="overlap between chunks")
+    p.add_argument(
+        "--chunk-size", type=_count(1), default=1000, help="characters per chunk (folders)"
+    )
+    p.add_argument("--chunk-overlap", type=_count(0), default=150, help="overlap between chunks")
     p.add_argument(
         "--glob",
         action="append",
@@ -406,10 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding-errors",
         choices=["skip", "strict", "replace"],
         default="skip",
-        help="a file that is not UTF-8: skip it with a warning (default), stop, or decode "
-        "it with replacement characters",
+        help="a file that is not UTF-8 text (or is binary, or has a name that is not "
+        "UTF-8): skip it with a warning (default), stop, or decode it with replacement "
+        "characters (binary files and bad names are still skipped)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (max)")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="texts per forward pass (max)")
     p.add_argument(
         "--force",
         action="store_true",
@@ -418,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--commit-every",
-        type=int,
+        type=_count(1),
         default=256,
         help="passages encoded and committed at a time (memory is bounded by this)",
     )
@@ -429,11 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_index)
 
+    p = sub.add_parser(
+        "migrate",
+        help="convert an index saved by an older m3-rag (a format-2 snapshot) to the "
+        "current format",
+    )
+    p.add_argument("old", help="the format-2 snapshot directory (left unchanged)")
+    p.add_argument("new", help="the new index directory (must not exist, or be empty)")
+    p.set_defaults(func=cmd_migrate)
+
     p = sub.add_parser("search", help="search an index")
     p.add_argument("index", help="index directory written by `m3-rag index`")
     p.add_argument("query", help="the text to search for")
     common(p, model_default=None)
-    p.add_argument("-k", type=int, default=10, help="hits to print (default %(default)s)")
+    p.add_argument("-k", type=_count(1), default=10, help="hits to print (default %(default)s)")
     p.add_argument(
         "--weights",
         help="dense,lexical,colbert fusion weights, e.g. 0.4,0.2,0.4 (default: the index's)",
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--candidates",
-        type=int,
+        type=_count(1),
         help="stage-1 candidates taken from each of the dense and lexical legs "
         "(default: the index's)",
     )
@@ -469,11 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--candidates",
-        type=int,
+        type=_count(1),
         default=100,
         help="stage-1 candidates from each of the dense and lexical legs (default %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (max)")
+    p.add_argument("--batch-size", type=_count(1), default=64, help="texts per forward pass (max)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
     return parser

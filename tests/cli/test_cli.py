@@ -15,9 +15,8 @@ from m3_rag.testing import SAMPLE_TEXTS
 def test_demo_on_m3_checkpoint(tiny_m3_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--model", str(tiny_m3_dir), "-k", "2", "--query", "hybrid search"]) == 0
     out = capsys.readouterr().out
-    assert (
-        "query: hybrid search" in out and "lexical=" in out and "colbert=" in out and "  2. [" in out
-    )
+    assert "query: hybrid search" in out and "lexical=" in out
+    assert "colbert=" in out and "  2. [" in out
 
 
 @pytest.mark.slow

@@ -1,0 +1,609 @@
+"""Streaming, resumable ingestion into a disk index, and the crash-safe replacement of one.
+
+What ``m3-rag index`` runs, as a library::
+
+    plan = plan_index("docs/", "idx")          # checks the source and the target, writes nothing
+    report = run_index(plan, M3Encoder(...))   # encodes and commits, chunk by chunk
+
+(:func:`index_source` does both.) The source is read twice, streaming: a first pass checks
+every record the way the index will (and counts them), so a bad line stops the run before
+anything is written; the second pass encodes ``commit_every`` passages at a time, each chunk
+one commit. The index records what it was built from (the source path, chunking and file
+patterns) from its first commit, so the same command run again after an interruption
+resumes: passages already committed are skipped.
+
+``force=True`` builds the new index beside the old one (:func:`staging_path`) and swaps it
+in only once it is complete (:func:`replace_index`): until then the old index is untouched,
+and an interruption or an error removes the half-built one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from m3_rag._inputs import check_count, check_unicode
+from m3_rag.backends.local.engine import LocalBackend
+from m3_rag.backends.protocol import Compactable
+from m3_rag.backends.registry import saved_index
+from m3_rag.encoder import M3Encoder
+from m3_rag.errors import WriteConflictError
+from m3_rag.persist import check_target, is_index, writer_lock
+from m3_rag.retriever import HybridRetriever
+from m3_rag.sources import ENCODING_ERRORS, TEXT_GLOBS, Record, check_chunking, iter_source
+
+__all__ = [
+    "IngestPlan",
+    "IngestReport",
+    "check_source",
+    "index_source",
+    "plan_index",
+    "recover_replacement",
+    "replace_index",
+    "run_index",
+    "source_key",
+    "staging_path",
+]
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """A checked ingestion, ready to run (:func:`plan_index` makes it).
+
+    Attributes:
+        source: The folder or JSONL file.
+        out: The index directory.
+        key: What the index records of its source (:func:`source_key`).
+        chunk_size, chunk_overlap, globs, encoding_errors: How the source is read.
+        force: Build beside ``out`` and replace it at the end.
+        resume: ``out`` holds an index this same command started (passages already in it
+            are skipped).
+        total: Passages the source yields (the first pass counted them).
+    """
+
+    source: Path
+    out: Path
+    key: dict[str, Any]
+    chunk_size: int
+    chunk_overlap: int
+    globs: tuple[str, ...]
+    encoding_errors: str
+    force: bool
+    resume: bool
+    total: int
+
+    def records(self, on_warning: Notify | None = None) -> Iterator[Record]:
+        """A fresh streaming pass over the source."""
+        return iter_source(
+            self.source,
+            self.chunk_size,
+            self.chunk_overlap,
+            globs=self.globs,
+            encoding_errors=self.encoding_errors,
+            on_skip=on_warning,
+        )
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What :func:`run_index` did.
+
+    Attributes:
+        out: The index directory.
+        added: Passages encoded and committed by this run.
+        total: Passages in the source.
+        resumed: Passages the index held when the run started (0 for a new index).
+        count: Documents in the index at the end.
+        seconds: Time spent encoding and committing.
+        description: The retriever over the index, as ``repr`` shows it.
+    """
+
+    out: Path
+    added: int
+    total: int
+    resumed: int
+    count: int
+    seconds: float
+    description: str
+
+
+def source_key(
+    source: str | os.PathLike[str],
+    *,
+    chunk_size: int = 1000,
+    chunk_overlap: int = 150,
+    globs: Sequence[str] = TEXT_GLOBS,
+) -> dict[str, Any]:
+    """What makes a rerun of an ingestion the same one (and so resumable): recorded in the
+    index's settings under ``"source"``.
+
+    Raises:
+        ValueError: the source path is not valid Unicode (it could not be recorded).
+    """
+    path = str(Path(source).resolve())
+    check_unicode(path, "the source path")
+    return {
+        "path": path,
+        "chunk_size": chunk_size,
+        "chunk_overlap": chunk_overlap,
+        "globs": list(globs),
+    }
+
+
+def check_source(
+    source: str | os.PathLike[str],
+    *,
+    chunk_size: int = 1000,
+    chunk_overlap: int = 150,
+    globs: Sequence[str] = TEXT_GLOBS,
+    encoding_errors: str = "skip",
+    on_warning: Notify | None = None,
+) -> int:
+    """The first pass: read the whole source, streaming, and check every record as the
+    index will (ids, text, metadata; see :func:`m3_rag.sources.read_source`).
+
+    Returns:
+        The number of passages.
+
+    Raises:
+        FileNotFoundError: no source. ValueError: a record the index would refuse (the
+            message names the file and line), bad options, or no text at all.
+    """
+    records = iter_source(
+        source,
+        chunk_size,
+        chunk_overlap,
+        globs=globs,
+        encoding_errors=encoding_errors,
+        on_skip=on_warning,
+    )
+    return sum(1 for _ in records)
+
+
+def plan_index(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    chunk_size: int = 1000,
+    chunk_overlap: int = 150,
+    globs: Sequence[str] = TEXT_GLOBS,
+    encoding_errors: str = "skip",
+    force: bool = False,
+    on_warning: Notify | None = None,
+) -> IngestPlan:
+    """Check an ingestion before anything is written: the options, the target and the
+    whole source (:func:`check_source`).
+
+    A replacement of ``out`` that a crash interrupted is finished first
+    (:func:`recover_replacement`).
+
+    Args:
+        source: A folder of text files or a JSONL file.
+        out: The index directory: new, empty, the index this same ingestion started
+            (resumed), or with ``force`` any m3-rag index (replaced).
+        chunk_size, chunk_overlap: Folder chunking, in characters.
+        globs: A folder's file patterns (see :func:`m3_rag.sources.read_source`).
+        encoding_errors: ``"skip"``, ``"strict"`` or ``"replace"`` (same place).
+        force: Replace an index of another source at ``out``.
+        on_warning: Called with one line per skipped file.
+
+    Raises:
+        ValueError: bad options; ``out`` is a file, a symlink, a non-empty directory that
+            is not an index, inside the source or holding it, or (without ``force``) an
+            index of another source or settings; a record the index would refuse.
+        FileNotFoundError: no source.
+    """
+    check_chunking(chunk_size, chunk_overlap)
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(
+            f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}"
+        )
+    if isinstance(globs, (str, bytes)) or not globs or not all(isinstance(g, str) for g in globs):
+        raise ValueError(f"globs must be a non-empty list of patterns, got {globs!r}")
+    src, target = Path(source), Path(out)
+    key = source_key(src, chunk_size=chunk_size, chunk_overlap=chunk_overlap, globs=globs)
+    _check_out(target, src)
+    recover_replacement(target)
+    resume = _resumable(target, key) if not force else False
+    total = check_source(
+        src,
+        chunk_size=chunk_size,
+        chunk_overlap=chunk_overlap,
+        globs=globs,
+        encoding_errors=encoding_errors,
+        on_warning=on_warning,
+    )
+    return IngestPlan(
+        src,
+        target,
+        key,
+        chunk_size,
+        chunk_overlap,
+        tuple(globs),
+        encoding_errors,
+        bool(force),
+        resume,
+        total,
+    )
+
+
+def run_index(
+    plan: IngestPlan,
+    encoder: M3Encoder,
+    *,
+    commit_every: int = 256,
+    batch_size: int = 32,
+    compact: bool = False,
+    progress: bool = False,
+    on_info: Notify | None = None,
+) -> IngestReport:
+    """Encode and commit a planned ingestion, ``commit_every`` passages per commit.
+
+    Without ``force`` the index at ``plan.out`` grows commit by commit: an interruption
+    keeps what was committed, and running the same plan again resumes. With ``force`` the
+    index is built beside it and swapped in at the end (:func:`replace_index`): an
+    interruption or an error before that leaves ``plan.out`` as it was.
+
+    Args:
+        plan: From :func:`plan_index`.
+        encoder: The model.
+        commit_every: Passages encoded and committed at a time (bounds memory).
+        batch_size: Texts per forward pass.
+        compact: Merge the index into one segment at the end.
+        progress: A progress bar on stderr.
+        on_info: Called with a line when resuming.
+
+    Raises:
+        ValueError, TypeError: bad options, or the index at ``plan.out`` was built for
+            another model. WriteConflictError: another ``force`` run is building the same
+            index. OSError: the disk.
+        KeyboardInterrupt: passed on, once the half-built index of a ``force`` run is
+            removed.
+    """
+    check_count(commit_every, "commit_every", minimum=1)
+    check_count(batch_size, "batch_size", minimum=1)
+    if not plan.force:
+        check_target(plan.out)  # nothing else was written there since the plan
+        return _build(plan, plan.out, encoder, commit_every, batch_size, compact, progress, on_info)
+    with _staging(plan.out) as stage:
+        report = _build(plan, stage, encoder, commit_every, batch_size, compact, progress, on_info)
+        with _sigint_deferred():  # Ctrl-C now would leave the message about the disk wrong
+            replace_index(stage, plan.out)
+    return report
+
+
+def index_source(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    encoder: M3Encoder,
+    *,
+    chunk_size: int = 1000,
+    chunk_overlap: int = 150,
+    globs: Sequence[str] = TEXT_GLOBS,
+    encoding_errors: str = "skip",
+    commit_every: int = 256,
+    batch_size: int = 32,
+    force: bool = False,
+    compact: bool = False,
+    progress: bool = False,
+    on_warning: Notify | None = None,
+    on_info: Notify | None = None,
+) -> IngestReport:
+    """:func:`plan_index` then :func:`run_index` (see them for the arguments and errors)."""
+    plan = plan_index(
+        source,
+        out,
+        chunk_size=chunk_size,
+        chunk_overlap=chunk_overlap,
+        globs=globs,
+        encoding_errors=encoding_errors,
+        force=force,
+        on_warning=on_warning,
+    )
+    return run_index(
+        plan,
+        encoder,
+        commit_every=commit_every,
+        batch_size=batch_size,
+        compact=compact,
+        progress=progress,
+        on_info=on_info,
+    )
+
+
+# ------------------------------------------------------------------ internals
+def _check_out(out: Path, source: Path) -> None:
+    check_target(out)  # never write into a directory that is not an index
+    try:
+        src, dst = source.resolve(), out.resolve()
+    except OSError:
+        return
+    if dst == src or src in dst.parents:
+        raise ValueError(f"the index {out} would be inside the source {source}; pick another path")
+    if dst in src.parents:
+        raise ValueError(f"the source {source} is inside {out}; pick another path for the index")
+
+
+def _resumable(out: Path, key: dict[str, Any]) -> bool:
+    """True when ``out`` holds an index this ingestion started (resume it); False when
+    there is none."""
+    if not is_index(out):
+        return False
+    try:
+        saved = saved_index(out)[0].get("retriever", {}).get("source")
+    except (OSError, ValueError):
+        saved = None
+    if saved != key:
+        raise ValueError(
+            f"{out} already holds an index of another source or settings; pass --force "
+            "(force=True) to replace it, or rerun the command that built it to resume"
+        )
+    return True
+
+
+def _build(
+    plan: IngestPlan,
+    target: Path,
+    encoder: M3Encoder,
+    commit_every: int,
+    batch_size: int,
+    compact: bool,
+    progress: bool,
+    on_info: Notify | None,
+) -> IngestReport:
+    t = time.perf_counter()
+    # the source is recorded from the first commit: an interruption at any point resumes
+    r = HybridRetriever(encoder, backend=LocalBackend(target), source=plan.key)
+    before = len(r)
+    if plan.resume and on_info is not None:
+        on_info(f"resuming: {before} passages already in {plan.out}")
+    added = r.add_documents(
+        plan.records(),
+        total=plan.total,
+        chunk_size=commit_every,
+        batch_size=batch_size,
+        skip_existing=True,
+        show_progress=progress,
+    )
+    if compact and isinstance(r.backend, Compactable):
+        r.backend.compact()
+    return IngestReport(
+        plan.out, added, plan.total, before, len(r), time.perf_counter() - t, repr(r)
+    )
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """The directory a ``force`` run builds in, held (``flock`` on it) for the run and
+    removed on any error or interruption before it is swapped in."""
+    import fcntl
+
+    stage = staging_path(out)
+    _remove_unheld(stage)  # a killed run's leftover
+    try:
+        os.mkdir(stage)
+    except FileExistsError:
+        raise WriteConflictError(
+            f"another ingestion with force is building {out} (in {stage}); wait for it"
+        ) from None
+    fd = os.open(stage, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        ino = os.fstat(fd).st_ino
+        try:
+            yield stage
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if os.stat(stage).st_ino == ino:  # still ours (not swapped in)
+                    _remove_tree(stage)
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) off for the block, which completes; the signal is dropped (the
+    work it would have stopped is done). Only in the main thread; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------------ replacement
+# At every instant of a replacement --out holds a complete index (the old one, then the
+# new one): the two directories are swapped with one atomic system call (Linux renameat2
+# RENAME_EXCHANGE, macOS renamex_np RENAME_SWAP), then the old one is removed. Where the
+# swap is not available, two renames (out -> aside, new -> out): a crash between them
+# leaves no index at --out for a moment, and recover_replacement (which plan_index calls)
+# puts the old one back.
+_CRASH_AT = "M3_RAG_CRASH_AT"  # tests only: the replacement step at which to die (SIGKILL)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_SWAP = 2  # macOS stdio.h
+
+
+def staging_path(out: str | os.PathLike[str]) -> Path:
+    """Where a ``force`` run builds the index that replaces ``out`` (beside it)."""
+    p = Path(out)
+    return p.with_name(f".{p.name}.m3-rag-new")
+
+
+def _aside_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.m3-rag-old")
+
+
+def replace_index(
+    new: str | os.PathLike[str], out: str | os.PathLike[str], *, exchange: bool = True
+) -> None:
+    """Put the complete index at ``new`` in place of ``out`` (an index, an empty directory,
+    or nothing), crash-safe: at every instant ``out`` holds the old index or the new one.
+
+    Holds the old index's writer lock, so no commit to it is in flight during the swap.
+
+    Args:
+        new: A complete index directory (beside ``out``: the same file system).
+        out: The index to replace.
+        exchange: Swap the two with one atomic rename where the system has it (Linux,
+            macOS); ``False`` (or no such call): two renames, after which a crash between
+            them is undone by :func:`recover_replacement`.
+
+    Raises:
+        ValueError: ``new`` is not an index, or ``out`` is not an index, nothing, or an
+            empty directory. OSError: the file system refused a rename.
+    """
+    new, out = Path(new), Path(out)
+    if not is_index(new):
+        raise ValueError(f"{new} holds no index to put in place of {out}")
+    check_target(out)
+    with contextlib.ExitStack() as held:
+        if out.is_dir():
+            held.enter_context(writer_lock(out))  # no commit of the old index in flight
+            held.enter_context(_dir_lock(out, blocking=True))  # recovery leaves it alone
+        _crash_point("locked")
+        if not out.exists():
+            os.rename(new, out)
+            _fsync_dir(out.parent)
+            return
+        if exchange and _exchange(new, out):
+            _fsync_dir(out.parent)
+            _crash_point("exchanged")
+            _remove_tree(new)  # the old index, now at new
+            return
+        aside = _aside_path(out)
+        _remove_unheld(aside)
+        os.rename(out, aside)
+        _crash_point("aside")
+        os.rename(new, out)
+        _fsync_dir(out.parent)
+        _crash_point("renamed")
+        _remove_tree(aside)
+
+
+def recover_replacement(out: str | os.PathLike[str]) -> str | None:
+    """Finish what a replacement of ``out`` killed midway left: the old index put back
+    when ``out`` is missing (the two-rename fallback of :func:`replace_index`), and the
+    leftover directories beside ``out`` removed (never one a live run holds, never one that
+    is not an index).
+
+    Returns:
+        A line saying what was done, or ``None`` when there was nothing to do.
+    """
+    out = Path(out)
+    aside, done = _aside_path(out), None
+    if aside.is_dir() and not out.exists() and is_index(aside):
+        with _dir_lock(aside, blocking=False) as free:
+            if free:
+                os.rename(aside, out)
+                _fsync_dir(out.parent)
+                done = f"put back the index at {out} that an interrupted replacement moved"
+    _remove_unheld(aside)
+    _remove_unheld(staging_path(out))
+    return done
+
+
+def _remove_unheld(path: Path) -> None:
+    """Remove a leftover index directory unless a live run holds it.
+
+    Raises:
+        WriteConflictError: a live run holds it.
+    """
+    if not path.is_dir() or path.is_symlink():
+        return
+    try:
+        check_target(path)
+    except ValueError:
+        return  # not ours: never removed
+    with _dir_lock(path, blocking=False) as free:
+        if not free:
+            raise WriteConflictError(f"{path} is in use by another m3-rag run; wait for it")
+        _remove_tree(path)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove an index directory, its ``CURRENT`` last: a crash midway leaves a directory
+    that is still recognisably an index (so a later run removes it)."""
+    entries = sorted(path.iterdir(), key=lambda p: p.name == "CURRENT")
+    for i, p in enumerate(entries):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        if i == 0:
+            _crash_point("removing")
+    path.rmdir()
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(_CRASH_AT) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path, blocking: bool) -> Iterator[bool]:
+    """``flock`` a directory; yields False when ``blocking`` is False and it is held."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically -> True; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):  # no C library to ask (Windows)
+        return False
+    src, dst = os.fsencode(a), os.fsencode(b)
+    renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    renamex_np = getattr(libc, "renamex_np", None)  # macOS >= 10.12
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
+        rc = renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_EXCHANGE)
+    elif renamex_np is not None:
+        renamex_np.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        rc = renamex_np(src, dst, _RENAME_SWAP)
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # this file system cannot swap: the caller falls back
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
