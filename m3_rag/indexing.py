@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,9 +28,26 @@ from m3_rag.errors import IndexMismatchError
 from m3_rag.scoring import sparse_matrix
 from m3_rag.spec import LexicalKind
 
-__all__ = ["ADD_CHUNK", "IndexingMixin", "analyzer_config", "make_analyzer"]
+__all__ = [
+    "ADD_CHUNK",
+    "DocumentChecking",
+    "IndexingMixin",
+    "analyzer_config",
+    "make_analyzer",
+]
 
 ADD_CHUNK = 256  # documents encoded and stored at a time (bounds ingestion memory)
+
+
+@runtime_checkable
+class DocumentChecking(Protocol):
+    """An engine that can refuse documents it cannot hold before anything is encoded or
+    written (Milvus, Qdrant: ids, text sizes, metadata values)."""
+
+    def check_documents(
+        self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
+    ) -> None:
+        """Raise ``ValueError`` naming the first document the engine cannot hold."""
 
 
 def make_analyzer(analyzer: Any) -> Analyzer | None:
@@ -95,11 +112,13 @@ class IndexingMixin:
             The ids, in input order.
 
         Raises:
-            TypeError / ValueError: bad texts, metadata or ids; nothing is added.
+            TypeError / ValueError: bad texts, metadata or ids, or a document the engine
+                cannot hold; nothing is added.
         """
         items = check_texts(texts)
         doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
         metas = check_metadatas(metadatas, len(items))
+        self._check_documents(doc_ids, items, metas)  # all of them before the first chunk
         bar = tqdm(total=len(items), unit="doc", desc="index", disable=not show_progress)
         with bar:
             for s in range(0, len(items), ADD_CHUNK):
@@ -156,10 +175,19 @@ class IndexingMixin:
                     )
                 items = check_texts(texts)
                 doc_ids = check_ids(ids, len(items))
-                self._encode_add(items, check_metadatas(metas, len(items)), doc_ids, batch_size)
+                checked = check_metadatas(metas, len(items))
+                self._check_documents(doc_ids, items, checked)
+                self._encode_add(items, checked, doc_ids, batch_size)
                 added += len(items)
                 bar.update(seen)
         return added
+
+    def _check_documents(
+        self, ids: list[str], texts: list[str], metas: list[dict[str, Any]]
+    ) -> None:
+        """The engine's own refusals, before anything is encoded (where it has them)."""
+        if isinstance(self.backend, DocumentChecking):
+            self.backend.check_documents(ids, texts, metas)
 
     def _encode_add(
         self, items: list[str], metas: list[dict[str, Any]], ids: list[str], batch_size: int | None

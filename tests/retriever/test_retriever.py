@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -372,6 +373,20 @@ def test_capabilities_are_checked_not_probed(tiny_encoder: M3Encoder, tmp_path: 
     assert not (tmp_path / "idx").exists()
     ram.add_texts(SAMPLE_TEXTS[4:9], ids=IDS[4:9])
     assert q.add_from(ram, batch_size=2) == 5 and len(q) == 9
+    # the engine's own refusals (DocumentChecking) run on every document before the first
+    # chunk of add_texts, and on each chunk of add_documents before it is encoded
+    metas: list[dict[str, Any]] = [{"i": i} for i in range(300)]
+    metas[290] = {"big": 2**70}
+    with pytest.raises(ValueError, match=r"metadatas\[290\].*64-bit"):
+        q.add_texts([f"passage {i}" for i in range(300)], metas, [f"p{i}" for i in range(300)])
+    assert len(q) == 9
+    docs = [{"text": f"passage {i}", "id": f"s{i}", "metadata": metas[288 + i]} for i in range(4)]
+    with pytest.raises(ValueError, match="64-bit"):
+        q.add_documents(docs, chunk_size=2)
+    assert len(q) == 11 and q.get(["s0", "s1", "s2"]) == [
+        ("s0", "passage 0", {"i": 288}),
+        ("s1", "passage 1", {"i": 289}),
+    ]
 
 
 def test_allow_model_mismatch_is_a_retriever_option(
