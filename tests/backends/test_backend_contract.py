@@ -315,15 +315,10 @@ def test_the_engine_names_a_document_it_cannot_hold(server: Engine) -> None:
         backend.check_documents(ids, texts, metas)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#22 item 10: add_texts stores its first chunk of 256 before the second reaches "
-    "the engine; needs the retriever to call the engine's check_documents on every "
-    "document before the first chunk (requested from the retriever's owner)",
-)
 def test_add_texts_checks_every_document_before_the_first_write(server: Engine) -> None:
-    """``add_texts`` of 300 documents with an integer too large at document 290 stores
-    nothing."""
+    """``add_texts`` of 300 documents (two chunks) with an integer too large at document 290
+    stores nothing (#22 item 10: the first chunk used to be written before the second
+    reached the engine)."""
     r = server()
     r.add_texts(SAMPLE_TEXTS[:3], ids=IDS[:3])
     ids, texts, metas = _300_documents()
