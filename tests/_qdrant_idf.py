@@ -1,14 +1,26 @@
-"""The local engine's BM25 with Qdrant's IDF: the reference the Qdrant backend is held to."""
+"""The local engine's BM25 with Qdrant's IDF: the reference the Qdrant backend is held to.
+
+Use it in a test with::
+
+    from m3_rag.bm25 import BM25Stats
+    monkeypatch.setattr(BM25Stats, "idf", qdrant_idf)
+
+Every BM25 statistics object (the local engine's included) then scores with the ``"qdrant"``
+IDF variant of :mod:`m3_rag.bm25`, ``ln(1 + (N - n + 0.5) / (n + 0.5))`` over the live
+documents (no epsilon floor).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from m3_rag.bm25 import BM25Params, BM25Stats, IdfVariant
 
-def qdrant_idf(self: object, terms: np.ndarray, p: object) -> np.ndarray:
-    """Replaces ``m3_rag.backends.local.engine._Stats.idf``: Qdrant's IDF modifier,
-    ``ln(1 + (N - n + 0.5) / (n + 0.5))`` over the live documents (no epsilon floor)."""
-    known = dict(zip(self.terms.tolist(), self.df.tolist(), strict=True))  # type: ignore[attr-defined]
-    df = np.asarray([known.get(t, 0) for t in terms.tolist()], np.float64)
-    n = self.n  # type: ignore[attr-defined]
-    return np.where(df > 0, np.log1p((n - df + 0.5) / (df + 0.5)), 0.0)
+_LIBRARY_IDF = BM25Stats.idf  # taken before any test replaces it
+
+
+def qdrant_idf(
+    self: BM25Stats, terms: np.ndarray, p: BM25Params, variant: IdfVariant = "okapi"
+) -> np.ndarray:
+    """Stands in for :meth:`BM25Stats.idf`: the ``"qdrant"`` variant, whatever is asked."""
+    return _LIBRARY_IDF(self, terms, p, "qdrant")

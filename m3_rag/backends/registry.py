@@ -7,56 +7,100 @@ itself works against the :class:`~m3_rag.backends.protocol.Backend` protocol alo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from m3_rag.backends.protocol import Backend
-from m3_rag.persist import read_index
+from m3_rag.errors import IndexFormatError
+from m3_rag.spec import IndexSpec
 
-__all__ = ["make_backend", "saved_index"]
+__all__ = ["SavedIndex", "make_backend", "open_saved", "saved_index"]
 
 _REQUIRED = ("open", "add", "delete", "candidates", "colbert_scores", "documents", "fetch")
 
 
 def make_backend(backend: Any) -> Backend:
-    """``"memory"`` -> a new in-memory local engine; a backend object -> itself.
+    """``"memory"`` or ``None`` -> a new in-memory local engine; a backend object -> itself.
 
     Raises:
         TypeError: anything else.
     """
-    if isinstance(backend, str) and backend == "memory":
+    if backend is None or (isinstance(backend, str) and backend == "memory"):
         from m3_rag.backends.local.engine import LocalBackend
 
         return LocalBackend()
     if not isinstance(backend, str) and all(hasattr(backend, m) for m in _REQUIRED):
         return backend
     raise TypeError(
-        "backend must be 'memory' or a backend object: LocalBackend(path), "
+        "backend must be None, 'memory' or a backend object: LocalBackend(path), "
         f"MilvusBackend(uri=..., collection=...), QdrantBackend(...); got {backend!r}"
     )
 
 
-def saved_index(
-    path: str | os.PathLike[str],
-) -> tuple[dict[str, Any], Callable[[bool], Backend]]:
-    """Read what a saved index says of itself -> ``(manifest, make(allow_model_mismatch))``.
+class SavedIndex(NamedTuple):
+    """What a saved index says of itself, and the engine that opens it.
 
-    A snapshot (``HybridRetriever.save``, format 2) is read into RAM; a segmented directory
-    (``LocalBackend(path)``, format 3) is opened in place, memory-mapped.
+    Attributes:
+        spec: The index specification it was built with.
+        settings: The retriever's settings recorded with it.
+        backend: The engine holding it, not opened yet: call
+            ``backend.open(spec_you_need, settings, allow_model_mismatch=...)``.
+    """
+
+    spec: IndexSpec
+    settings: dict[str, Any]
+    backend: Backend
+
+
+def open_saved(path: str | os.PathLike[str]) -> SavedIndex:
+    """The index saved at ``path`` (by ``LocalBackend.save`` or an earlier m3-rag).
+
+    Format 3 (a local engine directory) is opened in place, its segments read from disk;
+    a format-2 snapshot is verified and converted into RAM (the code path of
+    :func:`~m3_rag.backends.local.migrate.migrate`, which converts it on disk); format 1
+    (no checksums) is refused.
 
     Raises:
         FileNotFoundError: no index at ``path``.
-        IndexFormatError: an unreadable or tampered index.
+        IndexFormatError: an unreadable, tampered or unsupported index (the message says
+            how to recover).
     """
-    from m3_rag.backends.local.disk import VERSION, current_pointer, read_manifest
+    from m3_rag.backends.local.disk import VERSION, current_pointer
     from m3_rag.backends.local.engine import LocalBackend
-    from m3_rag.backends.local.snapshot import from_snapshot
 
     root = Path(path)
-    cur = current_pointer(root) if root.is_dir() else None
-    if cur is not None and cur.get("version") == VERSION:
-        manifest = read_manifest(root)
-        return manifest, lambda mismatch: LocalBackend(root, allow_model_mismatch=mismatch)
-    manifest, arrays, docs = read_index(root)
-    return manifest, lambda _mismatch: from_snapshot(manifest, arrays, docs)
+    if not root.is_dir() or root.is_symlink():
+        raise FileNotFoundError(f"no m3-rag index at {root}")
+    cur = current_pointer(root)
+    if cur is None:
+        raise FileNotFoundError(f"no m3-rag index at {root} (missing CURRENT)")
+    if cur.get("version") == VERSION:
+        backend = LocalBackend(root)
+        spec, settings = backend.read_stored()  # the commit the backend then serves
+        return SavedIndex(spec, settings, backend)
+    if "snapshot" not in cur:
+        raise IndexFormatError(
+            f"{root}/CURRENT: index format version {cur.get('version')!r} is not one this "
+            "m3-rag reads; rebuild the index"
+        )
+    from m3_rag.backends.local.migrate import load_snapshot
+
+    try:
+        return SavedIndex(*load_snapshot(root))
+    except IndexFormatError:
+        now = current_pointer(root)
+        if now is not None and now.get("version") == VERSION:  # replaced meanwhile by a save
+            return open_saved(root)
+        raise
+
+
+def saved_index(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
+    """Transitional (until the retriever and the CLI call :func:`open_saved`): what a saved
+    index records as one flat mapping -> ``(record, make(allow_model_mismatch))``.
+
+    ``make`` ignores its argument: the engines take ``allow_model_mismatch`` in
+    ``open``.
+    """
+    saved = open_saved(path)
+    record = {**saved.spec.to_json(), "retriever": saved.settings}
+    return record, lambda _mismatch: saved.backend

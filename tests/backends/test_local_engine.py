@@ -18,7 +18,7 @@ from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.backends.local.engine import LocalBackend
-from m3_rag.persist import IndexFormatError
+from m3_rag.errors import IndexFormatError
 from m3_rag.testing import SAMPLE_TEXTS
 
 HERE = Path(__file__).resolve().parents[1]

@@ -1,7 +1,9 @@
 """Persistence under faults: killed saves, racing writers, readers during saves, tampering.
 
 Every case must end with the directory loading as one complete index (the old or the new),
-or with an :class:`IndexFormatError` that names the bad file: never a wrong result.
+or with an :class:`IndexFormatError` that names the bad file: never a wrong result. Saves
+write format 3 (``LocalBackend.save``); the tampering cases run on genuine format-2
+snapshots (``tests/_format2.py``), which are only read to be converted.
 """
 
 from __future__ import annotations
@@ -20,59 +22,113 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _index_writer import SIZES, build
+from _format2 import write_format2
+from _index_writer import SIZES, SPEC, build, settings
 from conftest import resign
 
-from m3_rag import IndexFormatError
-from m3_rag.backends.local.snapshot import MemoryBackend
+from m3_rag.backends.local.migrate import migrate
+from m3_rag.backends.registry import open_saved
+from m3_rag.errors import IndexFormatError
+from m3_rag.persist import is_index, reader_lock
 
 HERE = Path(__file__).resolve().parents[1]
 WRITER = [sys.executable, str(HERE / "_index_writer.py")]
 
 
+def _concat(backend: object) -> tuple[list[str], np.ndarray, list[str], list[dict], list]:
+    batches = list(backend.export(10**6))  # type: ignore[attr-defined]
+    return (
+        [i for b in batches for i in b.ids],
+        np.concatenate([b.dense for b in batches]),
+        [t for b in batches for t in b.texts],
+        [m for b in batches for m in b.metadatas],
+        [c for b in batches for c in b.colbert],
+    )
+
+
 def _which(path: Path) -> str:
     """Load the index and say which complete index it is (fails on anything else)."""
-    b = MemoryBackend.load(path)
+    saved = open_saved(path)
+    b = saved.backend.open(SPEC)
     ids = b.ids
     which = ids[0].split("-")[0]
     ref = build(which)
+    assert saved.spec == SPEC and saved.settings == settings(which)
     assert ids == ref.ids and len(b) == SIZES[which]
-    (got,), (want,) = list(b.export(10**6)), list(ref.export(10**6))
-    np.testing.assert_array_equal(got.dense, want.dense)
-    assert (got.ids, got.texts, got.metadatas) == (want.ids, want.texts, want.metadatas)
-    assert got.colbert is not None and want.colbert is not None
-    for a, c in zip(got.colbert, want.colbert, strict=True):
+    got, want = _concat(b), _concat(ref)
+    np.testing.assert_array_equal(got[1], want[1])
+    assert (got[0], got[2], got[3]) == (want[0], want[2], want[3])
+    for a, c in zip(got[4], want[4], strict=True):
         np.testing.assert_array_equal(a, c)
     assert b.fetch(ids) == ref.fetch(ids)
     return which
 
 
-def _snapshots(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name.startswith(("snap-", ".tmp-snap-")))
+def _entries(path: Path) -> list[str]:
+    """What commits put in the directory (segments, manifests, pointers in the making)."""
+    return sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name.startswith(("seg-", "manifest-", ".CURRENT.", "snap-", ".tmp-snap-"))
+    )
+
+
+def _only_the_current_commit(path: Path) -> None:
+    """Nothing is left in ``path`` but the files of the commit ``CURRENT`` names."""
+    current = json.loads((path / "CURRENT").read_text())
+    manifest = json.loads((path / current["manifest"]).read_text())
+    want = sorted([current["manifest"], *(e["name"] for e in manifest["segments"])])
+    assert _entries(path) == want
 
 
 def test_killed_saves_leave_old_or_new_index(tmp_path: Path) -> None:
     """kill -9 a process that saves A and B in turn, at random points, 20 times."""
     idx = tmp_path / "idx"
-    build("a").save(idx)
+    b = build("b")
+    t = time.perf_counter()
+    b.save(tmp_path / "timing", settings("b"))  # how long one save takes here
+    span = 3 * (time.perf_counter() - t)  # the writer saves A, then B, then A...
+    build("a").save(idx, settings("a"))
     rng = random.Random(1234)
     seen: set[str] = set()
     for _ in range(20):
         proc = subprocess.Popen([*WRITER, str(idx), "alt", "-1"], stdout=subprocess.PIPE)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen.add(_which(idx))
     assert seen == {"a", "b"}, "the kills should land on both sides of a commit"
     # one more complete save cleans up every leftover of the killed ones
-    build("b").save(idx)
-    assert len(_snapshots(idx)) == 1 and _which(idx) == "b"
+    build("b").save(idx, settings("b"))
+    _only_the_current_commit(idx)
+    assert _which(idx) == "b"
+
+
+def test_a_killed_first_save_leaves_no_index(tmp_path: Path) -> None:
+    """A save killed before its commit leaves nothing that opens, and the next save there
+    succeeds (its leftovers are not mistaken for someone else's files)."""
+    idx = tmp_path / "idx"
+    rng = random.Random(99)
+    for _ in range(8):
+        proc = subprocess.Popen([*WRITER, str(idx), "b", "1"], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if is_index(idx):
+            assert _which(idx) == "b"
+        else:
+            with pytest.raises(FileNotFoundError):
+                open_saved(idx)
+    build("a").save(idx, settings("a"))
+    _only_the_current_commit(idx)
+    assert _which(idx) == "a"
 
 
 def test_racing_writers_and_readers_across_processes(tmp_path: Path) -> None:
     idx = tmp_path / "idx"
-    build("a").save(idx)
+    build("a").save(idx, settings("a"))
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -103,7 +159,7 @@ def test_racing_writer_threads_20_rounds(tmp_path: Path) -> None:
     """Two threads save different indexes to one directory while a third loads it."""
     idx = tmp_path / "idx"
     a, b = build("a"), build("b")
-    a.save(idx)
+    a.save(idx, settings("a"))
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -124,7 +180,10 @@ def test_racing_writer_threads_20_rounds(tmp_path: Path) -> None:
     reader.start()
     results = []
     for _ in range(20):
-        writers = [threading.Thread(target=guard(lambda x=x: x.save(idx))) for x in (a, b, a)]
+        writers = [
+            threading.Thread(target=guard(lambda x=x, w=w: x.save(idx, settings(w))))
+            for x, w in ((a, "a"), (b, "b"), (a, "a"))
+        ]
         for t in writers:
             t.start()
         for t in writers:
@@ -134,31 +193,40 @@ def test_racing_writer_threads_20_rounds(tmp_path: Path) -> None:
     reader.join()
     assert not errors, errors[:3]
     assert set(results) <= {"a", "b"}
-    # a save skips removing old snapshots while a reader is active (the reader ran until
+    # a save skips removing old segments while a reader is active (the reader ran until
     # now); the next save, with no reader left, removes them
-    b.save(idx)
-    assert len(_snapshots(idx)) == 1 and _which(idx) == "b"
-
-
-def test_reader_holds_its_snapshot_while_a_writer_commits(tmp_path: Path) -> None:
-    from m3_rag.persist import reader_lock
-
-    idx = tmp_path / "idx"
-    build("a").save(idx)
-    old = _snapshots(idx)
-    with reader_lock(idx):  # a reader is between CURRENT and its files
-        build("b").save(idx)
-        assert set(old) < set(_snapshots(idx)), "the old snapshot must stay while read"
+    b.save(idx, settings("b"))
+    _only_the_current_commit(idx)
     assert _which(idx) == "b"
-    build("b").save(idx)
-    assert len(_snapshots(idx)) == 1
+
+
+def test_reader_holds_its_files_while_a_writer_commits(tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    build("a").save(idx, settings("a"))
+    old = _entries(idx)
+    with reader_lock(idx):  # a reader is between CURRENT and its files
+        build("b").save(idx, settings("b"))
+        assert set(old) < set(_entries(idx)), "the old commit's files must stay while read"
+    assert _which(idx) == "b"
+    build("b").save(idx, settings("b"))
+    _only_the_current_commit(idx)
+
+
+def test_a_save_replaces_a_format2_snapshot(tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    write_format2(idx, build("a"), settings("a"))
+    assert _which(idx) == "a"  # converted on open
+    build("b").save(idx, settings("b"))
+    _only_the_current_commit(idx)  # the snapshot is gone
+    assert _which(idx) == "b"
 
 
 # ------------------------------------------------------------------------------ tampering
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A genuine format-2 snapshot of index A."""
     path = tmp_path_factory.mktemp("pristine") / "idx"
-    build("a").save(path)
+    write_format2(path, build("a"), settings("a"))
     return path
 
 
@@ -348,7 +416,17 @@ def test_tampered_index_raises_index_format_error(
     if sign:
         resign(idx)
     with pytest.raises(IndexFormatError, match=message):
-        MemoryBackend.load(idx)
+        open_saved(idx)
+    with pytest.raises(IndexFormatError, match=message):
+        migrate(idx, tmp_path / "new")
+    assert not is_index(tmp_path / "new")  # nothing committed
+
+
+def test_the_pristine_snapshot_converts(pristine: Path, tmp_path: Path) -> None:
+    """The tampering cases start from a snapshot that reads: each failure is the edit's."""
+    assert _which(pristine) == "a"
+    assert migrate(pristine, tmp_path / "new") == SIZES["a"]
+    assert _which(tmp_path / "new") == "a"
 
 
 def test_bad_names_are_refused_before_any_path_is_built(pristine: Path, tmp_path: Path) -> None:
@@ -358,4 +436,4 @@ def test_bad_names_are_refused_before_any_path_is_built(pristine: Path, tmp_path
     outside.mkdir()
     _pointer(os.path.relpath(outside, idx))(idx)
     with pytest.raises(IndexFormatError, match="not a snapshot"):
-        MemoryBackend.load(idx)
+        open_saved(idx)

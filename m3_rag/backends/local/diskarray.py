@@ -83,10 +83,19 @@ class DiskArray:
         return out
 
     def ranges(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Rows ``starts[i] .. starts[i] + lengths[i] - 1`` of every range, concatenated."""
-        parts = [
-            self._read(int(s), int(s) + int(n)) for s, n in zip(starts, lengths, strict=True) if n
-        ]
+        """Rows ``starts[i] .. starts[i] + lengths[i] - 1`` of every range, concatenated
+        (ranges that follow each other are read at once)."""
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        keep = lengths > 0
+        starts, lengths = starts[keep], lengths[keep]
+        if len(starts) > 1:  # a new run where a range does not start at the previous end
+            new = np.concatenate([[True], starts[1:] != starts[:-1] + lengths[:-1]])
+            run = np.cumsum(new) - 1
+            ends = np.zeros(int(run[-1]) + 1, np.int64)
+            np.add.at(ends, run, lengths)
+            starts, lengths = starts[new], ends
+        parts = [self._read(int(s), int(s) + int(n)) for s, n in zip(starts, lengths, strict=True)]
         if not parts:
             return np.zeros((0, *self.shape[1:]), self.dtype)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -103,6 +112,7 @@ def open_array(path: Any, fd: int) -> DiskArray:
         ValueError: not a C-order ``.npy`` of plain numbers, or a size that does not match.
     """
     with os.fdopen(os.dup(fd), "rb") as f:
+        f.seek(0)  # the descriptor may have been read already (to hash the file)
         version = np.lib.format.read_magic(f)
         read = {
             (1, 0): np.lib.format.read_array_header_1_0,

@@ -1,8 +1,9 @@
 """The local engine: documents in immutable segments, in RAM or memory-mapped from a directory.
 
-Writes (add, delete, merge) build a new immutable :class:`_View` and publish it with one
-attribute store; a search takes the view once and never locks, so searches run alongside
-each other and alongside writes, and never see a document deleted before they started.
+Writes (add, delete, merge) build a new immutable view
+(:class:`~m3_rag.backends.local.view.View`) and publish it with one attribute store; a
+search takes the view once and never locks, so searches run alongside each other and
+alongside writes, and never see a document deleted before they started.
 
 * **Segments.** Each add becomes a new segment; every ``merge_factor`` segments of the same
   size tier merge into one (a log-structured merge), so a corpus of ``n`` documents has
@@ -25,7 +26,6 @@ import itertools
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,17 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag._memory import release_free_memory
-from m3_rag.backends.legacy.colbert import DTYPES as COLBERT_DTYPES
-from m3_rag.backends.legacy.colbert import ColbertStore
-from m3_rag.backends.legacy.dense import DenseStore
-from m3_rag.backends.legacy.lexical import LexicalStore
-from m3_rag.backends.local.segment import ColbertBlock, DocTable, LexicalPostings, Segment
-from m3_rag.backends.local.segment_io import SegmentOptions, build_segment
-from m3_rag.backends.protocol import Candidates, DocBatch, IndexSpec, check_batch
-from m3_rag.backends.validate import check_ids, top_k
-from m3_rag.bm25 import BM25Params, bm25_tf
+from m3_rag.backends.local.build import batch_segment, build_segment
+from m3_rag.backends.local.disk import DiskState, Stored
+from m3_rag.backends.local.save import save_view
+from m3_rag.backends.local.segment import Segment
+from m3_rag.backends.local.segment_io import SegmentOptions
+from m3_rag.backends.local.view import IdMap, View
+from m3_rag.backends.protocol import Candidates, DocBatch, IndexSpec
+from m3_rag.backends.validate import PreparedBatch, check_ids, prepare_batch, top_k
+from m3_rag.bm25 import bm25_tf
 from m3_rag.filters import Filter, filter_mask
+from m3_rag.persist import reader_lock
 
 __all__ = ["ANN_THRESHOLD", "LocalBackend"]
 
@@ -50,89 +51,19 @@ ANN_THRESHOLD = 20_000  # measured: benchmarks/bench_ann_threshold.py (exact <= 
 _EXACT_FILTERED = 20_000  # a filter leaving fewer rows than this scans them exactly
 
 
-@dataclass
-class _Stats:
-    """BM25 corpus statistics over the live documents (immutable once published)."""
-
-    n: int = 0
-    total_len: float = 0.0
-    terms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    df: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    _mean_idf: float | None = None
-
-    def add(self, lex: LexicalPostings, rows: np.ndarray | None, sign: int) -> _Stats:
-        """Stats with the given rows (all when ``None``) added (``sign=1``) or removed."""
-        if rows is None:
-            terms, counts = lex.terms, np.diff(lex.tptr)
-            n, length = len(lex.length), float(np.asarray(lex.length, np.float64).sum())
-        else:
-            sub = lex.rows_csr(rows, 1 << 31)
-            terms, counts = np.unique(sub.indices.astype(np.int64), return_counts=True)
-            n, length = len(rows), float(np.asarray(lex.length[rows], np.float64).sum())
-        union = np.union1d(self.terms, terms) if sign > 0 else self.terms
-        df = np.zeros(len(union), np.int64)
-        df[np.searchsorted(union, self.terms)] += self.df
-        df[np.searchsorted(union, terms)] += sign * counts.astype(np.int64)
-        return _Stats(self.n + sign * n, self.total_len + sign * length, union, df)
-
-    def mean_idf(self) -> float:
-        if self._mean_idf is None:
-            df = self.df[self.df > 0].astype(np.float64)
-            idf = np.log(self.n - df + 0.5) - np.log(df + 0.5)
-            self._mean_idf = float(idf.mean()) if len(idf) else 0.0
-        return self._mean_idf
-
-    def idf(self, terms: np.ndarray, p: BM25Params) -> np.ndarray:
-        """rank-bm25 Okapi IDF of the query terms (0 for an absent term)."""
-        pos = np.minimum(np.searchsorted(self.terms, terms), max(len(self.terms) - 1, 0))
-        df = np.zeros(len(terms), np.float64)
-        if len(self.terms):
-            hit = self.terms[pos] == terms
-            df[hit] = self.df[pos[hit]]
-        out = np.zeros(len(terms), np.float64)
-        present = df > 0
-        out[present] = np.log(self.n - df[present] + 0.5) - np.log(df[present] + 0.5)
-        out[present & (out < 0)] = p.epsilon * self.mean_idf()
-        return out
-
-
-@dataclass(frozen=True)
-class _View:
-    """What one search reads: the segments, their tombstones and the BM25 stats."""
-
-    segments: tuple[Segment, ...] = ()
-    dead: tuple[np.ndarray | None, ...] = ()
-    count: int = 0
-    stats: _Stats | None = None
-
-    @property
-    def bases(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([len(s) for s in self.segments])]).astype(np.int64)
-
-    def live_rows(self, i: int) -> np.ndarray:
-        d = self.dead[i]
-        return np.arange(len(self.segments[i])) if d is None else np.flatnonzero(~d)
-
-    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        bases = self.bases
-        seg = np.searchsorted(bases, rows, side="right") - 1
-        return seg, rows - bases[seg]
-
-
 class LocalBackend:
     """Embedded storage engine for a :class:`~m3_rag.HybridRetriever`.
 
     Args:
         path: Index directory for a disk-backed index (created when missing; segments are
-            memory-mapped and every write commits), or ``None`` for an in-memory index
-            (``HybridRetriever.save`` writes it as a snapshot).
+            read from disk and every write commits), or ``None`` for an in-memory index
+            (:meth:`save` writes it to a directory).
         ann_threshold: Segments with at least this many documents get an approximate dense
             index (faiss IVF-SQ8; needs ``m3-rag[ann]``); ``None`` keeps the exact scan.
-        ann_nprobe: Inverted lists visited per query (recall vs speed).
+        ann_nprobe: Inverted lists visited per query (recall vs speed), an int >= 1.
         merge_factor: Segments of one size tier merged together.
         verify: ``"auto"`` or ``"full"`` checksum verification when opening (see
             :class:`~m3_rag.backends.local.segment_io.SegmentOptions`).
-        allow_model_mismatch: Open a directory built with another model name (same shape).
         io: ``"pread"`` (default) or ``"mmap"``: how large segment arrays are read (see
             :class:`~m3_rag.backends.local.segment_io.SegmentOptions`).
     """
@@ -145,11 +76,12 @@ class LocalBackend:
         ann_nprobe: int = 32,
         merge_factor: int = 10,
         verify: str = "auto",
-        allow_model_mismatch: bool = False,
         io: str = "pread",
     ) -> None:
         if ann_threshold is not None and (type(ann_threshold) is not int or ann_threshold < 1):
             raise ValueError(f"ann_threshold must be an int >= 1 or None, got {ann_threshold!r}")
+        if type(ann_nprobe) is not int or ann_nprobe < 1:
+            raise ValueError(f"ann_nprobe must be an int >= 1, got {ann_nprobe!r}")
         if type(merge_factor) is not int or merge_factor < 2:
             raise ValueError(f"merge_factor must be an int >= 2, got {merge_factor!r}")
         if io not in ("pread", "mmap"):
@@ -159,56 +91,143 @@ class LocalBackend:
         if ann_threshold is not None and importlib.util.find_spec("faiss") is None:
             ann_threshold = None  # exact scan; the README says how to enable ANN
         self.path = None if path is None else Path(path)
-        self.ann_threshold, self.ann_nprobe = ann_threshold, int(ann_nprobe)
+        self.ann_threshold, self.ann_nprobe = ann_threshold, ann_nprobe
         self.merge_factor, self.verify = merge_factor, verify
-        self.allow_model_mismatch = bool(allow_model_mismatch)
         self.io = io
         self.spec: IndexSpec | None = None
         self.settings: dict[str, Any] = {}
-        self._view = _View()
-        self._ids: dict[str, tuple[Segment, int]] = {}
+        self._view = View()
+        self._ids: IdMap = {}
         self._lock = threading.Lock()  # serialises writers; readers never take it
         self._next = 1
-        self._disk: Any = None  # m3_rag.backends.local.disk.DiskState when path is set
+        self._disk: DiskState | None = None  # the directory side when path is set
+        self._stored: Stored | None = None  # read by read_stored(), bound by the next open()
 
     def __repr__(self) -> str:
         where = "memory" if self.path is None else str(self.path)
         return f"LocalBackend({where}, {len(self)} docs, {len(self._view.segments)} segments)"
 
     # ---------------------------------------------------------------- setup
-    def open(self, spec: IndexSpec, settings: Mapping[str, Any] | None = None) -> LocalBackend:
-        """Bind to a retriever's spec (and open or create the directory)."""
-        if spec.dense_dtype not in ("float32", "float16"):
-            raise ValueError(
-                f"dense_dtype must be 'float32' or 'float16', got {spec.dense_dtype!r}"
-            )
-        if spec.colbert_dtype not in COLBERT_DTYPES:
-            raise ValueError(
-                f"colbert_dtype must be one of {COLBERT_DTYPES}, got {spec.colbert_dtype!r}"
-            )
-        if self.path is None and self.spec is not None:  # restored from a snapshot
-            mine = self.config()
-            self.spec, self.settings = spec, dict(settings or {})
-            for key, value in self.config().items():
-                if key != "count" and value != mine[key]:
-                    raise ValueError(f"this index has {key}={mine[key]!r}, the retriever {value!r}")
-            return self
-        self.spec, self.settings = spec, dict(settings or {})
-        if self.path is not None:
-            from m3_rag.backends.local.disk import DiskState
+    def open(
+        self,
+        spec: IndexSpec,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        allow_model_mismatch: bool = False,
+    ) -> LocalBackend:
+        """Bind to a retriever's spec: create the index, or check the stored one.
 
-            self._disk = DiskState(self.path)
-            self._disk.open_or_create(self)
-        else:
-            self._view = _View(stats=_Stats() if spec.lexical == "bm25" else None)
+        Args:
+            spec: What the index must hold.
+            settings: The retriever's settings (recorded with every commit and save).
+            allow_model_mismatch: Accept an index built under another model name (every
+                shape must still match).
+
+        Returns:
+            This backend.
+
+        Raises:
+            TypeError: ``spec`` is not an IndexSpec, ``allow_model_mismatch`` not a bool.
+            IndexMismatchError: the stored index was built for another spec.
+            IndexFormatError: the directory holds an unreadable or older-format index.
+            ValueError: ``path`` is a file, a symlink or an unrelated non-empty directory.
+        """
+        if not isinstance(spec, IndexSpec):
+            raise TypeError(f"spec must be an IndexSpec, got {type(spec).__name__}")
+        if type(allow_model_mismatch) is not bool:
+            raise TypeError(
+                f"allow_model_mismatch must be a bool, got {type(allow_model_mismatch).__name__}"
+            )
+        kept = dict(settings or {})
+        stored, self._stored = self._stored, None
+        if stored is not None:  # read by read_stored(): check it, do not read it again
+            spec.check_stored(
+                stored.record, str(self.path), allow_model_mismatch=allow_model_mismatch
+            )
+            with self._lock:
+                self.spec, self.settings = spec, kept
+            return self
+        if self.path is None:
+            with self._lock:
+                if self.spec is not None:  # already holds documents (a converted snapshot)
+                    spec.check_stored(
+                        self.spec.to_json(),
+                        "this in-memory index",
+                        allow_model_mismatch=allow_model_mismatch,
+                    )
+                else:
+                    self._view = View.empty(spec.lexical == "bm25")
+                self.spec, self.settings = spec, kept
+            return self
+        disk = DiskState(self.path, self.segment_options)
+        self._take(disk, disk.open(spec, kept, allow_model_mismatch))
+        with self._lock:
+            self.spec, self.settings = spec, kept
+        return self
+
+    def read_stored(self) -> tuple[IndexSpec, dict[str, Any]]:
+        """Open the directory's current commit as it is stored, without a spec.
+
+        The next :meth:`open` checks its spec against the stored one and binds to this
+        commit without reading the directory again (what ``open_saved`` needs: the
+        settings it returns are those of the documents the backend then serves).
+
+        Returns:
+            ``(stored spec, stored retriever settings)``.
+
+        Raises:
+            RuntimeError: an in-memory backend.
+            FileNotFoundError: no index in the directory.
+            IndexFormatError: an unreadable, tampered or older-format index.
+        """
+        if self.path is None:
+            raise RuntimeError("read_stored() reads a directory: LocalBackend(path)")
+        disk = DiskState(self.path, self.segment_options)
+        stored = disk.load()
+        self._take(disk, stored)
+        self._stored = stored
+        return stored.spec, stored.settings
+
+    def _take(self, disk: DiskState, stored: Stored) -> None:
+        ids = stored.view.id_map(self.path)
+        with self._lock:
+            self._disk, self._view, self._next, self._ids = (
+                disk,
+                stored.view,
+                stored.next_segment,
+                ids,
+            )
+
+    def adopt(
+        self, spec: IndexSpec, settings: Mapping[str, Any], segments: Sequence[Segment]
+    ) -> LocalBackend:
+        """Make this new in-memory backend hold ``segments`` (built for ``spec`` with
+        :meth:`segment_options`, ids unique), opened with ``spec``: how a converted snapshot
+        becomes an index.
+
+        Raises:
+            RuntimeError: the backend has a directory or was opened already.
+            IndexFormatError: an id in two segments.
+        """
+        if self.path is not None or self.spec is not None:
+            raise RuntimeError("adopt() fills a new in-memory LocalBackend()")
+        view = View.of(list(segments), [None] * len(segments), spec.lexical == "bm25")
+        ids = view.id_map("the converted index")
+        self.open(spec, settings)
+        with self._lock:
+            self._view, self._ids = view, ids
+            self._next = max((int(s.name[4:]) for s in segments), default=0) + 1
         return self
 
     @property
     def options(self) -> SegmentOptions:
-        assert self.spec is not None
+        return self.segment_options(self._need_spec())
+
+    def segment_options(self, spec: IndexSpec) -> SegmentOptions:
+        """How this backend builds and opens the segments of an index of ``spec``."""
         return SegmentOptions(
-            dense_dtype=self.spec.dense_dtype,
-            colbert_dtype=self.spec.colbert_dtype,
+            dense_dtype=spec.dense_dtype,
+            colbert_dtype=spec.colbert_dtype,
             ann_threshold=self.ann_threshold,
             ann_nprobe=self.ann_nprobe,
             verify=self.verify,
@@ -253,32 +272,28 @@ class LocalBackend:
         lexical: Sequence[Mapping[int, float]] | sp.csr_matrix | None,
         colbert: Sequence[np.ndarray] | None,
     ) -> None:
-        """Add (or replace by id) documents as one new segment; validated first, so an
-        error changes nothing."""
+        """Add (or replace by id) documents as one new segment; validated first
+        (:func:`~m3_rag.backends.validate.prepare_batch`), so an error changes nothing."""
         spec = self._need_spec()
-        ids = check_batch(spec, ids, texts, metadatas, lexical, colbert)
-        _, vecs = DenseStore(spec.dense_dim)._prepare(ids, dense)
-        lex = None
-        if spec.lexical is not None and lexical is not None:
-            block = LexicalStore(spec.vocab_size, spec.lexical)._prepare(ids, lexical)[1]
-            lex = LexicalPostings.from_csr(block)
-        col = None
-        if spec.colbert_dim is not None and colbert is not None:
-            _, packed, lengths, scales = ColbertStore(
-                spec.colbert_dim, spec.colbert_dtype
-            )._prepare(ids, colbert)
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            col = ColbertBlock(packed.astype(spec.colbert_dtype, copy=False), offsets, scales)
-        if not ids:
+        self.add_prepared(prepare_batch(spec, ids, texts, metadatas, dense, lexical, colbert))
+
+    def add_prepared(self, batch: PreparedBatch) -> None:
+        """Add (or replace by id) a batch that :func:`~m3_rag.backends.validate.prepare_batch`
+        checked for this backend's spec, as one new segment.
+
+        Raises:
+            ValueError: the batch was prepared for other shapes or dtypes.
+        """
+        spec = self._need_spec()
+        if batch.dense.ndim != 2 or (batch.dense.shape[1], str(batch.dense.dtype)) != (
+            spec.dense_dim,
+            spec.dense_dtype,
+        ):
+            raise ValueError("the batch was prepared for another index specification")
+        if not batch.ids:
             return
-        seg = Segment(
-            "",
-            list(ids),
-            np.ascontiguousarray(vecs, dtype=spec.dense_dtype),
-            lex,
-            col,
-            DocTable(texts=list(texts), metas=list(metadatas)),
-        )
+        seg = batch_segment(batch)
+        ids = seg.ids
         with self._lock, self._writing():
             name = self._name()
             new = build_segment(
@@ -289,7 +304,7 @@ class LocalBackend:
                 self._seg_dir(name),
             )
             view, deleted = self._tombstone(self._view, ids)
-            view = self._with_segment(view, new)
+            view = view.with_segment(new)
             self._publish(view, deleted, added=[new])
             self._maybe_merge()
 
@@ -319,9 +334,7 @@ class LocalBackend:
     def _seg_dir(self, name: str) -> Path | None:
         return None if self._disk is None else self._disk.new_segment_dir(name)
 
-    def _tombstone(
-        self, view: _View, ids: Sequence[str]
-    ) -> tuple[_View, dict[Segment, np.ndarray]]:
+    def _tombstone(self, view: View, ids: Sequence[str]) -> tuple[View, dict[Segment, np.ndarray]]:
         """``view`` with the stored rows of ``ids`` marked dead -> (view, {segment: rows})."""
         pos = {id(s): i for i, s in enumerate(view.segments)}
         by_seg: dict[int, list[int]] = {}
@@ -329,33 +342,16 @@ class LocalBackend:
             loc = self._ids.get(doc_id)
             if loc is not None:
                 by_seg.setdefault(pos[id(loc[0])], []).append(loc[1])
-        if not by_seg:
-            return view, {}
-        dead = list(view.dead)
-        stats = view.stats
         changed: dict[Segment, np.ndarray] = {}
         for i, rows in by_seg.items():
             r = np.asarray(sorted(rows), dtype=np.int64)
-            old = dead[i]
-            mask = np.zeros(len(view.segments[i]), bool) if old is None else old.copy()
-            mask[r] = True
-            dead[i] = mask
+            view = view.with_dead(i, r)
             changed[view.segments[i]] = r
-            lex = view.segments[i].lexical
-            if stats is not None and lex is not None:
-                stats = stats.add(lex, r, -1)
-        count = view.count - sum(len(r) for r in changed.values())
-        return replace(view, dead=tuple(dead), count=count, stats=stats), changed
-
-    def _with_segment(self, view: _View, seg: Segment) -> _View:
-        stats = view.stats
-        if stats is not None and seg.lexical is not None:
-            stats = stats.add(seg.lexical, None, 1)
-        return _View((*view.segments, seg), (*view.dead, None), view.count + len(seg), stats)
+        return view, changed
 
     def _publish(
         self,
-        view: _View,
+        view: View,
         changed: dict[Segment, np.ndarray],
         added: Sequence[Segment] = (),
         removed: Sequence[Segment] = (),
@@ -370,14 +366,16 @@ class LocalBackend:
         """
         keep = [i for i, d in enumerate(view.dead) if d is None or not bool(d.all())]
         gone = [s for i, s in enumerate(view.segments) if i not in set(keep)]
-        view = _View(
+        view = View(
             tuple(view.segments[i] for i in keep),
             tuple(view.dead[i] for i in keep),
             view.count,
             view.stats,
         )
         if self._disk is not None:
-            self._disk.commit(self, view, [s for s in changed if s in view.segments])
+            changed_kept = [s for s in changed if s in view.segments]
+            spec = self._need_spec()
+            self._disk.commit(view, changed_kept, spec, self.settings, self._next)
         for s in [*removed, *gone]:
             for r, doc_id in enumerate(s.ids):
                 if self._ids.get(doc_id) == (s, r):
@@ -418,7 +416,7 @@ class LocalBackend:
         )
         a, b = which[0], which[-1] + 1
         mid: tuple[Segment, ...] = (merged,) if merged is not None else ()
-        new = _View(
+        new = View(
             view.segments[:a] + mid + view.segments[b:],
             view.dead[:a] + (None,) * len(mid) + view.dead[b:],
             view.count,
@@ -428,7 +426,7 @@ class LocalBackend:
         release_free_memory()  # a merge's buffers are large: hand them back
 
     # ---------------------------------------------------------------- reads
-    def _masks(self, view: _View, flt: Filter) -> list[np.ndarray | None]:
+    def _masks(self, view: View, flt: Filter) -> list[np.ndarray | None]:
         out = []
         for seg, dead in zip(view.segments, view.dead, strict=True):
             m = filter_mask(seg.docs.metadatas(), flt) if flt is not None else None
@@ -525,7 +523,7 @@ class LocalBackend:
         return rows, scores[rows]
 
     def _lexical_query(
-        self, view: _View, query: Mapping[int, float] | None
+        self, view: View, query: Mapping[int, float] | None
     ) -> tuple[np.ndarray, np.ndarray] | None:
         spec = self._need_spec()
         if not query:
@@ -535,11 +533,11 @@ class LocalBackend:
             return None
         weights = np.fromiter((query[int(t)] for t in terms), np.float64, count=len(terms))
         if spec.lexical == "bm25" and view.stats is not None:
-            weights = weights * view.stats.idf(terms, spec.bm25 or BM25Params())
+            weights = weights * view.stats.idf(terms, spec.bm25_params)
         return terms, weights
 
     def _lexical_scores(
-        self, seg: Segment, lq: tuple[np.ndarray, np.ndarray], view: _View
+        self, seg: Segment, lq: tuple[np.ndarray, np.ndarray], view: View
     ) -> np.ndarray:
         """``[len(seg)]`` lexical scores of one segment (dead rows included, masked later).
 
@@ -549,21 +547,19 @@ class LocalBackend:
         spec = self._need_spec()
         out = np.zeros(len(seg), np.float32)
         bm25 = spec.lexical == "bm25" and view.stats is not None
-        avgdl = 1.0
-        if bm25 and view.stats is not None:
-            avgdl = view.stats.total_len / max(view.stats.n, 1) or 1.0
+        avgdl = view.stats.avgdl if bm25 and view.stats is not None else 1.0
         for q, rows, values in seg.lexical.term_postings(lq[0]):
             w = lq[1][q]
             if bm25:
                 length = np.asarray(seg.lexical.length[rows], np.float64)
-                contrib = w * bm25_tf(values, length, avgdl, spec.bm25 or BM25Params())
+                contrib = w * bm25_tf(values, length, avgdl, spec.bm25_params)
                 out[rows] += contrib.astype(np.float32)
             else:
                 out[rows] += np.float32(w) * values
         return out
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
-        view: _View = cands.payload
+        view: View = cands.payload
         out = np.zeros(len(cands.ids), np.float32)
         seg_of, local = view.locate(cands.rows)
         for i in np.unique(seg_of).tolist():
@@ -577,7 +573,7 @@ class LocalBackend:
     def documents(
         self, cands: Candidates, order: np.ndarray
     ) -> list[tuple[str, str, dict[str, Any]]]:
-        view: _View = cands.payload
+        view: View = cands.payload
         seg_of, local = view.locate(cands.rows[order])
         return [
             _doc(view.segments[s], r) for s, r in zip(seg_of.tolist(), local.tolist(), strict=True)
@@ -626,40 +622,34 @@ class LocalBackend:
                     colbert=colbert,
                 )
 
-    def docs(self) -> Iterator[dict[str, Any]]:
-        view = self._view
-        for i, seg in enumerate(view.segments):
-            for r in view.live_rows(i).tolist():
-                yield {"id": seg.ids[r], "text": seg.docs.text(r), "metadata": seg.docs.metadata(r)}
-
-    def config(self) -> dict[str, Any]:
-        spec = self._need_spec()
-        return {
-            "count": len(self),
-            "dense_dim": spec.dense_dim,
-            "dense_dtype": spec.dense_dtype,
-            "colbert_dim": spec.colbert_dim,
-            "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
-            "lexical": spec.lexical,
-            "vocab_size": spec.vocab_size if spec.lexical else None,
-            "bm25": (spec.bm25 or BM25Params()).as_dict() if spec.lexical else None,
-        }
-
     def save(self, path: str | os.PathLike[str], settings: Mapping[str, Any]) -> None:
-        """Write the live documents as one snapshot (format 2) to ``path``, atomically."""
-        from m3_rag.backends.local.snapshot import snapshot
-        from m3_rag.persist import write_index
+        """Write the live documents and ``settings`` as a new index (format 3) at ``path``.
 
-        if self.path is not None and Path(path).resolve() == self.path.resolve():
-            return  # every write is already committed there
+        Streaming and atomic: a disk-backed index copies its segment files (checksums
+        verified as they stream), an in-memory one writes each segment with the streaming
+        segment builder; ``path`` holds no index (or its previous one) until the new
+        ``CURRENT`` is written. Saving a disk-backed index to its own directory does
+        nothing (every write is committed there already).
+
+        Raises:
+            ValueError: ``path`` is a file, a symlink or an unrelated non-empty directory.
+            IndexFormatError: a segment file changed on disk since it was opened.
+        """
         spec = self._need_spec()
-        config, arrays = snapshot(self)
-        manifest = {"model": spec.model, "backend": "memory", **config, "retriever": dict(settings)}
-        write_index(path, manifest, arrays, self.docs())
+        target = Path(path)
+        if self.path is None or self._disk is None:
+            save_view(target, self._view, spec, settings, self.options)
+            return
+        if target.resolve() == self.path.resolve():
+            return
+        with reader_lock(self.path):  # no commit removes our segments while they are copied
+            with self._lock:
+                view, entries = self._view, dict(self._disk.entries)
+            save_view(target, view, spec, settings, self.options, (self.path, entries))
 
     def close(self) -> None:
         """Release the segments (an in-process index stays usable until then)."""
-        self._view = _View(stats=self._view.stats)
+        self._view = View(stats=self._view.stats)
         self._ids = {}
 
 

@@ -94,6 +94,13 @@ class LexicalPostings:
             length=np.asarray(docs.sum(axis=1), dtype=np.float32).reshape(-1),
         )
 
+    @classmethod
+    def doc_major(cls, indptr: np.ndarray, indices: Any, data: Any) -> LexicalPostings:
+        """Doc-major postings alone (the term-major arrays left empty): a source the segment
+        builder reads rows from (:meth:`rows_csr`), never a segment that is searched."""
+        z = np.zeros(0, np.int64)
+        return cls(indptr, indices, data, z, np.zeros(1, np.int64), z, z, np.zeros(0, np.float32))
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {n: getattr(self, n) for n in self.NAMES}
 

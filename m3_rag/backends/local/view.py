@@ -1,0 +1,120 @@
+"""What one search of the local engine reads: an immutable view of its segments.
+
+The engine (:mod:`m3_rag.backends.local.engine`) publishes a new :class:`View` for every
+write; the directory side (:mod:`m3_rag.backends.local.disk`) builds the view an index opens
+with. Both import this module; neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from m3_rag.backends.local.segment import LexicalPostings, Segment
+from m3_rag.bm25 import BM25Stats
+from m3_rag.errors import IndexFormatError
+
+__all__ = ["IdMap", "View", "stats_update"]
+
+IdMap = dict[str, tuple[Segment, int]]  # live id -> (segment, row)
+
+
+def stats_update(
+    stats: BM25Stats, lex: LexicalPostings, rows: np.ndarray | None, sign: int
+) -> BM25Stats:
+    """``stats`` with rows ``rows`` of ``lex`` (all when ``None``) added (``sign=1``) or
+    removed (``sign=-1``)."""
+    if rows is None:
+        terms, counts = lex.terms, np.diff(lex.tptr)
+        n, length = len(lex.length), float(np.asarray(lex.length, np.float64).sum())
+    else:
+        sub = lex.rows_csr(rows, 1 << 31)
+        terms, counts = np.unique(sub.indices.astype(np.int64), return_counts=True)
+        n, length = len(rows), float(np.asarray(lex.length[rows], np.float64).sum())
+    return stats.updated(terms, counts, n, length, sign)
+
+
+@dataclass(frozen=True)
+class View:
+    """The segments, their tombstones and the BM25 statistics of the live documents.
+
+    Attributes:
+        segments: The segments, oldest first.
+        dead: Per segment, a ``[len(segment)]`` bool mask of deleted rows, or ``None``.
+        count: Live documents.
+        stats: BM25 statistics of the live documents (a BM25 index), else ``None``.
+    """
+
+    segments: tuple[Segment, ...] = ()
+    dead: tuple[np.ndarray | None, ...] = ()
+    count: int = 0
+    stats: BM25Stats | None = None
+
+    @classmethod
+    def empty(cls, bm25: bool) -> View:
+        return cls(stats=BM25Stats() if bm25 else None)
+
+    @classmethod
+    def of(cls, segments: list[Segment], dead: list[np.ndarray | None], bm25: bool) -> View:
+        """The view of stored segments and tombstones (count and statistics computed)."""
+        view = cls.empty(bm25)
+        for seg, mask in zip(segments, dead, strict=True):
+            view = view.with_segment(seg)
+            if mask is not None:
+                view = view.with_dead(len(view.segments) - 1, np.flatnonzero(mask))
+        return view
+
+    @property
+    def bases(self) -> np.ndarray:
+        """``[s + 1]`` int64 global row of each segment's first row (and the total)."""
+        return np.concatenate([[0], np.cumsum([len(s) for s in self.segments])]).astype(np.int64)
+
+    def live_rows(self, i: int) -> np.ndarray:
+        d = self.dead[i]
+        return np.arange(len(self.segments[i])) if d is None else np.flatnonzero(~d)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows -> (segment index, row in the segment)."""
+        bases = self.bases
+        seg = np.searchsorted(bases, rows, side="right") - 1
+        return seg, rows - bases[seg]
+
+    def with_segment(self, seg: Segment) -> View:
+        """This view with ``seg`` appended (all its rows live)."""
+        stats = self.stats
+        if stats is not None and seg.lexical is not None:
+            stats = stats_update(stats, seg.lexical, None, 1)
+        return View((*self.segments, seg), (*self.dead, None), self.count + len(seg), stats)
+
+    def with_dead(self, i: int, rows: np.ndarray) -> View:
+        """This view with rows ``rows`` (sorted, live) of segment ``i`` deleted."""
+        if len(rows) == 0:
+            return self
+        old = self.dead[i]
+        mask = np.zeros(len(self.segments[i]), bool) if old is None else old.copy()
+        mask[rows] = True
+        dead = list(self.dead)
+        dead[i] = mask
+        stats = self.stats
+        lex = self.segments[i].lexical
+        if stats is not None and lex is not None:
+            stats = stats_update(stats, lex, rows, -1)
+        return replace(self, dead=tuple(dead), count=self.count - len(rows), stats=stats)
+
+    def id_map(self, where: Any) -> IdMap:
+        """Every live id -> (segment, row).
+
+        Raises:
+            IndexFormatError: an id live in two segments (``where`` names the index).
+        """
+        ids: IdMap = {}
+        for s, d in zip(self.segments, self.dead, strict=True):
+            for r, doc_id in enumerate(s.ids):
+                if d is not None and d[r]:
+                    continue
+                if doc_id in ids:
+                    raise IndexFormatError(f"{where}: id {doc_id!r} is live in two segments")
+                ids[doc_id] = (s, r)
+        return ids
