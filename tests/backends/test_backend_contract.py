@@ -24,6 +24,7 @@ from _qdrant_idf import qdrant_idf
 from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
+from m3_rag.bm25 import BM25Stats
 from m3_rag.eval import BeirData, evaluate_run
 from m3_rag.testing import SAMPLE_TEXTS, milvus_lite_server, refused_upserts
 
@@ -133,10 +134,9 @@ class Engine:
 
 
 def _use_qdrant_idf(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The local engine's BM25 takes Qdrant's IDF until the end of the test."""
-    from m3_rag.backends.local import engine as local
-
-    monkeypatch.setattr(local._Stats, "idf", qdrant_idf)
+    """The local engine's BM25 takes Qdrant's IDF (the ``"qdrant"`` variant of
+    :class:`~m3_rag.bm25.BM25Stats`) until the end of the test."""
+    monkeypatch.setattr(BM25Stats, "idf", qdrant_idf)
 
 
 def _engine(request: pytest.FixtureRequest, encoder: M3Encoder) -> Engine:
