@@ -7,6 +7,7 @@ failure is one line on stderr with exit code 2 (130 for Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -230,12 +231,21 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Convert a format-2 snapshot (``HybridRetriever.save`` before 0.2) to a format-3
     index."""
+    from m3_rag.backends.local.disk import VERSION, current_pointer
+    from m3_rag.backends.local.migrate import migrate
+    from m3_rag.persist import is_index
+
+    old, new = Path(args.old), Path(args.new)
+    with contextlib.suppress(OSError, ValueError):  # unreadable: migrate says why
+        if old.is_dir() and (current_pointer(old) or {}).get("version") == VERSION:
+            raise CliError(f"{old} is already an index of the current format; nothing to do")
+    with contextlib.suppress(OSError):
+        if new.resolve() == old.resolve():
+            raise CliError("NEW must be another directory than OLD (OLD is only read)")
+    if is_index(new):
+        raise CliError(f"{new} already holds an index; pick a new directory for the migration")
     try:
-        from m3_rag.backends.local.migrate import migrate
-    except ImportError as e:  # pragma: no cover - a broken install
-        raise CliError(f"this m3-rag cannot migrate indexes ({e})") from None
-    try:
-        n = migrate(args.old, args.new)
+        n = migrate(old, new)
     except KeyboardInterrupt:
         raise _Interrupted(f"interrupted; {args.old} is unchanged") from None
     except (OSError, ValueError, TypeError, RuntimeError) as e:
@@ -246,17 +256,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from m3_rag import HybridRetriever, Reranker
-    from m3_rag.backends.registry import saved_index
+    from m3_rag.backends.registry import open_saved
 
     query, weights = _query(args.query), _weights(args.weights)
     _check_device(args.device)
     try:
-        manifest = saved_index(args.index)[0]
+        model = args.model or open_saved(args.index).spec.model
     except (OSError, ValueError) as e:
         raise CliError(_one_line(str(e))) from None
-    model = args.model or manifest.get("model")
-    if not isinstance(model, str):
-        raise CliError(f"{args.index}: the index names no model; pass --model")
     enc = _encoder(model, args.device)
     reranker = None
     if args.rerank:

@@ -35,7 +35,7 @@ from typing import Any
 from m3_rag._inputs import check_count, check_unicode
 from m3_rag.backends.local.engine import LocalBackend
 from m3_rag.backends.protocol import Compactable
-from m3_rag.backends.registry import saved_index
+from m3_rag.backends.registry import open_saved
 from m3_rag.encoder import M3Encoder
 from m3_rag.errors import WriteConflictError
 from m3_rag.persist import check_target, is_index, writer_lock
@@ -342,9 +342,12 @@ def _resumable(out: Path, key: dict[str, Any]) -> bool:
     if not is_index(out):
         return False
     try:
-        saved = saved_index(out)[0].get("retriever", {}).get("source")
-    except (OSError, ValueError):
-        saved = None
+        saved = open_saved(out).settings.get("source")
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{out} holds an index that cannot be read ({e}); pass --force (force=True) to "
+            "replace it"
+        ) from None
     if saved != key:
         raise ValueError(
             f"{out} already holds an index of another source or settings; pass --force "

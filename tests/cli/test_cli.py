@@ -181,3 +181,45 @@ def test_chunking_and_demo_corpus() -> None:
     assert {r.metadata["lang"] for r in corpus} == {"en", "zh", "ar", "de", "fr", "es", "ja", "ru"}
     with pytest.raises(FileNotFoundError):
         read_source("/nonexistent")
+
+
+def test_migrate_a_format2_snapshot(
+    tiny_m3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`m3-rag migrate OLD NEW`: a format-2 snapshot (what HybridRetriever.save wrote before)
+    becomes a format-3 index that searches the same; OLD is only read; bad input is one
+    line and exit 2."""
+    from _format2 import write_format2
+
+    from m3_rag import HybridRetriever, M3Encoder
+    from m3_rag.backends.local.engine import LocalBackend
+
+    r = HybridRetriever(M3Encoder(str(tiny_m3_dir), device="cpu"))
+    r.add_texts(SAMPLE_TEXTS, [{"n": i} for i in range(len(SAMPLE_TEXTS))], ids=None)
+    assert isinstance(r.backend, LocalBackend)
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_format2(old, r.backend, r.backend.settings)
+    before = sorted((p.relative_to(old), p.read_bytes()) for p in old.rglob("*") if p.is_file())
+    expected = [(h.id, h.metadata) for h in r.search("Paris capital", k=5)]
+    assert main(["migrate", str(old), str(new)]) == 0
+    assert f"migrated {len(SAMPLE_TEXTS)} documents" in capsys.readouterr().out
+    assert json.loads((new / "CURRENT").read_text())["version"] == 3
+    assert main(["search", str(new), "Paris capital", "-k", "5", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert [(h["id"], h["metadata"]) for h in hits] == expected
+    after = sorted((p.relative_to(old), p.read_bytes()) for p in old.rglob("*") if p.is_file())
+    assert after == before
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["migrate", str(old), str(new)], "already holds an index"),
+        (["migrate", str(old), str(old)], "another directory than OLD"),
+        (["migrate", str(tmp_path / "none"), str(tmp_path / "n1")], "no m3-rag index"),
+        (["migrate", str(new), str(tmp_path / "n2")], "already an index of the current format"),
+        (["migrate", str(old), str(tmp_path / "file")], "is a file"),
+        (["migrate", str(old)], "required"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err and message in err, (argv, err)
+    assert not (tmp_path / "n1").exists() and not (tmp_path / "n2").exists()
