@@ -15,6 +15,7 @@ from m3_rag._inputs import check_count, check_fusion, check_query, check_weights
 from m3_rag.analysis import HASH_SPACE, Analyzer
 from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.protocol import Backend, Savable
+from m3_rag.backends.registry import open_saved
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput, M3Encoder
@@ -146,9 +147,9 @@ class HybridRetriever(IndexingMixin):
         if source is not None and not isinstance(source, Mapping):
             raise TypeError(f"source must be a mapping or None, got {type(source).__name__}")
         self.source = None if source is None else dict(source)
-        # TRANSITION: always pass allow_model_mismatch once every engine's open takes it
-        mismatch = {"allow_model_mismatch": True} if allow_model_mismatch else {}
-        self.backend = _engine(backend).open(spec, self._settings(), **mismatch)
+        self.backend = _engine(backend).open(
+            spec, self._settings(), allow_model_mismatch=bool(allow_model_mismatch)
+        )
         self._lock = threading.RLock()  # writes only: searches never wait for it
 
     def __len__(self) -> int:
@@ -405,8 +406,6 @@ class HybridRetriever(IndexingMixin):
                 ``allow_model_mismatch=True`` to accept a same-shaped one), its dimensions or
                 vocabulary do not fit ``encoder``, or ``analyzer`` does not fit it.
         """
-        from m3_rag.backends.registry import open_saved  # TRANSITION: top-level once it lands
-
         saved = open_saved(path)
         where = f"index {path}"
         check_encoder(saved.spec, encoder, where, allow_model_mismatch)

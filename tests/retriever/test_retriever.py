@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _format2 import write_format2
 from conftest import require, resign
 
 from m3_rag import (
@@ -172,26 +173,61 @@ def test_dense_only_model_uses_bm25(tiny_dense_dir: Path) -> None:
         HybridRetriever(enc, lexical="m3")
 
 
-def test_save_load_round_trip(
-    retriever: HybridRetriever, tiny_encoder: M3Encoder, tmp_path: Path
-) -> None:
+def _commit_files(path: Path) -> list[str]:
+    """The segments and manifests in an index directory: after a complete save, exactly the
+    files of the commit ``CURRENT`` names (leftovers of replaced or killed saves swept)."""
+    current = json.loads((path / "CURRENT").read_text())
+    manifest = json.loads((path / current["manifest"]).read_text())
+    want = sorted([current["manifest"], *(e["name"] for e in manifest["segments"])])
+    have = sorted(p.name for p in path.iterdir() if not p.name.startswith((".m3-rag.", "CURRENT")))
+    assert have == want
+    return have
+
+
+def test_save_load_round_trip(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
+    retriever = HybridRetriever(
+        tiny_encoder, candidates=5, rerank_top_n=7, fusion="rrf", source={"path": "corpus/"}
+    )
+    retriever.add_texts(SAMPLE_TEXTS[:12], metadatas=META[:12], ids=IDS[:12])
+    retriever.add_texts(SAMPLE_TEXTS[12:], metadatas=META[12:], ids=IDS[12:])  # two segments
     retriever.delete(["doc1"])
     retriever.save(tmp_path / "idx")
     loaded = HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    assert isinstance(loaded.backend, LocalBackend) and loaded.backend.path == tmp_path / "idx"
     assert len(loaded) == len(retriever) and loaded.weights == retriever.weights
+    assert (loaded.fusion, loaded.candidates, loaded.rerank_top_n, loaded.lexical) == (
+        "rrf",
+        5,
+        7,
+        "m3",
+    )
+    assert loaded.source == {"path": "corpus/"} and loaded.get(["doc1"]) == []
     for query in ("capital of France", "机器学习", "بحث"):
-        for kwargs in ({}, {"filter": {"lang": "zh"}}, {"fusion": "rrf"}):
+        for kwargs in ({}, {"filter": {"lang": "zh"}}, {"fusion": "weighted"}):
             assert loaded.search(query, k=7, **kwargs) == retriever.search(query, k=7, **kwargs)
-    retriever.save(tmp_path / "idx")  # overwrite keeps exactly one snapshot
-    assert len([p for p in (tmp_path / "idx").iterdir() if p.name.startswith("snap-")]) == 1
-    assert not list((tmp_path / "idx").glob("**/*.pkl"))
+    loaded.backend.close()  # type: ignore[attr-defined]
+    del loaded
+    retriever.add_texts(["one more passage about Paris"], ids=["late"])
+    retriever.save(tmp_path / "idx")  # overwrite: one index, the new one
+    _commit_files(tmp_path / "idx")
+    again = HybridRetriever.load(tmp_path / "idx", tiny_encoder)
+    assert len(again) == len(retriever) and again.get(["late"])[0][1].endswith("about Paris")
+    assert not list((tmp_path / "idx").glob("**/*.pkl")) and not list(
+        (tmp_path / "idx").glob("**/snap-*")
+    )
+    # a disk-backed index: every write is committed, save to its own directory is a no-op
+    disk = HybridRetriever(tiny_encoder, weights=(1, 0, 1), backend=LocalBackend(tmp_path / "d"))
+    disk.add_texts(SAMPLE_TEXTS[:5], ids=IDS[:5])
+    before = sorted(p.name for p in (tmp_path / "d").iterdir())
+    disk.save(tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == before
+    reopened = HybridRetriever.load(tmp_path / "d", tiny_encoder)
+    assert reopened.weights == (1.0, 0.0, 1.0) and len(reopened) == 5
 
 
 def test_int8_colbert_saves_loads_and_ranks_like_float16(
     tiny_encoder: M3Encoder, tmp_path: Path
 ) -> None:
-    from m3_rag.testing import SAMPLE_TEXTS
-
     half = HybridRetriever(tiny_encoder, weights=(0, 0, 1))
     small = HybridRetriever(tiny_encoder, weights=(0, 0, 1), colbert_dtype="int8")
     for r in (half, small):
@@ -222,21 +258,11 @@ def test_load_refuses_other_models_and_corruption(
     assert len(
         HybridRetriever.load(tmp_path / "idx", _renamed(tiny_encoder), allow_model_mismatch=True)
     ) == len(retriever)
-    snap = next((tmp_path / "idx").glob("snap-*"))
-    manifest = json.loads((snap / "manifest.json").read_text())
-    (snap / "manifest.json").write_text(json.dumps(manifest | {"version": 99}))
-    with pytest.raises(IndexFormatError, match=r"manifest\.json does not match its checksum"):
-        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
-    resign(tmp_path / "idx")  # past the checksums, the contents are checked too
-    with pytest.raises(IndexFormatError, match="version 99"):
-        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
-    (snap / "manifest.json").write_text(json.dumps(manifest))
-    resign(tmp_path / "idx")
-    np.save(snap / "dense_vectors.npy", np.zeros((3, 32), np.float32))
-    with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy does not match its checksum"):
-        HybridRetriever.load(tmp_path / "idx", tiny_encoder)
-    resign(tmp_path / "idx")
-    with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy has shape"):
+    current = json.loads((tmp_path / "idx" / "CURRENT").read_text())
+    manifest_file = tmp_path / "idx" / current["manifest"]
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps(manifest | {"count": 99}))
+    with pytest.raises(IndexFormatError, match=r"manifest-\d+\.json does not match its checksum"):
         HybridRetriever.load(tmp_path / "idx", tiny_encoder)
     with pytest.raises(FileNotFoundError, match="no m3-rag index"):
         HybridRetriever.load(tmp_path / "nothing", tiny_encoder)
@@ -247,6 +273,45 @@ def test_load_refuses_other_models_and_corruption(
     assert (tmp_path / "user-data" / "notes.txt").read_text() == "mine"
 
 
+def test_load_converts_a_format2_snapshot_and_refuses_a_tampered_one(
+    retriever: HybridRetriever, tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    """An index saved by m3-rag 0.1 (format 2) loads into RAM with identical results, once
+    every checksum is verified; a tampered one is an IndexFormatError naming the file."""
+    old = tmp_path / "old"
+    snap = write_format2(old, retriever.backend, retriever._settings())  # type: ignore[arg-type]
+    loaded = HybridRetriever.load(old, tiny_encoder)
+    assert isinstance(loaded.backend, LocalBackend) and loaded.backend.path is None
+    assert (loaded.weights, loaded.candidates) == (retriever.weights, retriever.candidates)
+    for query in ("capital of France", "机器学习"):
+        assert loaded.search(query, k=7) == retriever.search(query, k=7)
+    with pytest.raises(IndexMismatchError, match="allow_model_mismatch"):
+        HybridRetriever.load(old, _renamed(tiny_encoder))
+    manifest = json.loads((snap / "manifest.json").read_text())
+    (snap / "manifest.json").write_text(json.dumps(manifest | {"count": 99}))
+    with pytest.raises(IndexFormatError, match=r"manifest\.json does not match its checksum"):
+        HybridRetriever.load(old, tiny_encoder)
+    (snap / "manifest.json").write_text(json.dumps(manifest | {"version": 99}))
+    resign(old)  # past the checksums, the contents are checked too
+    with pytest.raises(IndexFormatError, match="version 99"):
+        HybridRetriever.load(old, tiny_encoder)
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+    resign(old)
+    dense = (snap / "dense_vectors.npy").read_bytes()
+    np.save(snap / "dense_vectors.npy", np.zeros((3, 32), np.float32))
+    with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy does not match its checksum"):
+        HybridRetriever.load(old, tiny_encoder)
+    resign(old)
+    with pytest.raises(IndexFormatError, match=r"dense_vectors\.npy has shape"):
+        HybridRetriever.load(old, tiny_encoder)
+    bad = manifest | {"retriever": manifest["retriever"] | {"weights": [0, 0, 0]}}
+    (snap / "manifest.json").write_text(json.dumps(bad))
+    (snap / "dense_vectors.npy").write_bytes(dense)
+    resign(old)
+    with pytest.raises(IndexFormatError, match="bad retriever setting: weights"):
+        HybridRetriever.load(old, tiny_encoder)
+
+
 def _renamed(enc: M3Encoder) -> M3Encoder:
     clone = object.__new__(M3Encoder)
     clone.__dict__.update(enc.__dict__, model_name="another/model")
@@ -255,18 +320,17 @@ def _renamed(enc: M3Encoder) -> M3Encoder:
 
 KILLED_SAVE = textwrap.dedent(
     """
-    import sys, time, numpy as np
+    import os, sys, time
     from m3_rag import M3Encoder, HybridRetriever
-    from m3_rag import persist
     enc = M3Encoder(sys.argv[1], max_length=64)
     r = HybridRetriever(enc)
     r.add_texts(["new text %d" % i for i in range(30)])
-    real_save = np.save
-    def slow_save(path, arr, allow_pickle=False):
-        real_save(path, arr, allow_pickle=allow_pickle)
+    real_fsync = os.fsync
+    def slow_fsync(fd):
+        real_fsync(fd)
         open(sys.argv[3], "w").write("writing")
-        time.sleep(600)  # killed here, mid-save
-    persist.np.save = slow_save
+        time.sleep(600)  # killed here, at the first file the save makes durable
+    os.fsync = slow_fsync
     r.save(sys.argv[2])
     """
 )
@@ -277,6 +341,7 @@ def test_killed_save_leaves_previous_index_loadable(
 ) -> None:
     idx = tmp_path / "idx"
     retriever.save(idx)
+    committed = _commit_files(idx)
     before = retriever.search("capital of France", k=5)
     marker = tmp_path / "marker"
     proc = subprocess.Popen(
@@ -290,11 +355,14 @@ def test_killed_save_leaves_previous_index_loadable(
     finally:
         proc.kill()
         proc.wait()
-    assert any(p.name.startswith(".tmp-snap-") for p in idx.iterdir())  # the half-written one
+    leftovers = {p.name for p in idx.iterdir()} - set(committed) - {"CURRENT"}
+    assert {n for n in leftovers if not n.startswith(".m3-rag.")}  # the half-written save
     loaded = HybridRetriever.load(idx, tiny_encoder)
     assert len(loaded) == len(retriever) and loaded.search("capital of France", k=5) == before
+    loaded.backend.close()  # type: ignore[attr-defined]
+    del loaded
     retriever.save(idx)  # the next save cleans the leftovers
-    assert not any(p.name.startswith(".tmp-") for p in idx.iterdir())
+    _commit_files(idx)
 
 
 def test_concurrent_search_and_add(tiny_encoder: M3Encoder) -> None:
