@@ -205,7 +205,7 @@ def test_save_load_round_trip(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
     for query in ("capital of France", "机器学习", "بحث"):
         for kwargs in ({}, {"filter": {"lang": "zh"}}, {"fusion": "weighted"}):
             assert loaded.search(query, k=7, **kwargs) == retriever.search(query, k=7, **kwargs)
-    loaded.backend.close()  # type: ignore[attr-defined]
+    loaded.backend.close()
     del loaded
     retriever.add_texts(["one more passage about Paris"], ids=["late"])
     retriever.save(tmp_path / "idx")  # overwrite: one index, the new one
@@ -279,7 +279,7 @@ def test_load_converts_a_format2_snapshot_and_refuses_a_tampered_one(
     """An index saved by m3-rag 0.1 (format 2) loads into RAM with identical results, once
     every checksum is verified; a tampered one is an IndexFormatError naming the file."""
     old = tmp_path / "old"
-    snap = write_format2(old, retriever.backend, retriever._settings())  # type: ignore[arg-type]
+    snap = write_format2(old, retriever.backend, retriever._settings())
     loaded = HybridRetriever.load(old, tiny_encoder)
     assert isinstance(loaded.backend, LocalBackend) and loaded.backend.path is None
     assert (loaded.weights, loaded.candidates) == (retriever.weights, retriever.candidates)
