@@ -15,6 +15,9 @@ resumes: passages already committed are skipped.
 ``force=True`` builds the new index beside the old one (:func:`staging_path`) and swaps it
 in only once it is complete (:func:`replace_index`): until then the old index is untouched,
 and an interruption or an error removes the half-built one.
+
+(Over 450 lines: the crash-safe replacement shares its directory locks and cleanup with the
+ingestion that ends in it.)
 """
 
 from __future__ import annotations
