@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from _ingest_writer import CHUNK, CHUNKS, add_chunk, deleted_by, doc, open_index
 from conftest import require
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.backends.local.engine import LocalBackend
@@ -308,3 +310,153 @@ def test_add_documents_streams_in_chunks_and_resumes(
         again.add_documents("not a list of docs")
     with pytest.raises(TypeError, match="each document"):
         again.add_documents([3.5])
+
+
+# ------------------------------------------------------------------------------ reliability
+def _tiny(path: Path | None = None, **kw: object) -> LocalBackend:
+    from m3_rag.spec import IndexSpec
+
+    return LocalBackend(path, ann_threshold=None, **kw).open(  # type: ignore[arg-type]
+        IndexSpec("tiny", 2, None, None, 0)
+    )
+
+
+def _add(b: LocalBackend, ids: list[str]) -> None:
+    b.add(ids, ids, [{}] * len(ids), np.ones((len(ids), 2), np.float32), None, None)
+
+
+@pytest.mark.parametrize("how", ["open_saved", "LocalBackend.open"])
+def test_a_commit_while_an_index_opens_does_not_break_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Another writer commits (and would remove the old manifest) right after the opener
+    read CURRENT: the opener holds the reader lock, so it still opens the commit it read."""
+    from m3_rag.backends.local import disk
+    from m3_rag.backends.registry import open_saved
+    from m3_rag.spec import IndexSpec
+
+    idx = tmp_path / "idx"
+    writer = _tiny(idx)
+    _add(writer, ["a", "b"])
+    real = disk.read_bytes
+    fired: list[int] = []
+
+    def read_bytes(path: Path, limit: int | None = None) -> bytes:
+        if path.name.startswith("manifest-") and not fired:
+            fired.append(1)
+            _add(writer, ["c"])  # a commit between reading CURRENT and the manifest it names
+            assert len(list(idx.glob("manifest-*"))) == 2, "the old manifest must stay"
+        return real(path, limit)
+
+    monkeypatch.setattr(disk, "read_bytes", read_bytes)
+    spec = IndexSpec("tiny", 2, None, None, 0)
+    if how == "open_saved":
+        opened = open_saved(idx).backend.open(spec)
+    else:
+        opened = LocalBackend(idx, ann_threshold=None).open(spec)
+    assert fired and len(opened) == 2  # the commit it read CURRENT of
+    monkeypatch.undo()
+    assert len(LocalBackend(idx).open(spec)) == 3
+
+
+def test_faiss_is_never_asked_for_more_rows_than_a_segment_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("faiss", "pip install -e '.[ann]'")
+    from m3_rag.backends.local import search
+    from m3_rag.backends.local.ann import DenseANN
+    from m3_rag.spec import IndexSpec
+
+    monkeypatch.setattr(search, "EXACT_FILTERED", 100)
+    docs, queries = _synthetic(1500, 16, 3)
+    b = LocalBackend(ann_threshold=1000).open(IndexSpec("s", 16, None, None, 0))
+    ids = [f"d{i}" for i in range(len(docs))]
+    b.add(ids, ids, [{}] * len(ids), docs, None, None)
+    b.delete(ids[:300])
+    asked: list[int] = []
+    real = DenseANN.search
+
+    def spy(self: DenseANN, query: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+        asked.append(k)
+        return real(self, query, k, allowed)
+
+    monkeypatch.setattr(DenseANN, "search", spy)
+    got = b.candidates(queries[0], None, 10**9)  # "everything": 1200 live rows
+    assert asked and max(asked) <= 1200
+    assert 0 < len(got.ids) <= 1200 and not set(got.ids) & set(ids[:300])
+
+
+def test_bad_engine_options_are_refused() -> None:
+    for bad in (0, -1, 1.5, True, "32", None):
+        with pytest.raises(ValueError, match="ann_nprobe must be an int >= 1"):
+            LocalBackend(ann_nprobe=bad)  # type: ignore[arg-type]
+    from m3_rag.spec import IndexSpec
+
+    spec = IndexSpec("tiny", 2, None, None, 0)
+    for bad in ("yes", 1, 0, None):
+        with pytest.raises(TypeError, match="allow_model_mismatch must be a bool"):
+            LocalBackend().open(spec, allow_model_mismatch=bad)  # type: ignore[arg-type]
+    assert len(LocalBackend(ann_nprobe=1).open(spec, allow_model_mismatch=True)) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@example(factor=2, ops=[1, 300] * 15)  # tiers alternate: the newest two never share one
+@example(factor=3, ops=[5, 200, 1] * 10)
+@given(
+    factor=st.integers(2, 4),
+    ops=st.lists(
+        st.one_of(st.integers(1, 300), st.tuples(st.just("delete"), st.integers(1, 50))),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_merges_keep_a_logarithmic_number_of_segments(
+    factor: int, ops: list[int | tuple[str, int]]
+) -> None:
+    """Whatever the sizes of the adds (and deletes between them), ``n`` stored rows sit in
+    at most ``(factor - 1) * (floor(log_factor n) + 1)`` segments."""
+    b = _tiny(merge_factor=factor)
+    live: list[str] = []
+    added = 0
+    for op in ops:
+        if isinstance(op, tuple):
+            gone, live = live[: op[1]], live[op[1] :]
+            if gone:
+                b.delete(gone)
+        else:
+            ids = [f"d{added + i}" for i in range(op)]
+            added += op
+            _add(b, ids)
+            live += ids
+        stored = sum(len(s) for s in b.segments)
+        tiers = int(np.floor(np.log(max(stored, 1)) / np.log(factor) + 1e-9)) + 1
+        assert len(b.segments) <= (factor - 1) * tiers, [len(s) for s in b.segments]
+        assert len(b) == len(live) and sorted(b.ids) == sorted(live)
+
+
+def test_the_manifest_count_is_the_committed_one(tmp_path: Path) -> None:
+    b = _tiny(tmp_path / "idx")
+
+    def manifest_count() -> int:
+        current = json.loads((tmp_path / "idx" / "CURRENT").read_text())
+        return int(json.loads((tmp_path / "idx" / current["manifest"]).read_text())["count"])
+
+    _add(b, ["a", "b", "c"])
+    assert manifest_count() == len(b) == 3
+    b.delete(["a"])
+    assert manifest_count() == len(b) == 2
+    _add(b, ["b", "d"])  # one replaced, one new
+    assert manifest_count() == len(b) == 3
+    b.compact()
+    assert manifest_count() == 3
+
+
+def test_a_symlinked_segment_directory_is_refused(tmp_path: Path) -> None:
+    b = _tiny(tmp_path / "idx")
+    _add(b, ["a", "b"])
+    seg = next(p for p in (tmp_path / "idx").iterdir() if p.name.startswith("seg-"))
+    moved = tmp_path / "elsewhere"
+    seg.rename(moved)
+    seg.symlink_to(moved, target_is_directory=True)
+    with pytest.raises(IndexFormatError, match="symlink"):
+        _tiny(tmp_path / "idx")

@@ -5,9 +5,10 @@ Writes (add, delete, merge) build a new immutable view
 search takes the view once and never locks, so searches run alongside each other and
 alongside writes, and never see a document deleted before they started.
 
-* **Segments.** Each add becomes a new segment; every ``merge_factor`` segments of the same
-  size tier merge into one (a log-structured merge), so a corpus of ``n`` documents has
-  ``O(merge_factor * log n)`` segments. :meth:`LocalBackend.compact` merges all of them.
+* **Segments.** Each add becomes a new segment; ``merge_factor`` segments of the same size
+  tier merge into one (a log-structured merge, :func:`~m3_rag.backends.local.view.merge_plan`),
+  so ``n`` documents sit in ``O(merge_factor * log n)`` segments whatever the sizes of the
+  adds. :meth:`LocalBackend.compact` merges all of them.
 * **Tombstones.** A delete or a replacement marks rows dead (a copy of one segment's bool
   mask, O(1) in the index size); merges drop dead rows.
 * **On disk** (``LocalBackend(path)``): every write is a commit: the new segment (or a
@@ -37,7 +38,7 @@ from m3_rag.backends.local.disk import DiskState, Stored
 from m3_rag.backends.local.save import save_view
 from m3_rag.backends.local.segment import Segment
 from m3_rag.backends.local.segment_io import SegmentOptions
-from m3_rag.backends.local.view import IdMap, View
+from m3_rag.backends.local.view import IdMap, View, merge_plan
 from m3_rag.backends.protocol import Candidates, DocBatch, IndexSpec
 from m3_rag.backends.validate import PreparedBatch, check_ids, prepare_batch
 from m3_rag.filters import Filter
@@ -388,14 +389,11 @@ class LocalBackend:
 
     # ---------------------------------------------------------------- merging
     def _maybe_merge(self) -> None:
-        """Merge the newest ``merge_factor`` segments while they share a size tier."""
+        """Merge while the merge policy asks for it (:func:`~.view.merge_plan`: at most
+        ``(merge_factor - 1)`` segments per size tier, whatever the batch sizes)."""
         f = self.merge_factor
-        while len(self._view.segments) >= f:
-            n = len(self._view.segments)
-            sizes = [len(self._view.live_rows(i)) for i in range(n - f, n)]
-            if len({int(np.log(max(s, 1)) / np.log(f)) for s in sizes}) != 1:
-                return
-            self._merge(list(range(n - f, n)))
+        while (plan := merge_plan([len(s) for s in self._view.segments], f)) is not None:
+            self._merge(list(plan))
 
     def _merge(self, which: list[int]) -> None:
         """Merge the contiguous segments ``which`` into one (dropping dead rows)."""

@@ -114,8 +114,8 @@ def _dense_top(
     """Dense top-``n`` rows of one segment with their exact scores."""
     if seg.ann is not None:
         n_allowed = len(seg) if allowed is None else int(allowed.sum())
-        if n_allowed >= EXACT_FILTERED:
-            rows = np.sort(seg.ann.search(q, 2 * n, allowed))
+        if n_allowed >= EXACT_FILTERED:  # faiss is never asked for more rows than there are
+            rows = np.sort(seg.ann.search(q, min(2 * n, n_allowed), allowed))
             scores = seg.dense_scores(q, rows)
             top = top_k(scores, n)
             return rows[top], scores[top]

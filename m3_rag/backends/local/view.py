@@ -16,7 +16,7 @@ from m3_rag.backends.local.segment import LexicalPostings, Segment
 from m3_rag.bm25 import BM25Stats
 from m3_rag.errors import IndexFormatError
 
-__all__ = ["IdMap", "View", "stats_update"]
+__all__ = ["IdMap", "View", "merge_plan", "stats_update", "tier"]
 
 IdMap = dict[str, tuple[Segment, int]]  # live id -> (segment, row)
 
@@ -118,3 +118,40 @@ class View:
                     raise IndexFormatError(f"{where}: id {doc_id!r} is live in two segments")
                 ids[doc_id] = (s, r)
         return ids
+
+
+def tier(size: int, factor: int) -> int:
+    """Size tier of a segment of ``size`` rows: ``floor(log_factor(size))`` (0 for 0)."""
+    t = 0
+    while size >= factor:
+        size //= factor
+        t += 1
+    return t
+
+
+def merge_plan(sizes: list[int], factor: int) -> range | None:
+    """The segments to merge next (a range of positions, always at the end), or ``None``.
+
+    Keeps two invariants, whatever the sizes of the adds: tiers never increase from the
+    oldest segment to the newest, and no tier holds ``factor`` segments. So ``n`` stored
+    rows sit in at most ``(factor - 1) * (floor(log_factor(n)) + 1)`` segments, and a row
+    is rewritten O(log n) times. Rules, applied until neither does:
+
+    1. the newest segment is of a higher tier than the one before it: merge it with every
+       segment of a lower tier just before it;
+    2. the newest ``factor`` segments share a tier: merge them.
+
+    Args:
+        sizes: Rows of each segment, oldest first.
+        factor: The merge factor (>= 2).
+    """
+    n = len(sizes)
+    tiers = [tier(s, factor) for s in sizes]
+    if n >= 2 and tiers[-1] > tiers[-2]:
+        a = n - 1
+        while a > 0 and tiers[a - 1] < tiers[-1]:
+            a -= 1
+        return range(a, n)
+    if n >= factor and len(set(tiers[-factor:])) == 1:
+        return range(n - factor, n)
+    return None
