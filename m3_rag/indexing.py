@@ -1,5 +1,6 @@
-"""Putting documents into a :class:`~m3_rag.HybridRetriever`: the four ingestion paths and
-the BM25 leg's term counting.
+"""Building and filling the index of a :class:`~m3_rag.HybridRetriever`: the engine and the
+:class:`~m3_rag.spec.IndexSpec` its arguments describe, the four ingestion paths, and the
+BM25 leg's term counting.
 
 :class:`IndexingMixin` holds ``add_texts``, ``add_documents``, ``add_encoded`` and
 ``add_from``; :class:`~m3_rag.HybridRetriever` inherits them, so they are its methods (the
@@ -9,10 +10,11 @@ the retriever's write lock; searches never take it.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,19 +23,24 @@ from tqdm.auto import tqdm
 from m3_rag._inputs import check_count, check_metadatas, check_texts
 from m3_rag._memory import release_free_memory
 from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, term_counts
+from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.protocol import Backend, Exportable
 from m3_rag.backends.validate import check_ids
+from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.errors import IndexMismatchError
 from m3_rag.scoring import sparse_matrix
-from m3_rag.spec import LexicalKind
+from m3_rag.spec import IndexSpec, LexicalKind
 
 __all__ = [
     "ADD_CHUNK",
     "DocumentChecking",
     "IndexingMixin",
     "analyzer_config",
+    "index_spec",
+    "lexical_kind",
     "make_analyzer",
+    "make_engine",
 ]
 
 ADD_CHUNK = 256  # documents encoded and stored at a time (bounds ingestion memory)
@@ -48,6 +55,66 @@ class DocumentChecking(Protocol):
         self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
     ) -> None:
         """Raise ``ValueError`` naming the first document the engine cannot hold."""
+
+
+def make_engine(backend: Backend | None) -> Backend:
+    """The backend a retriever's ``backend`` argument names (``None``: a new in-RAM engine).
+
+    Raises:
+        TypeError: a name (``"memory"`` is no longer one).
+    """
+    if backend is None:
+        return LocalBackend()
+    if isinstance(backend, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"backend={backend!r} is not a backend: pass nothing (or backend=LocalBackend()) "
+            "for an index in RAM, or a backend object such as LocalBackend(path), "
+            "MilvusBackend(uri, collection) or QdrantBackend(...)"
+        )
+    return backend
+
+
+def lexical_kind(encoder: M3Encoder, lexical: str) -> LexicalKind | None:
+    """The lexical leg a retriever's ``lexical`` argument names (``None``: no lexical leg).
+
+    Raises:
+        ValueError: an unknown kind, or ``"m3"`` with a dense-only model.
+    """
+    if lexical == "auto":
+        lexical = "m3" if encoder.has_sparse else "bm25"
+    if lexical not in ("m3", "bm25", "none"):
+        raise ValueError(f"lexical must be 'auto', 'm3', 'bm25' or 'none', got {lexical!r}")
+    if lexical == "m3" and not encoder.has_sparse:
+        raise ValueError(f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only")
+    return None if lexical == "none" else cast(LexicalKind, lexical)
+
+
+def index_spec(
+    encoder: M3Encoder,
+    lexical: LexicalKind | None,
+    analyzer: Analyzer | None,
+    dense_dtype: str,
+    colbert_dtype: str,
+    bm25: BM25Params | None,
+) -> IndexSpec:
+    """The index a retriever over ``encoder`` needs (BM25 over the analyzer's hashed terms
+    has their id space, anything else the model's vocabulary).
+
+    Raises:
+        ValueError / TypeError: a bad dtype or BM25 parameters.
+    """
+    vocab_size = HASH_SPACE if lexical == "bm25" and analyzer is not None else encoder.vocab_size
+    return IndexSpec(
+        encoder.model_name,
+        encoder.dense_dim,
+        encoder.colbert_dim,
+        lexical,
+        vocab_size,
+        dense_dtype=dense_dtype,
+        colbert_dtype=colbert_dtype,
+        bm25=bm25,
+        analyzer=analyzer_config(lexical, analyzer),
+    )
 
 
 def make_analyzer(analyzer: Any) -> Analyzer | None:

@@ -6,24 +6,22 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from m3_rag import scoring
 from m3_rag._inputs import check_count, check_fusion, check_query, check_weights
-from m3_rag.analysis import HASH_SPACE, Analyzer
-from m3_rag.backends.local import LocalBackend
+from m3_rag.analysis import Analyzer
 from m3_rag.backends.protocol import Backend, Savable
 from m3_rag.backends.registry import open_saved
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput, M3Encoder
 from m3_rag.filters import Filter, check_filter
-from m3_rag.indexing import IndexingMixin, make_analyzer
+from m3_rag.indexing import IndexingMixin, index_spec, lexical_kind, make_analyzer, make_engine
 from m3_rag.reopen import check_encoder, recorded_analyzer, recorded_settings
 from m3_rag.rerank import Reranker
-from m3_rag.spec import IndexSpec, LexicalKind
 
 __all__ = ["HybridRetriever", "SearchHit"]
 
@@ -120,34 +118,13 @@ class HybridRetriever(IndexingMixin):
         self.fusion = check_fusion(fusion)
         self.candidates = check_count(candidates, "candidates", minimum=1)
         self.rerank_top_n = check_count(rerank_top_n, "rerank_top_n", minimum=1)
-        if lexical == "auto":
-            lexical = "m3" if encoder.has_sparse else "bm25"
-        if lexical not in ("m3", "bm25", "none"):
-            raise ValueError(f"lexical must be 'auto', 'm3', 'bm25' or 'none', got {lexical!r}")
-        if lexical == "m3" and not encoder.has_sparse:
-            raise ValueError(
-                f"lexical='m3' needs an M3 model; {encoder.model_name!r} is dense-only"
-            )
-        self.lexical = None if lexical == "none" else cast(LexicalKind, lexical)
+        self.lexical = lexical_kind(encoder, lexical)
         self.analyzer = make_analyzer(analyzer)  # None: the model's tokenizer
-        vocab_size = encoder.vocab_size
-        if self.lexical == "bm25" and self.analyzer is not None:
-            vocab_size = HASH_SPACE
-        spec = IndexSpec(
-            encoder.model_name,
-            encoder.dense_dim,
-            encoder.colbert_dim,
-            self.lexical,
-            vocab_size,
-            dense_dtype=dense_dtype,
-            colbert_dtype=colbert_dtype,
-            bm25=bm25,
-            analyzer=self._analyzer_config(),
-        )
+        spec = index_spec(encoder, self.lexical, self.analyzer, dense_dtype, colbert_dtype, bm25)
         if source is not None and not isinstance(source, Mapping):
             raise TypeError(f"source must be a mapping or None, got {type(source).__name__}")
         self.source = None if source is None else dict(source)
-        self.backend = _engine(backend).open(
+        self.backend = make_engine(backend).open(
             spec, self._settings(), allow_model_mismatch=bool(allow_model_mismatch)
         )
         self._lock = threading.RLock()  # writes only: searches never wait for it
@@ -160,10 +137,6 @@ class HybridRetriever(IndexingMixin):
             f"HybridRetriever({len(self)} docs, lexical={self.lexical}, "
             f"colbert={self.encoder.has_colbert}, fusion={self.fusion}, weights={self.weights})"
         )
-
-    def _known_empty(self) -> bool:
-        """True when the index is certainly empty (asked only where it is free)."""
-        return self.backend.known_empty()
 
     def _settings(self) -> dict[str, Any]:
         """The retriever's settings, recorded with a saved index."""
@@ -232,7 +205,7 @@ class HybridRetriever(IndexingMixin):
         """
         query = check_query(query)
         opts = self._options(k, filter, weights, fusion, candidates, rerank, query)
-        if opts.k == 0 or self._known_empty():
+        if opts.k == 0 or self.backend.known_empty():
             return []
         q = self.encoder.encode_queries(
             [query],
@@ -262,7 +235,7 @@ class HybridRetriever(IndexingMixin):
                 "q must be the encode_queries() output of exactly one query, with dense"
             )
         opts = self._options(k, filter, weights, fusion, candidates, rerank, query_text)
-        if opts.k == 0 or self._known_empty():
+        if opts.k == 0 or self.backend.known_empty():
             return []
         return self._search(q, opts)
 
@@ -436,16 +409,3 @@ class _SearchOptions:
 def _minmax(x: np.ndarray) -> np.ndarray:
     lo, hi = (float(x.min()), float(x.max())) if len(x) else (0.0, 0.0)
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-
-
-def _engine(backend: Backend | None) -> Backend:
-    """The backend a retriever's ``backend`` argument names (``None``: a new in-RAM engine)."""
-    if backend is None:
-        return LocalBackend()
-    if isinstance(backend, (str, bytes, os.PathLike)):
-        raise TypeError(
-            f"backend={backend!r} is not a backend: pass nothing (or backend=LocalBackend()) "
-            "for an index in RAM, or a backend object such as LocalBackend(path), "
-            "MilvusBackend(uri, collection) or QdrantBackend(...)"
-        )
-    return backend
