@@ -52,7 +52,7 @@ def build(
     n: int,
     colbert_tokens: int,
     seed: int = 0,
-    backend: Any = "memory",
+    backend: Any = None,
     colbert_dtype: str = "float16",
 ) -> HybridRetriever:
     rng = np.random.default_rng(seed)

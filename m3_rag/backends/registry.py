@@ -14,7 +14,7 @@ from m3_rag.backends.protocol import Backend
 from m3_rag.errors import IndexFormatError
 from m3_rag.spec import IndexSpec
 
-__all__ = ["SavedIndex", "make_backend", "open_saved", "saved_index"]
+__all__ = ["SavedIndex", "make_backend", "open_saved"]
 
 _REQUIRED = ("open", "add", "delete", "candidates", "colbert_scores", "documents", "fetch")
 
@@ -92,15 +92,3 @@ def open_saved(path: str | os.PathLike[str]) -> SavedIndex:
         if now is not None and now.get("version") == VERSION:  # replaced meanwhile by a save
             return open_saved(root)
         raise
-
-
-def saved_index(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
-    """Transitional (until the retriever and the CLI call :func:`open_saved`): what a saved
-    index records as one flat mapping -> ``(record, make(allow_model_mismatch))``.
-
-    ``make`` ignores its argument: the engines take ``allow_model_mismatch`` in
-    ``open``.
-    """
-    saved = open_saved(path)
-    record = {**saved.spec.to_json(), "retriever": saved.settings}
-    return record, lambda _mismatch: saved.backend

@@ -16,6 +16,10 @@ alongside writes, and never see a document deleted before they started.
   is swapped atomically (see :mod:`m3_rag.backends.local.disk`). A commit writes O(new data).
 * **Approximate dense leg.** Segments of at least ``ann_threshold`` rows carry a faiss IVF
   index that proposes the dense candidates; their scores are recomputed exactly.
+
+(Over 450 lines: the engine's setup and whole write path stay together, under one lock;
+the reads are in :mod:`~m3_rag.backends.local.search`, the commits in
+:mod:`~m3_rag.backends.local.disk`.)
 """
 
 from __future__ import annotations
@@ -189,12 +193,8 @@ class LocalBackend:
     def _take(self, disk: DiskState, stored: Stored) -> None:
         ids = stored.view.id_map(self.path)
         with self._lock:
-            self._disk, self._view, self._next, self._ids = (
-                disk,
-                stored.view,
-                stored.next_segment,
-                ids,
-            )
+            self._disk, self._view, self._next = disk, stored.view, stored.next_segment
+            self._ids = ids
 
     def adopt(
         self, spec: IndexSpec, settings: Mapping[str, Any], segments: Sequence[Segment]
