@@ -265,3 +265,39 @@ def test_a_snapshot_is_not_opened_in_place(tmp_path: Path) -> None:
     write_format2(tmp_path / "old", _fill(LocalBackend().open(_spec()), n=30), SETTINGS)
     with pytest.raises(IndexFormatError, match="m3-rag migrate"):
         LocalBackend(tmp_path / "old").open(_spec())
+
+
+def test_a_format3_index_of_the_previous_release_still_opens(tmp_path: Path) -> None:
+    """Manifests written before the 'spec' key held the specification's keys at top level
+    (with a 'count' one commit behind): such an index opens, in place and via open_saved."""
+    spec = _spec("bm25", "int8")
+    disk = _fill(LocalBackend(tmp_path / "idx").open(spec, SETTINGS))
+    current = json.loads((tmp_path / "idx" / "CURRENT").read_text())
+    manifest = json.loads((tmp_path / "idx" / current["manifest"]).read_text())
+    record = manifest.pop("spec")
+    old = {
+        **manifest,
+        "model": record["model"],
+        "backend": "local",
+        "count": manifest["count"] - 1,
+        **{k: v for k, v in record.items() if k != "model"},
+        "bm25": spec.bm25_params.as_dict(),
+    }
+    body = json.dumps(old, indent=1).encode()
+    (tmp_path / "idx" / current["manifest"]).write_bytes(body)
+    current["manifest_sha256"] = hashlib.sha256(body).hexdigest()
+    (tmp_path / "idx" / "CURRENT").write_text(json.dumps(current))
+    saved = open_saved(tmp_path / "idx")
+    assert saved.spec == spec and saved.settings == SETTINGS
+    _same_results(disk, saved.backend.open(spec))
+    again = LocalBackend(tmp_path / "idx").open(spec, SETTINGS)
+    _same_results(disk, again)
+    with pytest.raises(IndexMismatchError, match="colbert_dtype"):
+        LocalBackend(tmp_path / "idx").open(_spec("bm25", "float16"))
+    again.delete(["d1"])  # the next commit writes this release's manifest
+    manifest = json.loads(
+        (
+            tmp_path / "idx" / json.loads((tmp_path / "idx" / "CURRENT").read_text())["manifest"]
+        ).read_text()
+    )
+    assert manifest["spec"] == spec.to_json() and manifest["count"] == len(again)
