@@ -14,7 +14,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,7 +24,7 @@ from m3_rag._inputs import check_count, check_metadatas, check_texts
 from m3_rag._memory import release_free_memory
 from m3_rag.analysis import HASH_SPACE, Analyzer, UnicodeAnalyzer, term_counts
 from m3_rag.backends.local import LocalBackend
-from m3_rag.backends.protocol import Backend, Exportable
+from m3_rag.backends.protocol import Backend, DocumentChecking, Exportable
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput, M3Encoder
@@ -34,7 +34,6 @@ from m3_rag.spec import IndexSpec, LexicalKind
 
 __all__ = [
     "ADD_CHUNK",
-    "DocumentChecking",
     "IndexingMixin",
     "analyzer_config",
     "index_spec",
@@ -46,22 +45,12 @@ __all__ = [
 ADD_CHUNK = 256  # documents encoded and stored at a time (bounds ingestion memory)
 
 
-@runtime_checkable
-class DocumentChecking(Protocol):
-    """An engine that can refuse documents it cannot hold before anything is encoded or
-    written (Milvus, Qdrant: ids, text sizes, metadata values)."""
-
-    def check_documents(
-        self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
-    ) -> None:
-        """Raise ``ValueError`` naming the first document the engine cannot hold."""
-
-
 def make_engine(backend: Backend | None) -> Backend:
     """The backend a retriever's ``backend`` argument names (``None``: a new in-RAM engine).
 
     Raises:
-        TypeError: a name (``"memory"`` is no longer one).
+        TypeError: a name (``"memory"`` is no longer one), or an object that does not
+            implement :class:`~m3_rag.backends.protocol.Backend`.
     """
     if backend is None:
         return LocalBackend()
@@ -70,6 +59,11 @@ def make_engine(backend: Backend | None) -> Backend:
             f"backend={backend!r} is not a backend: pass nothing (or backend=LocalBackend()) "
             "for an index in RAM, or a backend object such as LocalBackend(path), "
             "MilvusBackend(uri, collection) or QdrantBackend(...)"
+        )
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            f"backend must implement m3_rag.backends.Backend (LocalBackend, MilvusBackend, "
+            f"QdrantBackend, or an engine with the same methods), got {type(backend).__name__}"
         )
     return backend
 

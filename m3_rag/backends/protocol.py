@@ -31,6 +31,7 @@ __all__ = [
     "Candidates",
     "Compactable",
     "DocBatch",
+    "DocumentChecking",
     "Exportable",
     "IndexSpec",
     "Savable",
@@ -86,6 +87,7 @@ class DocBatch(NamedTuple):
     colbert: list[np.ndarray] | None
 
 
+@runtime_checkable
 class Backend(Protocol):
     """The operations :class:`~m3_rag.HybridRetriever` calls."""
 
@@ -175,6 +177,17 @@ class Exportable(Protocol):
 
     def export(self, batch_size: int = 1000) -> Iterator[DocBatch]:
         """Every live document with its stored encodings, ``batch_size`` at a time."""
+
+
+@runtime_checkable
+class DocumentChecking(Protocol):
+    """An engine that can refuse documents it cannot hold before anything is encoded or
+    written (Milvus, Qdrant: ids, text sizes, metadata values)."""
+
+    def check_documents(
+        self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
+    ) -> None:
+        """Raise ``ValueError`` naming the first document the engine cannot hold."""
 
 
 @runtime_checkable
