@@ -511,5 +511,5 @@ def test_add_from_copies_encodings_and_refuses_other_indexes(
 
 
 def test_an_object_that_is_not_a_backend_is_a_type_error(tiny_encoder) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(TypeError, match="must implement m3_rag.backends.Backend"):
+    with pytest.raises(TypeError, match=r"must implement m3_rag\.backends\.Backend"):
         HybridRetriever(tiny_encoder, backend=object())  # type: ignore[arg-type]
