@@ -13,7 +13,7 @@ engines do, for every script:
 4. optional stopwords (dropped), then a Snowball stemmer (``PyStemmer``; one language,
    English by default, applied to the words of the other scripts; ``stemmer=None`` for
    none). English stemming measured best across the shipped multilingual set and beir-mini
-   msmarco and dbpedia (``benchmarks/bench_analyzer.py``, README); it leaves scripts it does
+   msmarco and dbpedia (``benchmarks/bench_analyzer.py``, docs/benchmarks.md); it leaves scripts it does
    not know unchanged.
 
 Terms map to ids by hashing (:func:`term_id`, CRC-32 of the UTF-8 term modulo

@@ -1,12 +1,8 @@
-"""What every store shares: the id <-> row table, id validation, top-k selection.
-
-Rows are kept compact: a delete removes the rows (no tombstones), so a deleted document can
-never come back in results.
-"""
+"""What every engine shares: id validation, top-k selection, and the one batch check
+(:func:`prepare_batch`) each engine's ``add`` starts with."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +11,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag._inputs import check_unicode
-from m3_rag.persist import read_index, write_index
 from m3_rag.scoring import sparse_matrix
 from m3_rag.spec import IndexSpec
 
 __all__ = [
-    "IdRows",
     "PreparedBatch",
     "check_ids",
     "id_list",
@@ -97,81 +91,6 @@ def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndar
         part = np.arange(len(sub))
     part = part[np.lexsort((part, -sub[part]))]
     return (part if allowed is None else allowed[part]).astype(np.int64)
-
-
-class IdRows:
-    """The id <-> row table of a store (rows ``0..n-1``, in insertion order)."""
-
-    def __init__(self) -> None:
-        self._ids: list[str] = []
-        self._pos: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._pos
-
-    @property
-    def ids(self) -> list[str]:
-        """Document ids in row order (a copy)."""
-        return list(self._ids)
-
-    def rows(self, ids: Sequence[str]) -> np.ndarray:
-        """Row of each id.
-
-        Raises:
-            KeyError: naming the first unknown id.
-        """
-        try:
-            return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
-        except KeyError as e:
-            raise KeyError(f"unknown id {e.args[0]!r}") from None
-
-    def _existing_rows(self, ids: Sequence[str]) -> np.ndarray:
-        return np.fromiter((self._pos[i] for i in ids if i in self._pos), dtype=np.int64)
-
-    def _append_ids(self, ids: Sequence[str]) -> None:
-        start = len(self._ids)
-        self._ids.extend(ids)
-        self._pos.update(zip(ids, range(start, start + len(ids)), strict=True))
-
-    def _keep_mask(self, rows: np.ndarray) -> np.ndarray:
-        keep = np.ones(len(self._ids), dtype=bool)
-        keep[rows] = False
-        return keep
-
-    # ------------------------------------------------------------------ persistence
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that :meth:`load` needs (overridden by each store)."""
-        raise NotImplementedError
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Arrays to persist (overridden by each store)."""
-        raise NotImplementedError
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this store alone to a directory (JSON manifest + ``.npy``, atomic, no pickle)."""
-        manifest = {"store": type(self).__name__, "count": len(self), "config": self.config()}
-        write_index(path, manifest, self.state(), ({"id": i} for i in self._ids))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Any:
-        """Read a store written by :meth:`save`.
-
-        Raises:
-            FileNotFoundError: nothing saved at ``path``.
-            ValueError: the directory holds another kind of store, or inconsistent arrays.
-        """
-        manifest, arrays, docs = read_index(path)
-        if manifest.get("store") != cls.__name__:
-            raise ValueError(f"{path} holds a {manifest.get('store')!r}, not a {cls.__name__}")
-        # each store defines from_state(ids, arrays, **config) with its own config keys
-        return cls.from_state([d["id"] for d in docs], arrays, **manifest["config"])  # type: ignore[attr-defined]
-
-    def _drop_ids(self, keep: np.ndarray) -> None:
-        self._ids = [i for i, k in zip(self._ids, keep.tolist(), strict=True) if k]
-        self._pos = {i: r for r, i in enumerate(self._ids)}
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -359,7 +359,7 @@ def test_msmarco_parity_with_the_local_engine(
     queries. Milvus scores rank-bm25's BM25 (the reference is the local engine itself);
     Qdrant's BM25 has its own IDF and a fixed reference length, so the local engine given
     Qdrant's IDF and that length returns Qdrant's top-10: that difference explains the gap
-    (the figures are in the README)."""
+    (the figures are in docs/benchmarks.md)."""
     ids = list(msmarco.corpus)
     if engine == "milvus-lite":
         require("pymilvus", "pip install -e '.[milvus]'")

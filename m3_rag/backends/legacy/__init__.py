@@ -1,1 +1,0 @@
-"""The first per-store engines, still used as validators (to be removed)."""
