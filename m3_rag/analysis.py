@@ -13,8 +13,8 @@ engines do, for every script:
 4. optional stopwords (dropped), then a Snowball stemmer (``PyStemmer``; one language,
    English by default, applied to the words of the other scripts; ``stemmer=None`` for
    none). English stemming measured best across the shipped multilingual set and beir-mini
-   msmarco and dbpedia (``benchmarks/bench_analyzer.py``, docs/benchmarks.md); it leaves scripts it does
-   not know unchanged.
+   msmarco and dbpedia (``benchmarks/bench_analyzer.py``, docs/benchmarks.md); it leaves
+   scripts it does not know unchanged.
 
 Terms map to ids by hashing (:func:`term_id`, CRC-32 of the UTF-8 term modulo
 ``2**31 - 1``): no vocabulary to store or share between writers, the same ids in every
