@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from _server_format1 import format1_record
 from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
@@ -187,22 +188,6 @@ def test_collection_of_another_model_is_refused(
         MilvusBackend("")
 
 
-def _format1_record(spec: IndexSpec) -> dict[str, Any]:
-    """The record collections of format 1 hold: ``vocab_size`` always, no ``dense_dtype``,
-    ``bm25`` and ``analyzer`` only for BM25."""
-    return {
-        "format": 1,
-        "model": spec.model,
-        "dense_dim": spec.dense_dim,
-        "colbert_dim": spec.colbert_dim,
-        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
-        "lexical": spec.lexical,
-        "vocab_size": spec.vocab_size,
-        "bm25": spec.bm25_params.as_dict() if spec.lexical == "bm25" else None,
-        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
-    }
-
-
 def _create_format1(uri: str, name: str, spec: IndexSpec) -> None:
     """Create collection ``name`` as the previous version did: the lexical field is named
     ``sparse`` and the side collection holds :func:`_format1_record`."""
@@ -237,7 +222,7 @@ def _create_format1(uri: str, name: str, spec: IndexSpec) -> None:
             max_length=65532,
         )  # fmt: skip
     c.create_collection(name, schema=s, index_params=index, consistency_level="Strong")
-    record = json.dumps(_format1_record(spec))
+    record = json.dumps(format1_record(spec))
     c.upsert(f"{name}_m3meta", [{"key": "config", "value": record, "vec": {spec.vocab_size: 1.0}}])
     c.close()
 
@@ -281,7 +266,7 @@ def test_a_format1_collection_still_opens_and_works(
     again.backend.close()
     fields, record = _stored(uri, "old")
     assert ("sparse" in fields) == (lexical != "none") and "lexical" not in fields
-    assert record == _format1_record(spec)
+    assert record == format1_record(spec)
     with pytest.raises(IndexMismatchError, match="lexical"):
         other = "m3" if lexical != "m3" else "bm25"
         HybridRetriever(tiny_encoder, lexical=other, backend=MilvusBackend(uri, "old"))
@@ -302,7 +287,7 @@ def test_unknown_format_or_foreign_collection_is_refused(
 
     uri = str(tmp_path / "m.db")
     ref = HybridRetriever(tiny_encoder)
-    future = _format1_record(ref.backend.spec) | {"format": 99}  # type: ignore[attr-defined]
+    future = format1_record(ref.backend.spec) | {"format": 99}  # type: ignore[attr-defined]
     _create_format1(uri, "future", ref.backend.spec)  # type: ignore[attr-defined]
     c = MilvusClient(uri)
     c.upsert("future_m3meta", [{"key": "config", "value": json.dumps(future), "vec": {1: 1.0}}])

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _server_format1 import format1_record
 from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
@@ -265,22 +266,6 @@ def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
     assert point_id("a") == point_id("a") != point_id("b")
 
 
-def _format1_record(spec: IndexSpec) -> dict[str, Any]:
-    """The record collections of format 1 hold: ``vocab_size`` always, no ``dense_dtype``,
-    ``bm25`` and ``analyzer`` only for BM25."""
-    return {
-        "format": 1,
-        "model": spec.model,
-        "dense_dim": spec.dense_dim,
-        "colbert_dim": spec.colbert_dim,
-        "colbert_dtype": spec.colbert_dtype if spec.colbert_dim else None,
-        "lexical": spec.lexical,
-        "vocab_size": spec.vocab_size,
-        "bm25": spec.bm25_params.as_dict() if spec.lexical == "bm25" else None,
-        "analyzer": spec.analyzer if spec.lexical == "bm25" else None,
-    }
-
-
 def _create_format1(client: Any, name: str, spec: IndexSpec) -> None:
     """Create collection ``name`` as the previous version did with its
     ``colbert_quantization="int8"`` switch: ColBERT in the spec's dtype plus an int8 scalar
@@ -309,7 +294,7 @@ def _create_format1(client: Any, name: str, spec: IndexSpec) -> None:
         sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=modifier)}
         if spec.lexical
         else {},
-        metadata={"m3_rag": _format1_record(spec)},
+        metadata={"m3_rag": format1_record(spec)},
     )
 
 
@@ -336,7 +321,7 @@ def test_a_format1_collection_still_opens_and_works(tiny_encoder: M3Encoder, lex
             (h.id, h.scores) for h in new.search(q, k=5)
         ]
     info = client.get_collection("old").config
-    assert info.metadata["m3_rag"] == _format1_record(spec)
+    assert info.metadata["m3_rag"] == format1_record(spec)
     assert info.params.vectors["colbert"].quantization_config is not None
     assert client.get_collection("new").config.metadata["m3_rag"] == spec.to_json() | {"format": 2}
     with pytest.raises(IndexMismatchError, match="colbert_dtype"):
@@ -346,7 +331,7 @@ def test_a_format1_collection_still_opens_and_works(tiny_encoder: M3Encoder, lex
             colbert_dtype="int8",
             backend=QdrantBackend(client=client, collection="old"),
         )
-    client.update_collection("old", metadata={"m3_rag": _format1_record(spec) | {"format": 9}})
+    client.update_collection("old", metadata={"m3_rag": format1_record(spec) | {"format": 9}})
     with pytest.raises(IndexFormatError, match="format 9"):
         HybridRetriever(
             tiny_encoder, lexical=lexical, backend=QdrantBackend(client=client, collection="old")
