@@ -34,7 +34,6 @@ from m3_rag.errors import IndexFormatError
 
 __all__ = [
     "FORMAT",
-    "IndexFormatError",
     "check_target",
     "flock",
     "fsync_dir",
@@ -236,25 +235,3 @@ def check_target(root: Path) -> None:
                 f"{root} is a non-empty directory that is not an m3-rag index; it is never "
                 "replaced: pick another path"
             )
-
-
-# ------------------------------------------------------------------------------ removed
-def write_index(*args: Any, **kwargs: Any) -> Any:
-    """Removed: index format 2 is no longer written (``LocalBackend.save`` writes format 3).
-
-    Kept as a name only while ``m3_rag.backends.validate`` (``IdRows``, legacy) imports it.
-    """
-    raise NotImplementedError(
-        "index format 2 is no longer written; save through LocalBackend.save (format 3)"
-    )
-
-
-def read_index(*args: Any, **kwargs: Any) -> Any:
-    """Removed: a format-2 snapshot is read only by converting it
-    (:func:`m3_rag.backends.local.migrate.migrate`, or ``open_saved``).
-
-    Kept as a name only while ``m3_rag.backends.validate`` (``IdRows``, legacy) imports it.
-    """
-    raise NotImplementedError(
-        "index format 2 is read only by conversion: m3_rag.backends.local.migrate.migrate"
-    )
