@@ -91,6 +91,8 @@ class IndexSpec:
             raise TypeError(f"bm25 must be a BM25Params, got {type(self.bm25).__name__}")
         if self.lexical == "bm25" and self.bm25 is None:
             object.__setattr__(self, "bm25", BM25Params())
+        if self.lexical == "bm25" and self.analyzer is None:
+            object.__setattr__(self, "analyzer", "model")  # the model's own tokens
 
     @property
     def bm25_params(self) -> BM25Params:

@@ -1,8 +1,6 @@
-"""Making backends: the default one by name, and the one a saved index needs.
-
-This is the only place that maps names and saved formats to engines, so the retriever
-itself works against the :class:`~m3_rag.backends.protocol.Backend` protocol alone.
-"""
+"""The engine a saved index needs: the only place that maps saved formats to engines, so
+the retriever itself works against the :class:`~m3_rag.backends.protocol.Backend` protocol
+alone."""
 
 from __future__ import annotations
 
@@ -14,27 +12,7 @@ from m3_rag.backends.protocol import Backend
 from m3_rag.errors import IndexFormatError
 from m3_rag.spec import IndexSpec
 
-__all__ = ["SavedIndex", "make_backend", "open_saved"]
-
-_REQUIRED = ("open", "add", "delete", "candidates", "colbert_scores", "documents", "fetch")
-
-
-def make_backend(backend: Any) -> Backend:
-    """``"memory"`` or ``None`` -> a new in-memory local engine; a backend object -> itself.
-
-    Raises:
-        TypeError: anything else.
-    """
-    if backend is None or (isinstance(backend, str) and backend == "memory"):
-        from m3_rag.backends.local.engine import LocalBackend
-
-        return LocalBackend()
-    if not isinstance(backend, str) and all(hasattr(backend, m) for m in _REQUIRED):
-        return backend
-    raise TypeError(
-        "backend must be None, 'memory' or a backend object: LocalBackend(path), "
-        f"MilvusBackend(uri=..., collection=...), QdrantBackend(...); got {backend!r}"
-    )
+__all__ = ["SavedIndex", "open_saved"]
 
 
 class SavedIndex(NamedTuple):
