@@ -50,6 +50,11 @@ def filter_mask(metadatas: Sequence[Mapping[str, Any]], flt: Filter) -> np.ndarr
 
     A dict filter compares whole metadata columns at once (numpy object arrays); a callable
     is called once per document with a copy-free read-only view of its metadata.
+
+    Equality is JSON's, not Python's: a bool matches only a bool (``{"a": True}`` does not
+    match ``a == 1`` nor ``a == 1.0``, and ``{"a": 1}`` does not match ``a == True``),
+    numbers match numerically (``{"a": 1}`` matches ``a == 1.0``), and a list in the
+    metadata matches no scalar (a filter list means any-of, not membership).
     """
     if flt is None:
         return None
@@ -61,9 +66,17 @@ def filter_mask(metadatas: Sequence[Mapping[str, Any]], flt: Filter) -> np.ndarr
         column = np.empty(n, dtype=object)
         column[:] = [m.get(key, _MISSING) for m in metadatas]
         values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+        is_bool: np.ndarray | None = None  # computed once, when a number or bool is wanted
         hit = np.zeros(n, dtype=bool)
         for v in values:
-            hit |= column == v  # elementwise on the object column; _MISSING equals nothing
+            same = column == v  # elementwise on the object column; _MISSING equals nothing
+            if isinstance(v, (bool, int, float)):  # Python's True == 1 == 1.0: split bools
+                if is_bool is None:
+                    is_bool = np.fromiter(
+                        (isinstance(x, (bool, np.bool_)) for x in column), dtype=bool, count=n
+                    )
+                same &= is_bool if isinstance(v, bool) else ~is_bool
+            hit |= same
         mask &= hit
         if not mask.any():
             break

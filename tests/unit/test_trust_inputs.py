@@ -1,15 +1,18 @@
 """Bad input is refused with a typed, clear error and nothing stored is lost; what the index
-returns is a private copy (issue: trust, items 3, 4 and 7)."""
+returns is a private copy; a filter compares values as JSON does."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
+from m3_rag.backends import LocalBackend
+from m3_rag.filters import all_of, matches
 from m3_rag.testing import SAMPLE_TEXTS
 
 
@@ -65,6 +68,48 @@ def test_queries_and_weights_are_checked(r: HybridRetriever) -> None:
     ref = r.search("Paris", k=6, weights=(1, 1, 0))
     assert [h.id for h in big] == [h.id for h in ref]
     assert all(np.isfinite(h.score) for h in big)
+
+
+@pytest.mark.parametrize("engine", ["ram", "disk"])
+def test_filters_match_bools_as_bools_and_numbers_as_numbers(
+    tiny_encoder: M3Encoder, tmp_path: Path, engine: str
+) -> None:
+    """JSON equality, not Python's: ``{"a": True}`` does not match ``a == 1`` (``True == 1``
+    in Python), ``{"a": 1}`` does not match ``a == True``; ``1`` and ``1.0`` are one number.
+    The server engines' translations are held to the same cases in their own tests."""
+    metas: dict[str, dict[str, Any]] = {
+        "T": {"a": True},
+        "F": {"a": False},
+        "i1": {"a": 1},
+        "f1": {"a": 1.0},
+        "i0": {"a": 0},
+        "f0": {"a": 0.0},
+        "s1": {"a": "1"},
+        "list": {"a": [True, 1]},
+        "none": {},
+    }
+    backend = LocalBackend() if engine == "ram" else LocalBackend(tmp_path / "idx")
+    r = HybridRetriever(tiny_encoder, backend=backend)
+    r.add_texts([f"passage {i}" for i in metas], list(metas.values()), list(metas))
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({"a": True}, {"T"}),
+        ({"a": False}, {"F"}),
+        ({"a": 1}, {"i1", "f1"}),
+        ({"a": 1.0}, {"i1", "f1"}),
+        ({"a": 0}, {"i0", "f0"}),
+        ({"a": "1"}, {"s1"}),
+        ({"a": [True, 0]}, {"T", "i0", "f0"}),
+        ({"a": (1, 2)}, {"i1", "f1"}),
+        ({"a": [False, True]}, {"T", "F"}),
+    ]
+    for flt, want in cases:
+        assert set(r.select(flt)) == want, flt
+        assert {h.id for h in r.search("passage", k=20, filter=flt)} == want, flt
+        assert {i for i, m in metas.items() if matches(m, flt)} == want, flt
+    # the callable filter is the caller's own Python: True == 1 there
+    assert set(r.select(lambda m: m.get("a") == 1)) == {"T", "i1", "f1"}
+    both = all_of({"a": 1}, lambda m: True)
+    assert {i for i, m in metas.items() if matches(m, both)} == {"i1", "f1"}
 
 
 def test_metadata_is_never_aliased(r: HybridRetriever, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ __all__ = ["metadata_path", "qdrant_filter"]
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_-]+$")
 _INT64 = (-(2**63), 2**63 - 1)
+_EXACT_IN_DOUBLE = 2**53  # every int below it in magnitude is exact as a double
 
 
 def metadata_path(key: str) -> str:
@@ -35,9 +36,15 @@ def metadata_path(key: str) -> str:
 def qdrant_filter(flt: Filter) -> Any:
     """Translate a dict filter to a ``qdrant_client.models.Filter`` (``None`` for no filter).
 
-    ``{"lang": "en", "year": [2023, 2024]}`` becomes ``must=[lang == "en", year any of
-    [2023, 2024]]``. Strings, ints and bools match exactly (``MatchValue``/``MatchAny``); a
-    float matches numerically (``Range(gte=v, lte=v)``).
+    ``{"lang": "en", "year": [2023, 2024]}`` becomes ``must=[lang == "en", year == 2023 or
+    year == 2024]``. The matches are the local engine's (:func:`m3_rag.filters.filter_mask`):
+    strings and bools match by value and type (``MatchValue``/``MatchAny``: Qdrant keeps
+    bools apart from numbers, so ``True`` never matches ``1``); a number matches any number
+    equal to it, int or float (``Range(gte=v, lte=v)``, which no bool passes), except an int
+    of magnitude ``2**53`` or more: it matches ints exactly (``MatchValue``; a double cannot
+    tell it from its neighbours). One difference remains: Qdrant matches a scalar against
+    every element of a list (``{"tag": "a"}`` passes ``tag == ["a", "b"]``), the local
+    engine does not.
 
     Raises:
         TypeError: a callable filter (a server cannot run Python; use a dict filter, or the
@@ -61,8 +68,7 @@ def qdrant_filter(flt: Filter) -> Any:
         path = metadata_path(key)
         for v in values:
             _check_value(key, v)
-        same_type = {type(v) for v in values}
-        if len(values) > 1 and same_type in ({str}, {int}):  # MatchAny: keywords or ints
+        if len(values) > 1 and {type(v) for v in values} == {str}:  # MatchAny: keywords
             must.append(models.FieldCondition(key=path, match=models.MatchAny(any=values)))
         elif len(values) == 1:
             must.append(_condition(models, path, values[0]))
@@ -81,6 +87,7 @@ def _check_value(key: str, v: Any) -> None:
 
 
 def _condition(models: Any, path: str, v: str | int | float | bool) -> Any:
-    if isinstance(v, float):
-        return models.FieldCondition(key=path, range=models.Range(gte=v, lte=v))
-    return models.FieldCondition(key=path, match=models.MatchValue(value=v))
+    if isinstance(v, (str, bool)) or abs(v) >= _EXACT_IN_DOUBLE:
+        return models.FieldCondition(key=path, match=models.MatchValue(value=v))
+    # a number: ints and floats equal to it (Qdrant's MatchValue(1) misses a stored 1.0)
+    return models.FieldCondition(key=path, range=models.Range(gte=float(v), lte=float(v)))
