@@ -155,11 +155,43 @@ def check_fusion(fusion: Any) -> str:
 
 
 def check_count(value: Any, name: str, minimum: int) -> int:
+    """An int ``>= minimum`` (a bool is not a count).
+
+    Raises:
+        TypeError: not an int. ValueError: below ``minimum``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``True`` or ``False`` itself: ``"no"``, ``0`` or ``None`` are not read as a switch.
+
+    Raises:
+        TypeError: anything but a bool.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r:.80}")
+    return bool(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """A finite number ``> 0`` (an int stays an int; a bool or a numeric string is not one).
+
+    Raises:
+        TypeError: not an int or float. ValueError: not finite, or ``<= 0``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r:.80}")
+    finite = isinstance(value, (int, np.integer)) or bool(np.isfinite(value))
+    if not finite or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value if isinstance(value, int) else float(value)
 
 
 def check_metadatas(metadatas: Any, n: int) -> list[dict[str, Any]]:

@@ -70,9 +70,13 @@ def test_filters_translate_to_typed_conditions() -> None:
     f = qdrant_filter({"lang": ["en", "fr"], "year": 2024, "score": 0.5, "ok": [True, 1]})
     lang, year, score, ok = f.must
     assert lang.key == "metadata.lang" and lang.match.any == ["en", "fr"]
-    assert year.match.value == 2024
+    # a number matches ints and floats equal to it (a range no bool passes): the local engine
+    assert year.range.gte == year.range.lte == 2024 and year.match is None
     assert score.range.gte == score.range.lte == 0.5
     assert isinstance(ok, models.Filter) and len(ok.should) == 2
+    assert ok.should[0].match.value is True and ok.should[1].range.gte == 1  # a bool is a bool
+    (big,) = qdrant_filter({"a": 2**53}).must  # beyond doubles' exact ints: ints, exactly
+    assert big.match.value == 2**53 and big.range is None
     assert metadata_path("a.b") == 'metadata."a.b"'
     assert metadata_path("x[]") == 'metadata."x[]"'
     with pytest.raises(ValueError, match="holding"):
@@ -117,6 +121,113 @@ def test_filter_keys_and_values_cannot_escape(tiny_encoder: M3Encoder) -> None:
         assert sorted(r.select(flt)) == sorted(mem.select(flt)), flt
         got = [h.id for h in r.search("passage", k=10, filter=flt)]
         assert sorted(got) == sorted(mem.select(flt)), flt
+
+
+def test_filters_match_bools_and_numbers_as_the_local_engine(tiny_encoder: M3Encoder) -> None:
+    """JSON equality on every engine: a bool matches only a bool (Python's ``True == 1``
+    does not leak in), a number matches any number equal to it, int or float."""
+    metas: dict[str, dict[str, Any]] = {
+        "T": {"a": True},
+        "F": {"a": False},
+        "i1": {"a": 1},
+        "f1": {"a": 1.0},
+        "i0": {"a": 0},
+        "f0": {"a": 0.0},
+        "s1": {"a": "1"},
+        "half": {"a": 2.5},
+        "big": {"a": 2**53 + 1},
+        "none": {},
+    }
+    r = _qdrant(tiny_encoder)
+    mem = HybridRetriever(tiny_encoder)
+    for x in (r, mem):
+        x.add_texts([f"passage {i}" for i in metas], list(metas.values()), list(metas))
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({"a": True}, {"T"}),
+        ({"a": False}, {"F"}),
+        ({"a": 1}, {"i1", "f1"}),
+        ({"a": 1.0}, {"i1", "f1"}),
+        ({"a": 0}, {"i0", "f0"}),
+        ({"a": 0.0}, {"i0", "f0"}),
+        ({"a": "1"}, {"s1"}),
+        ({"a": 2.5}, {"half"}),
+        ({"a": [True, 0]}, {"T", "i0", "f0"}),
+        ({"a": [1, 2]}, {"i1", "f1"}),
+        ({"a": [False, True]}, {"T", "F"}),
+        ({"a": 2**53 + 1}, {"big"}),
+        ({"a": 2**53}, set()),
+    ]
+    for flt, want in cases:
+        assert set(mem.select(flt)) == want, flt  # the reference
+        assert set(r.select(flt)) == want, flt
+        assert {h.id for h in r.search("passage", k=20, filter=flt)} == want, flt
+
+
+def test_a_huge_k_asks_qdrant_for_at_most_the_collection(tiny_encoder: M3Encoder) -> None:
+    """``k`` / ``candidates`` of 10**9 reach Qdrant capped at the collection's size (a count
+    first), so no server sizes a reply by them; an ordinary search stays one request."""
+    r = _qdrant(tiny_encoder)
+    r.add_texts(SAMPLE_TEXTS, METAS, IDS)
+    backend = r.backend
+    assert isinstance(backend, QdrantBackend)
+    counting = CountingClient(backend.client)
+    backend._client = counting
+    limits: list[int] = []
+    real = counting.client.query_batch_points
+
+    def recording(collection: str, requests: list[Any], *a: Any, **kw: Any) -> Any:
+        for q in requests:
+            limits.append(q.limit)
+            limits.extend(p.limit for p in q.prefetch or [])
+        return real(collection, requests, *a, **kw)
+
+    counting.client.query_batch_points = recording
+    try:
+        hits = r.search("capital", k=10**9, candidates=10**9)
+        assert sorted(h.id for h in hits) == sorted(IDS)  # everything, once
+        assert limits and max(limits) <= 2 * len(IDS)
+        assert counting.calls == ["count", "query_batch_points"]
+        assert len(r.search("capital", k=3, candidates=10**9)) == 3
+        limits.clear()
+        counting.calls.clear()
+        assert len(r.search("capital", k=5, candidates=8)) == 5
+        assert counting.calls == ["query_batch_points"] and max(limits) == 16
+        empty = _qdrant(tiny_encoder)
+        assert empty.search("capital", k=10**9) == []
+    finally:
+        del counting.client.query_batch_points
+
+
+def test_bad_options_are_refused_by_name() -> None:
+    """A bool where a count is expected, a string where a number or a switch is expected,
+    an empty metadata key: each refused, naming the option (none was read as a default)."""
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"batch_size": True}, TypeError, "batch_size"),
+        ({"batch_size": 2.0}, TypeError, "batch_size"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"timeout": "x"}, TypeError, "timeout"),
+        ({"timeout": True}, TypeError, "timeout"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"timeout": float("nan")}, ValueError, "timeout"),
+        ({"exact": "no"}, TypeError, "exact"),
+        ({"exact": 0}, TypeError, "exact"),
+        ({"prefer_grpc": "yes"}, TypeError, "prefer_grpc"),
+        ({"colbert_on_disk": None}, TypeError, "colbert_on_disk"),
+        ({"dense_on_disk": 1}, TypeError, "dense_on_disk"),
+        ({"indexed_fields": {"": "keyword"}}, ValueError, "indexed_fields.*empty key"),
+        ({"indexed_fields": {1: "keyword"}}, TypeError, "indexed_fields"),
+        ({"api_key": 123}, TypeError, "api_key"),
+    ]
+    for kw, error, message in bad:
+        with pytest.raises(error, match=message):
+            QdrantBackend(":memory:", **kw)
+    ok = QdrantBackend(
+        ":memory:",
+        timeout=2.5,
+        batch_size=np.int64(8),  # type: ignore[arg-type]
+        exact=np.bool_(True),  # type: ignore[arg-type]
+    )
+    assert ok.batch_size == 8 and type(ok.batch_size) is int and ok.exact is True
 
 
 def test_reopen_checks_the_configuration(

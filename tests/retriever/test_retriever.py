@@ -123,6 +123,38 @@ def test_k_bounds_and_empty_store(tiny_encoder: M3Encoder, retriever: HybridRetr
         retriever.search(None)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("engine", ["ram", "disk", "ann"])
+def test_a_huge_k_returns_the_index_without_sizing_anything_by_k(
+    tiny_encoder: M3Encoder, tmp_path: Path, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``k`` and ``candidates`` of 10**9 (and more) return every document once, ranked as
+    ``k=len(index)`` ranks them: nothing (faiss included) is asked for 10**9 rows (it was:
+    2 x 10**9 results, a MemoryError or an OOM kill)."""
+    if engine == "ann":
+        require("faiss", "pip install -e '.[ann]'")
+        from m3_rag.backends.local import search
+
+        monkeypatch.setattr(search, "EXACT_FILTERED", 1)  # faiss even for a few rows
+    backend = {
+        "ram": lambda: LocalBackend(),
+        "disk": lambda: LocalBackend(tmp_path / "idx", merge_factor=2),
+        "ann": lambda: LocalBackend(ann_threshold=1, ann_nprobe=1000),
+    }[engine]()
+    r = HybridRetriever(tiny_encoder, backend=backend)
+    for start in range(0, len(SAMPLE_TEXTS), 6):  # several segments on disk
+        r.add_texts(
+            SAMPLE_TEXTS[start : start + 6], META[start : start + 6], IDS[start : start + 6]
+        )
+    n = len(r)
+    every = [h.id for h in r.search("capital", k=n, candidates=n)]
+    assert sorted(every) == sorted(IDS)
+    for k, candidates in ((10**9, None), (10**9, 10**9), (10**18, 10**18)):
+        assert [h.id for h in r.search("capital", k=k, candidates=candidates)] == every
+    assert len(r.search("capital", k=3, candidates=10**9)) == 3
+    zh = r.search("capital", k=10**9, candidates=10**9, filter={"lang": "zh"})
+    assert sorted(h.id for h in zh) == sorted(f"doc{i}" for i in range(8, 13))
+
+
 def test_delete_update_and_bad_ids(retriever: HybridRetriever) -> None:
     retriever.delete(["doc3"])
     assert "doc3" not in [h.id for h in retriever.search(SAMPLE_TEXTS[3], k=100)]

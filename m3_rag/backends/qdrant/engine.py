@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3_rag._inputs import check_count, check_flag, check_positive
 from m3_rag.backends.protocol import Candidates, IndexSpec
 from m3_rag.backends.qdrant.filters import metadata_path, qdrant_filter
 from m3_rag.backends.qdrant.schema import (
@@ -61,7 +62,11 @@ from m3_rag.backends.validate import check_ids, prepare_batch
 from m3_rag.errors import IndexFormatError
 from m3_rag.filters import Filter
 
-__all__ = ["QdrantBackend", "point_id"]
+__all__ = ["COUNT_ABOVE", "QdrantBackend", "point_id"]
+
+COUNT_ABOVE = 10_000
+"""A search for more candidates than this first counts the collection and asks for at most
+that many (a huge ``k`` or ``candidates`` would otherwise reach Qdrant as the reply size)."""
 
 
 class QdrantBackend(ServerEngine):
@@ -92,8 +97,10 @@ class QdrantBackend(ServerEngine):
 
     Raises:
         ImportError: qdrant-client is missing (``pip install 'm3-rag[qdrant]'``).
-        ValueError: not exactly one of ``location``, ``path``, ``url``, ``client``; a bad
-            option.
+        TypeError: an option of the wrong type (``batch_size=True``, ``timeout="x"``,
+            ``exact="no"``), naming it.
+        ValueError: not exactly one of ``location``, ``path``, ``url``, ``client``; an
+            option out of range (``batch_size=0``, an empty ``indexed_fields`` key...).
     """
 
     def __init__(
@@ -106,7 +113,7 @@ class QdrantBackend(ServerEngine):
         api_key: str | None = None,
         client: Any = None,
         prefer_grpc: bool = False,
-        timeout: int = 30,
+        timeout: float = 30,
         batch_size: int = 256,
         exact: bool = False,
         colbert_on_disk: bool = True,
@@ -127,15 +134,15 @@ class QdrantBackend(ServerEngine):
             raise TypeError(f"collection must be a str, got {type(collection).__name__}")
         if not collection or "/" in collection:
             raise ValueError(f"collection must be a non-empty name without '/', got {collection!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if indexed_fields is not None and not isinstance(indexed_fields, Mapping):
-            raise TypeError("indexed_fields must be a dict {metadata key: 'keyword' | ...}")
-        fields = dict(indexed_fields or {})
-        for key, kind in fields.items():
-            if kind not in PAYLOAD_TYPES:
-                raise ValueError(f"indexed_fields[{key!r}] must be one of {PAYLOAD_TYPES}")
-            metadata_path(key)
+        if api_key is not None and not isinstance(api_key, str):
+            raise TypeError(f"api_key must be a str or None, got {type(api_key).__name__}")
+        batch_size = check_count(batch_size, "batch_size", minimum=1)
+        timeout = check_positive(timeout, "timeout")
+        prefer_grpc = check_flag(prefer_grpc, "prefer_grpc")
+        exact = check_flag(exact, "exact")
+        colbert_on_disk = check_flag(colbert_on_disk, "colbert_on_disk")
+        dense_on_disk = check_flag(dense_on_disk, "dense_on_disk")
+        fields = _check_indexed_fields(indexed_fields)
         if bm25_avgdl is not None and (
             isinstance(bm25_avgdl, bool)
             or not isinstance(bm25_avgdl, (int, float))
@@ -412,13 +419,18 @@ class QdrantBackend(ServerEngine):
         colbert_query: np.ndarray | None = None,
     ) -> Candidates:
         """Dense and lexical top-``n`` (filtered), their union rescored by every leg: one
-        ``query_batch_points`` request."""
+        ``query_batch_points`` request (plus one count when ``n`` exceeds
+        :data:`COUNT_ABOVE`: ``n`` is capped at the collection's size)."""
         from qdrant_client import models
 
         spec = self._spec()
         qf = qdrant_filter(flt)
         n = int(n)
         use_lex = spec.lexical is not None and lexical_query is not None
+        if n > COUNT_ABOVE:  # never let the server size a reply by k (some versions abort)
+            n = min(n, len(self))  # one count: at most every document counted now
+            if n == 0:
+                return Candidates.empty(use_lex)
         dq = np.asarray(dense_query, np.float32).tolist()
         params = models.SearchParams(exact=True) if self.exact else None
         legs = [models.Prefetch(query=dq, using="dense", limit=n, filter=qf, params=params)]
@@ -528,3 +540,21 @@ class QdrantBackend(ServerEngine):
                     "text": p.payload["text"],
                     "metadata": p.payload["metadata"],
                 }
+
+
+def _check_indexed_fields(indexed_fields: Any) -> dict[str, str]:
+    """``{metadata key: payload index type}``: non-empty str keys Qdrant can address."""
+    if indexed_fields is None:
+        return {}
+    if not isinstance(indexed_fields, Mapping):
+        raise TypeError("indexed_fields must be a dict {metadata key: 'keyword' | ...}")
+    fields = dict(indexed_fields)
+    for key, kind in fields.items():
+        if not isinstance(key, str):
+            raise TypeError(f"indexed_fields keys must be metadata keys (str), got {key!r}")
+        if not key:
+            raise ValueError("indexed_fields has an empty key: name the metadata key to index")
+        if kind not in PAYLOAD_TYPES:
+            raise ValueError(f"indexed_fields[{key!r}] must be one of {PAYLOAD_TYPES}")
+        metadata_path(key)
+    return fields
