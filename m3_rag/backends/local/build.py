@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from m3_rag.backends.local.segment import (
     DocTable,
     LexicalPostings,
     Segment,
+    check_finite,
     gather_ranges,
 )
 from m3_rag.backends.local.segment_io import DELETES, FILES, SegmentOptions, open_segment
@@ -74,6 +76,14 @@ def _rows_chunk(a: Any, rows: np.ndarray, budget: int) -> Iterator[np.ndarray]:
             continue
         lo, hi = int(part[0]), int(part[-1]) + 1
         yield read_chunk(a, lo, hi)[part - lo]
+
+
+def _read(seg: Segment, file: str, a: Any, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """:func:`_rows_chunk` of ``seg``'s array ``a`` (stored as ``file``), each piece checked
+    for NaN and inf when the segment was opened without checking that file (a merge must not
+    copy a corrupted value into a new segment, whose checksum would then cover it)."""
+    for c in _rows_chunk(a, rows, _CHUNK_BYTES):
+        yield check_finite(c, seg.file(file)) if file in seg.unchecked else c
 
 
 class _Sink:
@@ -203,7 +213,7 @@ def build_segment(
     dim = first.dense.shape[1] if first is not None else 0
     sink.array(
         "dense",
-        (c for s, rows in parts for c in _rows_chunk(s.dense, rows, _CHUNK_BYTES)),
+        (c for s, rows in parts for c in _read(s, "dense.npy", s.dense, rows)),
         opts.dense_dtype,
         (n, dim),
     )
@@ -212,7 +222,7 @@ def build_segment(
         import scipy.sparse as sp
 
         csr = sp.vstack(
-            [s.lexical.rows_csr(rows, vocab_size) for s, rows in parts if s.lexical is not None],
+            [_lexical_rows(s, rows, vocab_size) for s, rows in parts if s.lexical is not None],
             format="csr",
         )
         lexical = LexicalPostings.from_csr(csr)
@@ -245,6 +255,14 @@ def build_segment(
     return seg
 
 
+def _lexical_rows(seg: Segment, rows: np.ndarray, vocab_size: int) -> Any:
+    assert seg.lexical is not None
+    csr = seg.lexical.rows_csr(rows, vocab_size)
+    if "lex_data.npy" in seg.unchecked:
+        check_finite(csr.data, seg.file("lex_data.npy"))
+    return csr
+
+
 def _colbert(sink: _Sink, parts: Parts, opts: SegmentOptions) -> None:
     lengths = np.concatenate(
         [np.diff(s.colbert.offsets)[rows] for s, rows in parts if s.colbert is not None]
@@ -260,7 +278,7 @@ def _colbert(sink: _Sink, parts: Parts, opts: SegmentOptions) -> None:
             assert src is not None
             starts = s.colbert.offsets[rows]
             at = gather_ranges(starts, s.colbert.offsets[rows + 1] - starts)
-            yield from _rows_chunk(src, at, _CHUNK_BYTES)
+            yield from _read(s, f"colbert_{key}.npy", src, at)
 
     sink.array("colbert_vectors", pieces("vectors"), opts.colbert_dtype, (total, dim))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -320,7 +338,7 @@ def _with_ann(
     )
     if sink is not None and sink.dir is not None:  # streamed: no second copy of the index
         sink.stream("ann", ann.nbytes(), ann.write_to)
-    return Segment(seg.name, seg.ids, seg.dense, seg.lexical, seg.colbert, seg.docs, ann)
+    return replace(seg, ann=ann)
 
 
 def copy_file(src: Path, dst: Path, meta: dict[str, Any]) -> None:

@@ -2,6 +2,11 @@
 
 Pure functions of an immutable :class:`~m3_rag.backends.local.view.View` (and the index
 spec): a search takes the view once and never locks, so it runs alongside writes.
+
+Every score computed from stored values is checked for NaN and inf
+(:func:`~m3_rag.backends.local.segment.check_finite`, O(scores): the files over the size
+hashed on open are not checked when opened, and a flipped byte there must not silently drop
+or top a document); vectors exported from such files are checked too.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from m3_rag.backends.local.segment import Segment
+from m3_rag.backends.local.segment import Segment, check_finite
 from m3_rag.backends.local.view import View
 from m3_rag.backends.protocol import Candidates, DocBatch
 from m3_rag.backends.validate import top_k
@@ -62,6 +67,8 @@ def candidates(
     q = np.ascontiguousarray(dense_query, dtype=np.float32).reshape(-1)
     if q.shape[0] != spec.dense_dim:
         raise ValueError(f"query has {q.shape[0]} dims, the index {spec.dense_dim}")
+    if not np.isfinite(q).all():
+        raise ValueError("the dense query holds NaN or inf")
     allowed_rows = masks(view, flt)
     bases = view.bases
     d_rows, d_scores = [], []
@@ -95,7 +102,7 @@ def candidates(
     lexical = np.zeros(len(rows), np.float32) if use_lex else None  # 0 without terms
     for i in np.unique(seg_of).tolist():
         at = np.flatnonzero(seg_of == i)
-        dense[at] = view.segments[i].dense_scores(q, local[at])
+        dense[at] = _dense(view.segments[i], q, local[at])
         full = lex_full[i]
         if lexical is not None and full is not None:
             lexical[at] = full[local[at]]
@@ -108,6 +115,13 @@ def candidates(
     )
 
 
+def _dense(seg: Segment, q: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Dense scores of ``rows`` (all rows when ``None``) of ``seg``, checked finite."""
+    with np.errstate(invalid="ignore", over="ignore"):  # reported below
+        scores = seg.dense_scores(q, rows)
+    return check_finite(scores, seg.file("dense.npy"))
+
+
 def _dense_top(
     seg: Segment, q: np.ndarray, n: int, allowed: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -116,15 +130,15 @@ def _dense_top(
         n_allowed = len(seg) if allowed is None else int(allowed.sum())
         if n_allowed >= EXACT_FILTERED:  # faiss is never asked for more rows than there are
             rows = np.sort(seg.ann.search(q, min(2 * n, n_allowed), allowed))
-            scores = seg.dense_scores(q, rows)
+            scores = _dense(seg, q, rows)
             top = top_k(scores, n)
             return rows[top], scores[top]
         if allowed is not None:
             rows = np.flatnonzero(allowed)
-            scores = seg.dense_scores(q, rows)
+            scores = _dense(seg, q, rows)
             top = top_k(scores, n)
             return rows[top], scores[top]
-    scores = seg.dense_scores(q)
+    scores = _dense(seg, q)
     rows = top_k(scores, n, allowed)
     return rows, scores[rows]
 
@@ -139,6 +153,8 @@ def _lexical_query(
     if len(terms) == 0:
         return None
     weights = np.fromiter((query[int(t)] for t in terms), np.float64, count=len(terms))
+    if not np.isfinite(weights).all():
+        raise ValueError("the lexical query holds a NaN or infinite weight")
     if spec.lexical == "bm25" and view.stats is not None:
         weights = weights * view.stats.idf(terms, spec.bm25_params)
     return terms, weights
@@ -163,20 +179,24 @@ def _lexical_scores(
             out[rows] += contrib.astype(np.float32)
         else:
             out[rows] += np.float32(w) * values
-    return out
+    return check_finite(out, seg.file("lex_tdata.npy"))
 
 
 def colbert_scores(query: np.ndarray, cands: Candidates) -> np.ndarray:
     """MaxSim of ``query [q, dim]`` against each candidate (read from its pinned view)."""
     view: View = cands.payload
     out = np.zeros(len(cands.ids), np.float32)
+    if not np.isfinite(query).all():
+        raise ValueError("the ColBERT query holds NaN or inf")
     seg_of, local = view.locate(cands.rows)
     for i in np.unique(seg_of).tolist():
-        col = view.segments[i].colbert
+        seg = view.segments[i]
+        col = seg.colbert
         if col is None:
             raise ValueError("this index has no ColBERT vectors")
         at = np.flatnonzero(seg_of == i)
-        out[at] = col.scores(query, local[at])
+        file = "colbert_vectors.npy" if col.scales is None else "colbert_scales.npy"
+        out[at] = check_finite(col.scores(query, local[at]), seg.file(file))
     return out
 
 
@@ -216,14 +236,24 @@ def export(view: View, spec: IndexSpec, batch_size: int) -> Iterator[DocBatch]:
                 vecs = packed.astype(np.float32)
                 if scales is not None:
                     vecs *= scales[:, None]
+                _checked(seg, "colbert_vectors.npy", vecs)
+                _checked(seg, "colbert_scales.npy", vecs)
                 colbert = [vecs[a:b] for a, b in itertools.pairwise(offsets.tolist())]
+            lexical = None
+            if seg.lexical is not None:
+                lexical = seg.lexical.rows_csr(rows, spec.vocab_size)
+                _checked(seg, "lex_data.npy", lexical.data)
             yield DocBatch(
                 ids=[seg.ids[r] for r in rows.tolist()],
                 texts=[seg.docs.text(r) for r in rows.tolist()],
                 metadatas=[copy.deepcopy(seg.docs.metadata(r)) for r in rows.tolist()],
-                dense=np.asarray(seg.dense[rows], dtype=np.float32),
-                lexical=None
-                if seg.lexical is None
-                else seg.lexical.rows_csr(rows, spec.vocab_size),
+                dense=_checked(seg, "dense.npy", np.asarray(seg.dense[rows], dtype=np.float32)),
+                lexical=lexical,
                 colbert=colbert,
             )
+
+
+def _checked(seg: Segment, file: str, values: np.ndarray) -> np.ndarray:
+    """``values`` read from ``file`` of ``seg``, checked finite when the file was not
+    checked on open."""
+    return check_finite(values, seg.file(file)) if file in seg.unchecked else values

@@ -17,10 +17,19 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3_rag._inputs import SCORES_KEY
 from m3_rag.backends.local.diskarray import DiskArray
+from m3_rag.errors import IndexFormatError
 from m3_rag.scoring import colbert_scores_rows, dense_scan
 
-__all__ = ["ColbertBlock", "DocTable", "LexicalPostings", "Segment", "gather_ranges"]
+__all__ = [
+    "ColbertBlock",
+    "DocTable",
+    "LexicalPostings",
+    "Segment",
+    "check_finite",
+    "gather_ranges",
+]
 
 
 def read_ranges(a: Any, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -157,21 +166,73 @@ class ColbertBlock:
         return colbert_scores_rows(query, packed, offsets, local, scales=scales)
 
 
+def check_finite(values: np.ndarray, where: str) -> np.ndarray:
+    """``values`` (scores or vectors read from stored files), or an error when one is NaN or
+    infinite: a stored vector was corrupted after it was written (``add()`` refuses
+    non-finite input), and a NaN or inf score would silently drop or top a document.
+
+    Raises:
+        IndexFormatError: naming ``where`` (the file the values come from).
+    """
+    if not np.isfinite(values).all():
+        raise IndexFormatError(
+            f"{where} holds NaN or inf (a score computed from it is not finite): the file is "
+            "corrupt; restore the index from a copy or rebuild it"
+        )
+    return values
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 @dataclass(eq=False)
 class DocTable:
     """Texts and metadata of a segment: Python lists in RAM, or a memory-mapped ``docs.jsonl``
-    (one ``{"text", "metadata"}`` object per line) read a line at a time."""
+    (one ``{"text", "metadata"}`` object per line) read a line at a time.
+
+    A line is checked when it is first read: an unreadable line, or one that is not
+    ``{"text": str, "metadata": dict}`` (without the reserved key), raises
+    :class:`~m3_rag.errors.IndexFormatError` naming ``where`` and the line.
+    """
 
     texts: list[str] | None = None
     metas: list[dict[str, Any]] | None = None
     blob: mmap.mmap | bytes | None = None
     offsets: np.ndarray | None = None
+    where: str = "docs.jsonl"
     _parsed: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     def _line(self, row: int) -> dict[str, Any]:
         assert self.blob is not None and self.offsets is not None
         a, b = int(self.offsets[row]), int(self.offsets[row + 1])
-        doc: dict[str, Any] = json.loads(bytes(self.blob[a:b]))
+        raw = bytes(self.blob[a:b])
+        try:
+            doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise IndexFormatError(
+                f"{self.where}, line {row + 1}: not valid JSON ({str(e)[:120]})"
+            ) from None
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("text"), str)
+            or not isinstance(doc.get("metadata"), dict)
+        ):
+            raise IndexFormatError(
+                f"{self.where}, line {row + 1}: must be an object with a str 'text' and an "
+                "object 'metadata'"
+            )
+        if SCORES_KEY in doc["metadata"]:
+            raise IndexFormatError(
+                f"{self.where}, line {row + 1}: metadata holds the reserved key {SCORES_KEY!r}"
+            )
+        if b"\\u" in raw:  # an escape may encode a lone surrogate (add() refuses them)
+            try:
+                json.dumps(doc, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise IndexFormatError(
+                    f"{self.where}, line {row + 1}: holds a lone surrogate (not valid Unicode)"
+                ) from None
         return doc
 
     def text(self, row: int) -> str:
@@ -182,7 +243,10 @@ class DocTable:
     def metadata(self, row: int) -> dict[str, Any]:
         if self.metas is not None:
             return self.metas[row]
-        return self.metadatas()[row]
+        if self._parsed is not None:
+            return self._parsed[row]
+        metadata: dict[str, Any] = self._line(row)["metadata"]
+        return metadata
 
     def metadatas(self) -> list[dict[str, Any]]:
         """Every row's metadata (parsed once on first use when memory-mapped)."""
@@ -190,7 +254,7 @@ class DocTable:
             return self.metas
         if self._parsed is None:
             n = len(self.offsets) - 1 if self.offsets is not None else 0
-            self._parsed = [self._line(r).get("metadata") or {} for r in range(n)]
+            self._parsed = [self._line(r)["metadata"] for r in range(n)]
         return self._parsed
 
 
@@ -207,6 +271,10 @@ class Segment:
         docs: Texts and metadata.
         ann: An approximate dense index over ``dense``
             (:class:`~m3_rag.backends.local.ann.DenseANN`), or ``None`` (exact scan).
+        where: Its directory (for error messages), or ``""`` in RAM.
+        unchecked: The files whose values were not checked for NaN and inf when the segment
+            was opened (files over the size hashed on open): what is read from them is
+            checked where it is read (:func:`check_finite`).
     """
 
     name: str
@@ -216,6 +284,8 @@ class Segment:
     colbert: ColbertBlock | None
     docs: DocTable
     ann: Any = None
+    where: str = ""
+    unchecked: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -231,6 +301,10 @@ class Segment:
         if rows is None:
             return dense_scan(self.dense, query)
         return np.asarray(self.dense[rows], dtype=np.float32) @ query
+
+    def file(self, name: str) -> str:
+        """Where file ``name`` of this segment is (for error messages)."""
+        return f"{self.where}/{name}" if self.where else f"segment {self.name or '(new)'}: {name}"
 
     def nbytes(self) -> int:
         """Bytes of the segment's arrays (vectors, postings)."""

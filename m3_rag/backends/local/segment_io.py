@@ -46,6 +46,7 @@ SEGMENT = re.compile(r"^seg-\d{8}$")
 DELETES = re.compile(r"^del-\d{8}\.npy$")
 FILES = re.compile(r"^(ids\.json|docs\.jsonl|segment\.json|[a-z][a-z0-9_]{0,40}\.npy)$")
 _HASH_ON_OPEN = 256 << 20  # "auto" verification hashes files up to this size on open
+# (and checks their values; what is read from larger ones is checked where it is read)
 _IN_RAM = 32 << 20  # arrays up to this size are read into RAM, larger ones on demand
 # the arrays read on demand when large (offsets and other small tables are always in RAM)
 _ON_DEMAND = {  # (int8 ColBERT scales stay in RAM: 4 bytes per vector, read by every search)
@@ -136,17 +137,20 @@ def open_segment(
     dense = arr("dense")
     if dense.shape[0] != count or dense.ndim != 2 or str(dense.dtype) != opts.dense_dtype:
         raise IndexFormatError(f"{d}/dense.npy has shape {dense.shape} {dense.dtype}")
-    if check and dense.nbytes <= _HASH_ON_OPEN and not np.isfinite(dense).all():
+    unchecked: set[str] = set()
+    if check and dense.nbytes > _HASH_ON_OPEN:
+        unchecked.add("dense.npy")
+    elif check and not np.isfinite(dense).all():
         raise IndexFormatError(f"{d}/dense.npy holds NaN or inf")
     lexical = None
     if "lex_indptr.npy" in files:
         lexical = LexicalPostings(*(arr(f"lex_{k}") for k in LexicalPostings.NAMES))
-        _check_lexical(d, lexical, count, check)
+        unchecked |= _check_lexical(d, lexical, count, check)
     colbert = None
     if "colbert_vectors.npy" in files:
         scales = arr("colbert_scales") if "colbert_scales.npy" in files else None
         colbert = ColbertBlock(arr("colbert_vectors"), arr("colbert_offsets"), scales)
-        _check_colbert(d, colbert, count, opts, check)
+        unchecked |= _check_colbert(d, colbert, count, opts, check)
     offsets = arr("docs_offsets")
     with open_plain(d / "docs.jsonl") as f:
         size = os.fstat(f.fileno()).st_size
@@ -160,7 +164,10 @@ def open_segment(
         ann = DenseANN.from_array(np.load(d / "ann.npy", allow_pickle=False), opts.ann_nprobe)
         if ann.index.ntotal != count or ann.index.d != dense.shape[1]:
             raise IndexFormatError(f"{d}/ann.npy does not index this segment's vectors")
-    return Segment(name, ids, dense, lexical, colbert, DocTable(blob=blob, offsets=offsets), ann)
+    docs = DocTable(blob=blob, offsets=offsets, where=f"{d}/docs.jsonl")
+    return Segment(
+        name, ids, dense, lexical, colbert, docs, ann, where=str(d), unchecked=frozenset(unchecked)
+    )
 
 
 def _mmap(path: Path) -> np.ndarray:
@@ -219,15 +226,18 @@ def _check_offsets(where: str, offsets: np.ndarray, count: int, total: int) -> N
         raise IndexFormatError(f"{where} is inconsistent with the stored data")
 
 
-def _check_lexical(d: Path, lex: LexicalPostings, count: int, check: bool) -> None:
+def _check_lexical(d: Path, lex: LexicalPostings, count: int, check: bool) -> set[str]:
+    """Check postings read from ``d`` -> the files whose values were not checked (large)."""
     nnz = len(lex.indices)
     _check_offsets(f"{d}/lex_indptr.npy", lex.indptr, count, nnz)
     _check_offsets(f"{d}/lex_tptr.npy", lex.tptr, len(lex.terms), nnz)
     if not (len(lex.data) == len(lex.trows) == len(lex.tdata) == nnz) or len(lex.length) != count:
         raise IndexFormatError(f"{d}/lex_*.npy have inconsistent lengths")
     big = (lex.trows, lex.indices, lex.data, lex.tdata)
-    if not check or any(x.nbytes > _HASH_ON_OPEN for x in big):
-        return  # large postings: their checksums are verified with verify="full"
+    if not check:
+        return set()
+    if any(x.nbytes > _HASH_ON_OPEN for x in big):
+        return {"lex_data.npy", "lex_tdata.npy"}  # weights checked where they are read
     trows, indices, data, tdata = (np.asarray(x) for x in big)
     if nnz and (
         int(trows.min()) < 0
@@ -241,26 +251,33 @@ def _check_lexical(d: Path, lex: LexicalPostings, count: int, check: bool) -> No
         raise IndexFormatError(f"{d}/lex_*.npy hold rows, ids or weights out of range")
     if len(lex.terms) > 1 and (np.diff(lex.terms) <= 0).any():
         raise IndexFormatError(f"{d}/lex_terms.npy must increase")
+    return set()
 
 
 def _check_colbert(
     d: Path, col: ColbertBlock, count: int, opts: SegmentOptions, check: bool
-) -> None:
+) -> set[str]:
+    """Check ColBERT arrays read from ``d`` -> the files whose values were not checked."""
     _check_offsets(f"{d}/colbert_offsets.npy", col.offsets, count, len(col.vectors))
     if str(col.vectors.dtype) != opts.colbert_dtype or col.vectors.ndim != 2:
         raise IndexFormatError(f"{d}/colbert_vectors.npy is {col.vectors.dtype}")
     if (col.scales is None) != (opts.colbert_dtype != "int8"):
         raise IndexFormatError(f"{d}: int8 ColBERT vectors need colbert_scales.npy")
     if not check:
-        return
+        return set()
     if col.scales is not None:
+        if len(col.scales) != len(col.vectors):
+            raise IndexFormatError(f"{d}/colbert_scales.npy must hold one scale per vector")
         if col.scales.nbytes > _HASH_ON_OPEN:
-            return
+            return {"colbert_scales.npy"}
         s = np.asarray(col.scales)
-        if len(s) != len(col.vectors) or not (np.isfinite(s).all() and (s > 0).all()):
+        if not (np.isfinite(s).all() and (s > 0).all()):
             raise IndexFormatError(f"{d}/colbert_scales.npy must hold finite scales > 0")
-    elif col.vectors.nbytes <= _HASH_ON_OPEN and not np.isfinite(col.vectors).all():
+    elif col.vectors.nbytes > _HASH_ON_OPEN:
+        return {"colbert_vectors.npy"}
+    elif not np.isfinite(col.vectors).all():
         raise IndexFormatError(f"{d}/colbert_vectors.npy holds NaN or inf")
+    return set()
 
 
 def deletes_of(d: Path, name: str, count: int) -> np.ndarray:
