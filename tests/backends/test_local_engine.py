@@ -109,8 +109,11 @@ def test_another_writer_is_detected(tiny_encoder: M3Encoder, tmp_path: Path) -> 
     b.add_texts(SAMPLE_TEXTS[4:6], ids=IDS[4:6])
     with pytest.raises(RuntimeError, match="another writer"):
         a.add_texts(SAMPLE_TEXTS[6:8], ids=IDS[6:8])
-    assert len(a) == 4  # nothing changed in the stale handle
     assert len(HybridRetriever.load(tmp_path / "idx", tiny_encoder)) == 6
+    # the refused write stored nothing; a read of the stale handle then reads b's commit
+    assert a.get(IDS[6:8]) == [] and len(a) == 6 and a.get(IDS[4:5])[0][0] == IDS[4]
+    a.add_texts(SAMPLE_TEXTS[6:8], ids=IDS[6:8])  # on top of it, now that it read it
+    assert len(HybridRetriever.load(tmp_path / "idx", tiny_encoder)) == 8
 
 
 def test_settings_that_do_not_fit_the_directory_are_refused(
@@ -331,14 +334,14 @@ def test_a_commit_while_an_index_opens_does_not_break_the_open(
 ) -> None:
     """Another writer commits (and would remove the old manifest) right after the opener
     read CURRENT: the opener holds the reader lock, so it still opens the commit it read."""
-    from m3_rag.backends.local import disk
+    from m3_rag.backends.local import manifest
     from m3_rag.backends.registry import open_saved
     from m3_rag.spec import IndexSpec
 
     idx = tmp_path / "idx"
     writer = _tiny(idx)
     _add(writer, ["a", "b"])
-    real = disk.read_bytes
+    real = manifest.read_bytes
     fired: list[int] = []
 
     def read_bytes(path: Path, limit: int | None = None) -> bytes:
@@ -348,14 +351,17 @@ def test_a_commit_while_an_index_opens_does_not_break_the_open(
             assert len(list(idx.glob("manifest-*"))) == 2, "the old manifest must stay"
         return real(path, limit)
 
-    monkeypatch.setattr(disk, "read_bytes", read_bytes)
+    monkeypatch.setattr(manifest, "read_bytes", read_bytes)
     spec = IndexSpec("tiny", 2, None, None, 0)
     if how == "open_saved":
         opened = open_saved(idx).backend.open(spec)
     else:
         opened = LocalBackend(idx, ann_threshold=None).open(spec)
-    assert fired and len(opened) == 2  # the commit it read CURRENT of
+    # it opened the commit it read CURRENT of ...
+    assert isinstance(opened, LocalBackend)
+    assert fired and [s.ids for s in opened.segments] == [["a", "b"]]
     monkeypatch.undo()
+    assert len(opened) == 3  # ... and its first read reads the one committed since
     assert len(LocalBackend(idx).open(spec)) == 3
 
 

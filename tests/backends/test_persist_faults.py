@@ -26,6 +26,7 @@ from _format2 import write_format2
 from _index_writer import SIZES, SPEC, build, settings
 from conftest import resign
 
+from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.local.migrate import migrate
 from m3_rag.backends.registry import open_saved
 from m3_rag.errors import IndexFormatError
@@ -49,6 +50,8 @@ def _concat(backend: object) -> tuple[list[str], np.ndarray, list[str], list[dic
 def _which(path: Path) -> str:
     """Load the index and say which complete index it is (fails on anything else)."""
     saved = open_saved(path)
+    assert isinstance(saved.backend, LocalBackend)
+    saved.backend.refresh = False  # its documents must be those of the settings read
     b = saved.backend.open(SPEC)
     ids = b.ids
     which = ids[0].split("-")[0]
@@ -126,11 +129,26 @@ def test_a_killed_first_save_leaves_no_index(tmp_path: Path) -> None:
     assert _which(idx) == "a"
 
 
+def _complete(b: LocalBackend) -> str:
+    """Which complete index one read (an export: one view) of ``b`` returns."""
+    got = _concat(b)
+    which = got[0][0].split("-")[0]
+    want = _concat(build(which))
+    np.testing.assert_array_equal(got[1], want[1])
+    assert (got[0], got[2], got[3]) == (want[0], want[2], want[3])
+    for a, c in zip(got[4], want[4], strict=True):
+        np.testing.assert_array_equal(a, c)
+    return which
+
+
 def test_racing_writers_and_readers_across_processes(tmp_path: Path) -> None:
+    """Two processes save A and B in turn while a thread loads the index again and again,
+    and another reads through one handle opened once (each read takes the latest commit)."""
     idx = tmp_path / "idx"
     build("a").save(idx, settings("a"))
     errors: list[BaseException] = []
     stop = threading.Event()
+    held = LocalBackend(idx).open(SPEC)
 
     def read() -> None:
         while not stop.is_set():
@@ -139,8 +157,17 @@ def test_racing_writers_and_readers_across_processes(tmp_path: Path) -> None:
             except BaseException as e:
                 errors.append(e)
 
+    def follow() -> None:
+        while not stop.is_set():
+            try:
+                _complete(held)
+            except BaseException as e:
+                errors.append(e)
+
     reader = threading.Thread(target=read)
     reader.start()
+    follower = threading.Thread(target=follow)
+    follower.start()
     try:
         for _ in range(4):  # 4 rounds x 2 processes x 5 saves
             procs = [
@@ -152,7 +179,9 @@ def test_racing_writers_and_readers_across_processes(tmp_path: Path) -> None:
     finally:
         stop.set()
         reader.join()
+        follower.join()
     assert not errors, errors[:3]
+    assert _complete(held) == _which(idx)  # the held handle reads the last commit
 
 
 def test_racing_writer_threads_20_rounds(tmp_path: Path) -> None:

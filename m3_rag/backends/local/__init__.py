@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from m3_rag.backends.local.engine import ANN_THRESHOLD, LocalBackend
+from m3_rag.backends.local.engine import ANN_THRESHOLD, LocalBackend, MergeWarning
 
-__all__ = ["ANN_THRESHOLD", "LocalBackend"]
+__all__ = ["ANN_THRESHOLD", "LocalBackend", "MergeWarning"]

@@ -13,13 +13,19 @@ alongside writes, and never see a document deleted before they started.
   mask, O(1) in the index size); merges drop dead rows.
 * **On disk** (``LocalBackend(path)``): every write is a commit: the new segment (or a
   segment's tombstone file) and a small manifest are written and fsynced, then ``CURRENT``
-  is swapped atomically (see :mod:`m3_rag.backends.local.disk`). A commit writes O(new data).
+  is swapped atomically (see :mod:`m3_rag.backends.local.manifest`). A commit writes O(new
+  data).
 * **Approximate dense leg.** Segments of at least ``ann_threshold`` rows carry a faiss IVF
   index that proposes the dense candidates; their scores are recomputed exactly.
+* **Other handles' commits.** A read (search, ``len``, ``fetch``...) of a disk-backed
+  index first reads ``CURRENT``; when another handle or process committed since, it opens
+  that commit (only its new segments and tombstones) and reads it (``refresh=False``: the
+  handle keeps the commit it opened). Writes never do: a write after another handle's
+  commit that this handle has not read raises :class:`~m3_rag.errors.WriteConflictError`.
 
-(Over 450 lines: the engine's setup and whole write path stay together, under one lock;
-the reads are in :mod:`~m3_rag.backends.local.search`, the commits in
-:mod:`~m3_rag.backends.local.disk`.)
+(Over 450 lines: the engine's setup, its whole write path under one lock and the refresh
+of its view stay together; the reads are in :mod:`~m3_rag.backends.local.search`, the
+commits in :mod:`~m3_rag.backends.local.disk`.)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,15 +49,23 @@ from m3_rag.backends.local.disk import DiskState, Stored
 from m3_rag.backends.local.save import save_view
 from m3_rag.backends.local.segment import Segment
 from m3_rag.backends.local.segment_io import SegmentOptions
-from m3_rag.backends.local.view import IdMap, View, merge_plan
+from m3_rag.backends.local.view import IdMap, View, merge_plan, rebind, tombstone
 from m3_rag.backends.protocol import Candidates, DocBatch, IndexSpec
 from m3_rag.backends.validate import PreparedBatch, check_ids, prepare_batch
 from m3_rag.filters import Filter
-from m3_rag.persist import reader_lock
+from m3_rag.persist import reader_lock, remove
 
-__all__ = ["ANN_THRESHOLD", "LocalBackend"]
+__all__ = ["ANN_THRESHOLD", "LocalBackend", "MergeWarning"]
 
 ANN_THRESHOLD = 20_000  # measured: benchmarks/bench_ann_threshold.py (exact <= 2 ms below it)
+
+
+class MergeWarning(RuntimeWarning):
+    """A merge that a committed write started failed (e.g. a full disk: ``OSError``
+    ENOSPC). The write stands; nothing of the merge was committed (its partial segment is
+    removed), and the merge is tried again by the next write or :meth:`LocalBackend.compact`.
+    Turn it into an error with ``warnings.simplefilter("error", MergeWarning)``, or log it
+    with ``logging.captureWarnings(True)``."""
 
 
 class LocalBackend:
@@ -68,6 +83,13 @@ class LocalBackend:
             :class:`~m3_rag.backends.local.segment_io.SegmentOptions`).
         io: ``"pread"`` (default) or ``"mmap"``: how large segment arrays are read (see
             :class:`~m3_rag.backends.local.segment_io.SegmentOptions`).
+        refresh: Reads (a search, ``len``, ``fetch``, ``select``, ``export``) of a
+            disk-backed index first read ``CURRENT`` and, when another handle or process
+            committed since this one last read or wrote, read that commit (its new
+            segments are opened, the others kept). ``False``: the handle keeps the commit
+            it opened, and its own writes, until it is opened again. Either way a write
+            after another handle's commit that this handle has not read raises
+            :class:`~m3_rag.errors.WriteConflictError`.
     """
 
     def __init__(
@@ -79,6 +101,7 @@ class LocalBackend:
         merge_factor: int = 10,
         verify: str = "auto",
         io: str = "pread",
+        refresh: bool = True,
     ) -> None:
         if ann_threshold is not None and (type(ann_threshold) is not int or ann_threshold < 1):
             raise ValueError(f"ann_threshold must be an int >= 1 or None, got {ann_threshold!r}")
@@ -90,18 +113,22 @@ class LocalBackend:
             raise ValueError(f"io must be 'pread' or 'mmap', got {io!r}")
         if verify not in ("auto", "full"):
             raise ValueError(f"verify must be 'auto' or 'full', got {verify!r}")
+        if type(refresh) is not bool:
+            raise TypeError(f"refresh must be a bool, got {type(refresh).__name__}")
         if ann_threshold is not None and importlib.util.find_spec("faiss") is None:
             ann_threshold = None  # exact scan; the README says how to enable ANN
         self.path = None if path is None else Path(path)
         self.ann_threshold, self.ann_nprobe = ann_threshold, ann_nprobe
         self.merge_factor, self.verify = merge_factor, verify
-        self.io = io
+        self.io, self.refresh = io, refresh
         self.spec: IndexSpec | None = None
         self.settings: dict[str, Any] = {}
         self._view = View()
         self._ids: IdMap = {}
         self._lock = threading.Lock()  # serialises writers; readers never take it
         self._next = 1
+        self._allow_mismatch = False
+        self._closed = False
         self._disk: DiskState | None = None  # the directory side when path is set
         self._stored: Stored | None = None  # read by read_stored(), bound by the next open()
 
@@ -141,6 +168,7 @@ class LocalBackend:
                 f"allow_model_mismatch must be a bool, got {type(allow_model_mismatch).__name__}"
             )
         kept = dict(settings or {})
+        self._allow_mismatch = allow_model_mismatch
         stored, self._stored = self._stored, None
         if stored is not None:  # read by read_stored(): check it, do not read it again
             spec.check_stored(
@@ -196,6 +224,29 @@ class LocalBackend:
             self._disk, self._view, self._next = disk, stored.view, stored.next_segment
             self._ids = ids
 
+    def _fresh(self) -> View:
+        """The view a read uses: the latest commit's when another handle (or process)
+        committed since this one last read or wrote (one read of ``CURRENT``; only the new
+        segments are opened). A read that starts while this handle is writing or already
+        refreshing uses the view it has.
+
+        Raises:
+            IndexMismatchError: the directory now holds an index of another spec.
+            IndexFormatError: the new commit is unreadable.
+        """
+        disk, spec = self._disk, self.spec
+        if disk is None or spec is None or not self.refresh or self._closed:
+            return self._view
+        if disk.changed() and self._lock.acquire(blocking=False):
+            try:
+                if disk.changed():  # (not read by another thread meanwhile)
+                    stored = disk.load(spec, self._allow_mismatch, self._view.segments)
+                    self._ids = stored.view.id_map(self.path)
+                    self._view, self._next = stored.view, stored.next_segment
+            finally:
+                self._lock.release()
+        return self._view
+
     def adopt(
         self, spec: IndexSpec, settings: Mapping[str, Any], segments: Sequence[Segment]
     ) -> LocalBackend:
@@ -238,18 +289,19 @@ class LocalBackend:
         return self.spec
 
     def __len__(self) -> int:
-        return self._view.count
+        return self._fresh().count
 
     def known_empty(self) -> bool:
-        return self._view.count == 0
+        return self._fresh().count == 0
 
     def __contains__(self, doc_id: object) -> bool:
+        self._fresh()
         return isinstance(doc_id, str) and doc_id in self._ids
 
     @property
     def ids(self) -> list[str]:
         """Every live id, in storage order."""
-        view = self._view
+        view = self._fresh()
         return [
             view.segments[i].ids[r]
             for i in range(len(view.segments))
@@ -271,13 +323,23 @@ class LocalBackend:
         colbert: Sequence[np.ndarray] | None,
     ) -> None:
         """Add (or replace by id) documents as one new segment; validated first
-        (:func:`~m3_rag.backends.validate.prepare_batch`), so an error changes nothing."""
+        (:func:`~m3_rag.backends.validate.prepare_batch`).
+
+        An error means nothing was committed. The merges the add then starts are not part
+        of it: one that fails (e.g. a full disk) is reported as a :class:`MergeWarning`,
+        the add stands, and the merge is tried again by the next write or :meth:`compact`.
+
+        Raises:
+            TypeError / ValueError: bad input (nothing is added).
+            WriteConflictError: another handle committed since this one last read the index.
+            OSError: the new segment or the commit could not be written (nothing is added).
+        """
         spec = self._need_spec()
         self.add_prepared(prepare_batch(spec, ids, texts, metadatas, dense, lexical, colbert))
 
     def add_prepared(self, batch: PreparedBatch) -> None:
         """Add (or replace by id) a batch that :func:`~m3_rag.backends.validate.prepare_batch`
-        checked for this backend's spec, as one new segment.
+        checked for this backend's spec, as one new segment (as :meth:`add`).
 
         Raises:
             ValueError: the batch was prepared for other shapes or dtypes.
@@ -293,35 +355,36 @@ class LocalBackend:
         seg = batch_segment(batch)
         ids = seg.ids
         with self._lock, self._writing():
-            name = self._name()
-            new = build_segment(
-                name,
-                [(seg, np.arange(len(seg)))],
-                self.options,
-                spec.vocab_size,
-                self._seg_dir(name),
-            )
-            view, deleted = self._tombstone(self._view, ids)
+            new = self._build([(seg, np.arange(len(seg)))])
+            view, deleted = tombstone(self._view, self._ids, ids)
             view = view.with_segment(new)
             self._publish(view, deleted, added=[new])
-            self._maybe_merge()
+            self._merge_after_commit()
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Tombstone documents; an unknown id raises ``KeyError`` and nothing is removed."""
+        """Tombstone documents; an unknown id raises ``KeyError`` and nothing is removed.
+
+        An error means nothing was committed; a merge left over from an earlier write runs
+        after the commit, as after :meth:`add`.
+        """
         ids = check_ids(ids)
         with self._lock, self._writing():
             missing = [i for i in ids if i not in self._ids]
             if missing:
                 raise KeyError(f"unknown ids: {missing[:5]}")
-            view, deleted = self._tombstone(self._view, ids)
+            view, deleted = tombstone(self._view, self._ids, ids)
             self._publish(view, deleted)
+            self._merge_after_commit()
 
     def compact(self) -> None:
-        """Merge every segment into one, dropping deleted rows (and build its ANN index)."""
+        """Merge every segment into one, dropping deleted rows (and build its ANN index);
+        an error (e.g. a full disk) leaves the index as it was."""
         with self._lock, self._writing():
             self._merge(list(range(len(self._view.segments))))
 
     def _writing(self) -> Any:
+        if self._closed:
+            raise RuntimeError("this LocalBackend was closed: open the index again to write")
         return contextlib.nullcontext() if self._disk is None else self._disk.writing()
 
     def _name(self) -> str:
@@ -329,23 +392,17 @@ class LocalBackend:
         self._next += 1
         return name
 
-    def _seg_dir(self, name: str) -> Path | None:
-        return None if self._disk is None else self._disk.new_segment_dir(name)
-
-    def _tombstone(self, view: View, ids: Sequence[str]) -> tuple[View, dict[Segment, np.ndarray]]:
-        """``view`` with the stored rows of ``ids`` marked dead -> (view, {segment: rows})."""
-        pos = {id(s): i for i, s in enumerate(view.segments)}
-        by_seg: dict[int, list[int]] = {}
-        for doc_id in ids:
-            loc = self._ids.get(doc_id)
-            if loc is not None:
-                by_seg.setdefault(pos[id(loc[0])], []).append(loc[1])
-        changed: dict[Segment, np.ndarray] = {}
-        for i, rows in by_seg.items():
-            r = np.asarray(sorted(rows), dtype=np.int64)
-            view = view.with_dead(i, r)
-            changed[view.segments[i]] = r
-        return view, changed
+    def _build(self, parts: list[tuple[Segment, np.ndarray]]) -> Segment:
+        """A new segment of ``parts`` (in RAM, or written to its directory); a failure
+        (e.g. a full disk) removes what it wrote."""
+        name = self._name()
+        d = None if self._disk is None else self._disk.new_segment_dir(name)
+        try:
+            return build_segment(name, parts, self.options, self._need_spec().vocab_size, d)
+        except BaseException:
+            if d is not None:
+                remove(d)  # never committed: free its space now
+            raise
 
     def _publish(
         self,
@@ -362,32 +419,31 @@ class LocalBackend:
             added: New segments (their ids now point there).
             removed: Segments merged away.
         """
-        keep = [i for i, d in enumerate(view.dead) if d is None or not bool(d.all())]
-        gone = [s for i, s in enumerate(view.segments) if i not in set(keep)]
-        view = View(
-            tuple(view.segments[i] for i in keep),
-            tuple(view.dead[i] for i in keep),
-            view.count,
-            view.stats,
-        )
+        view, gone = view.pruned()
         if self._disk is not None:
             changed_kept = [s for s in changed if s in view.segments]
             spec = self._need_spec()
             self._disk.commit(view, changed_kept, spec, self.settings, self._next)
-        for s in [*removed, *gone]:
-            for r, doc_id in enumerate(s.ids):
-                if self._ids.get(doc_id) == (s, r):
-                    del self._ids[doc_id]
-        for s, rows in changed.items():
-            for r in rows.tolist():
-                if self._ids.get(s.ids[r]) == (s, r):
-                    del self._ids[s.ids[r]]
-        for s in added:
-            for r, doc_id in enumerate(s.ids):
-                self._ids[doc_id] = (s, r)
+        rebind(self._ids, [*removed, *gone], changed, added)
         self._view = view
 
     # ---------------------------------------------------------------- merging
+    def _merge_after_commit(self) -> None:
+        """Run the merges the policy asks for after a committed write: a failure does not
+        fail the write (see :class:`MergeWarning`)."""
+        try:
+            self._maybe_merge()
+        except Exception as e:
+            where = "this in-memory index" if self.path is None else str(self.path)
+            warnings.warn(
+                MergeWarning(
+                    f"a merge of {where} failed after the write was committed "
+                    f"({type(e).__name__}: {e}); the write stands, and the merge is tried "
+                    "again by the next write or compact()"
+                ),
+                stacklevel=3,
+            )
+
     def _maybe_merge(self) -> None:
         """Merge while the merge policy asks for it (:func:`~.view.merge_plan`: at most
         ``(merge_factor - 1)`` segments per size tier, whatever the batch sizes)."""
@@ -400,15 +456,9 @@ class LocalBackend:
         view = self._view
         if not which or (len(which) == 1 and view.dead[which[0]] is None):
             return
-        spec = self._need_spec()
         parts = [(view.segments[i], view.live_rows(i)) for i in which]
         parts = [(s, r) for s, r in parts if len(r)]
-        name = self._name()
-        merged = (
-            build_segment(name, parts, self.options, spec.vocab_size, self._seg_dir(name))
-            if parts
-            else None
-        )
+        merged = self._build(parts) if parts else None
         a, b = which[0], which[-1] + 1
         mid: tuple[Segment, ...] = (merged,) if merged is not None else ()
         new = View(
@@ -432,7 +482,8 @@ class LocalBackend:
     ) -> Candidates:
         """Union of the dense top-``n`` and the lexical top-``n`` (score > 0) passing ``flt``
         (``colbert_query`` is unused: :meth:`colbert_scores` reads the pinned view)."""
-        return search.candidates(self._view, self._need_spec(), dense_query, lexical_query, n, flt)
+        spec = self._need_spec()
+        return search.candidates(self._fresh(), spec, dense_query, lexical_query, n, flt)
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
         return search.colbert_scores(query, cands)
@@ -443,15 +494,17 @@ class LocalBackend:
         return search.documents(cands, order)
 
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+        self._fresh()
         out = []
+        known = self._ids
         for doc_id in ids:
-            loc = self._ids.get(doc_id)
+            loc = known.get(doc_id)
             if loc is not None:
                 out.append(search.doc(*loc))
         return out
 
     def select(self, flt: Filter) -> list[str]:
-        view = self._view
+        view = self._fresh()
         out: list[str] = []
         for i, m in enumerate(search.masks(view, flt)):
             seg = view.segments[i]
@@ -461,7 +514,8 @@ class LocalBackend:
     # ---------------------------------------------------------------- copying out
     def export(self, batch_size: int = 1000) -> Iterator[DocBatch]:
         """Every live document with its stored encodings, ``batch_size`` at a time."""
-        return search.export(self._view, self._need_spec(), batch_size)
+        spec = self._need_spec()
+        return search.export(self._fresh(), spec, batch_size)
 
     def save(self, path: str | os.PathLike[str], settings: Mapping[str, Any]) -> None:
         """Write the live documents and ``settings`` as a new index (format 3) at ``path``.
@@ -483,12 +537,15 @@ class LocalBackend:
             return
         if target.resolve() == self.path.resolve():
             return
+        self._fresh()
         with reader_lock(self.path):  # no commit removes our segments while they are copied
             with self._lock:
                 view, entries = self._view, dict(self._disk.entries)
             save_view(target, view, spec, settings, self.options, (self.path, entries))
 
     def close(self) -> None:
-        """Release the segments (an in-process index stays usable until then)."""
+        """Release the segments (an in-process index stays usable until then); later writes
+        raise ``RuntimeError``."""
+        self._closed = True
         self._view = View(stats=self._view.stats)
         self._ids = {}

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from m3_rag.backends.local.build import build_segment, copy_segment
-from m3_rag.backends.local.disk import (
+from m3_rag.backends.local.manifest import (
     MANIFEST,
     current_pointer,
     new_manifest,

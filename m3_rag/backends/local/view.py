@@ -7,6 +7,7 @@ with. Both import this module; neither imports the other's internals.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,7 +17,7 @@ from m3_rag.backends.local.segment import LexicalPostings, Segment
 from m3_rag.bm25 import BM25Stats
 from m3_rag.errors import IndexFormatError
 
-__all__ = ["IdMap", "View", "merge_plan", "stats_update", "tier"]
+__all__ = ["IdMap", "View", "merge_plan", "rebind", "stats_update", "tier", "tombstone"]
 
 IdMap = dict[str, tuple[Segment, int]]  # live id -> (segment, row)
 
@@ -103,6 +104,13 @@ class View:
             stats = stats_update(stats, lex, rows, -1)
         return replace(self, dead=tuple(dead), count=self.count - len(rows), stats=stats)
 
+    def pruned(self) -> tuple[View, list[Segment]]:
+        """This view without its segments whose rows are all dead -> (view, those)."""
+        keep = [i for i, d in enumerate(self.dead) if d is None or not bool(d.all())]
+        gone = [s for i, s in enumerate(self.segments) if i not in set(keep)]
+        segments = tuple(self.segments[i] for i in keep)
+        return replace(self, segments=segments, dead=tuple(self.dead[i] for i in keep)), gone
+
     def id_map(self, where: Any) -> IdMap:
         """Every live id -> (segment, row).
 
@@ -118,6 +126,47 @@ class View:
                     raise IndexFormatError(f"{where}: id {doc_id!r} is live in two segments")
                 ids[doc_id] = (s, r)
         return ids
+
+
+def tombstone(
+    view: View, ids: IdMap, doc_ids: Sequence[str]
+) -> tuple[View, dict[Segment, np.ndarray]]:
+    """``view`` with the stored rows of ``doc_ids`` (located by ``ids``, those of the view)
+    marked dead -> (view, {segment: its rows newly dead})."""
+    pos = {id(s): i for i, s in enumerate(view.segments)}
+    by_seg: dict[int, list[int]] = {}
+    for doc_id in doc_ids:
+        loc = ids.get(doc_id)
+        if loc is not None:
+            by_seg.setdefault(pos[id(loc[0])], []).append(loc[1])
+    changed: dict[Segment, np.ndarray] = {}
+    for i, rows in by_seg.items():
+        r = np.asarray(sorted(rows), dtype=np.int64)
+        view = view.with_dead(i, r)
+        changed[view.segments[i]] = r
+    return view, changed
+
+
+def rebind(
+    ids: IdMap,
+    removed: Sequence[Segment],
+    changed: Mapping[Segment, np.ndarray],
+    added: Sequence[Segment],
+) -> None:
+    """Update ``ids`` in place after a write: the ids of ``removed`` segments and of the
+    rows ``changed`` (newly dead) go, unless they point elsewhere; those of ``added`` point
+    there."""
+    for s in removed:
+        for r, doc_id in enumerate(s.ids):
+            if ids.get(doc_id) == (s, r):
+                del ids[doc_id]
+    for s, rows in changed.items():
+        for r in rows.tolist():
+            if ids.get(s.ids[r]) == (s, r):
+                del ids[s.ids[r]]
+    for s in added:
+        for r, doc_id in enumerate(s.ids):
+            ids[doc_id] = (s, r)
 
 
 def tier(size: int, factor: int) -> int:
