@@ -397,3 +397,16 @@ def test_refresh_must_be_a_bool_and_a_closed_handle_never_writes(tmp_path: Path)
     with pytest.raises(RuntimeError, match="closed"):
         _add(b, ["c"])
     assert sorted(_open(idx).ids) == ["a", "b"]  # not replaced by a view of one document
+
+
+def test_an_id_live_in_two_segments_is_refused_on_open(tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    b = _open(idx)
+    _add(b, ["a", "b"])
+    _add(b, ["b", "c"], seed=1)  # replaces b: dead in the first segment
+    assert sorted(_open(idx).ids) == ["a", "b", "c"]
+    second = sorted(p for p in idx.iterdir() if p.name.startswith("seg-"))[1]
+    (second / "ids.json").write_text(json.dumps(["a", "c"]))  # a: live in both
+    _resign(idx)
+    with pytest.raises(IndexFormatError, match="id 'a' is live in two segments"):
+        _open(idx)

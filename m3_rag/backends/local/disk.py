@@ -40,7 +40,7 @@ from m3_rag.backends.local.segment_io import (
     open_segment,
     verify_file,
 )
-from m3_rag.backends.local.view import View
+from m3_rag.backends.local.view import IdMap, View
 from m3_rag.errors import IndexFormatError, WriteConflictError
 from m3_rag.persist import (
     check_target,
@@ -77,6 +77,7 @@ class Stored(NamedTuple):
         record: The index specification as stored (for ``IndexSpec.check_stored``).
         spec: That specification, read.
         settings: The retriever's settings stored with it.
+        ids: Every live id -> (segment, row).
     """
 
     view: View
@@ -84,6 +85,7 @@ class Stored(NamedTuple):
     record: Mapping[str, Any]
     spec: IndexSpec
     settings: dict[str, Any]
+    ids: IdMap
 
 
 class DiskState:
@@ -125,7 +127,7 @@ class DiskState:
                     check_target(self.root)
                     empty = View.empty(spec.lexical == "bm25")
                     self.commit(empty, [], spec, settings, 1)
-                    return Stored(empty, 1, spec.to_json(), spec, dict(settings))
+                    return Stored(empty, 1, spec.to_json(), spec, dict(settings), {})
         return self.load(spec, allow_model_mismatch)
 
     def load(
@@ -183,14 +185,14 @@ class DiskState:
             segs.append(seg)
             dead.append(mask)
         view = View.of(segs, dead, stored.lexical == "bm25")
-        view.id_map(self.root)  # refuses an id live twice
+        ids = view.id_map(self.root)  # refuses an id live twice
         nxt = m.get("next_segment")
         if type(nxt) is not int or nxt < 1:
             raise IndexFormatError(f"{self.root}: manifest has a bad next_segment")
         self.generation = int(m["generation"])
         self.entries = {e["name"]: e for e in entries}
         self.pointer = raw
-        return Stored(view, nxt, record, stored, settings)
+        return Stored(view, nxt, record, stored, settings, ids)
 
     def _open_entry(
         self, e: Any, known: Mapping[tuple[str, Any], Segment]

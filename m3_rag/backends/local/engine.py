@@ -219,10 +219,9 @@ class LocalBackend:
         return stored.spec, stored.settings
 
     def _take(self, disk: DiskState, stored: Stored) -> None:
-        ids = stored.view.id_map(self.path)
         with self._lock:
             self._disk, self._view, self._next = disk, stored.view, stored.next_segment
-            self._ids = ids
+            self._ids = stored.ids
 
     def _fresh(self) -> View:
         """The view a read uses: the latest commit's when another handle (or process)
@@ -241,8 +240,7 @@ class LocalBackend:
             try:
                 if disk.changed():  # (not read by another thread meanwhile)
                     stored = disk.load(spec, self._allow_mismatch, self._view.segments)
-                    self._ids = stored.view.id_map(self.path)
-                    self._view, self._next = stored.view, stored.next_segment
+                    self._ids, self._view, self._next = stored.ids, stored.view, stored.next_segment
             finally:
                 self._lock.release()
         return self._view

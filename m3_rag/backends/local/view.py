@@ -7,6 +7,7 @@ with. Both import this module; neither imports the other's internals.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -118,13 +119,22 @@ class View:
             IndexFormatError: an id live in two segments (``where`` names the index).
         """
         ids: IdMap = {}
-        for s, d in zip(self.segments, self.dead, strict=True):
-            for r, doc_id in enumerate(s.ids):
-                if d is not None and d[r]:
-                    continue
-                if doc_id in ids:
-                    raise IndexFormatError(f"{where}: id {doc_id!r} is live in two segments")
-                ids[doc_id] = (s, r)
+        live = 0
+        for i, s in enumerate(self.segments):
+            if self.dead[i] is None:
+                ids.update(zip(s.ids, zip(itertools.repeat(s), range(len(s))), strict=True))
+                live += len(s)
+            else:
+                rows = self.live_rows(i).tolist()
+                ids.update((s.ids[r], (s, r)) for r in rows)
+                live += len(rows)
+        if len(ids) != live:  # an id live twice (each segment's ids are unique)
+            seen: set[str] = set()
+            for i, s in enumerate(self.segments):
+                for r in self.live_rows(i).tolist():
+                    if s.ids[r] in seen:
+                        raise IndexFormatError(f"{where}: id {s.ids[r]!r} is live in two segments")
+                    seen.add(s.ids[r])
         return ids
 
 
