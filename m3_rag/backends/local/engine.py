@@ -200,7 +200,8 @@ class LocalBackend:
 
         The next :meth:`open` checks its spec against the stored one and binds to this
         commit without reading the directory again (what ``open_saved`` needs: the
-        settings it returns are those of the documents the backend then serves).
+        settings it returns are those of the documents the backend then serves, until a
+        read of it takes a later commit; ``refresh=False`` keeps this one).
 
         Returns:
             ``(stored spec, stored retriever settings)``.
