@@ -5,7 +5,8 @@ BM25 leg's term counting.
 :class:`IndexingMixin` holds ``add_texts``, ``add_documents``, ``add_encoded`` and
 ``add_from``; :class:`~m3_rag.HybridRetriever` inherits them, so they are its methods (the
 public API is the retriever's). Every path ends in one ``Backend.add`` per chunk, made under
-the retriever's write lock; searches never take it.
+the retriever's write lock; searches never take it. (Over 450 lines: the four paths share
+their chunking, checks and undo, so they stay together.)
 """
 
 from __future__ import annotations
@@ -172,21 +173,53 @@ class IndexingMixin:
         Returns:
             The ids, in input order.
 
+        More than ``ADD_CHUNK`` (256) texts are encoded and committed 256 at a time. When a
+        later chunk fails (a full disk, a server error, the encoder running out of memory),
+        the chunks committed before it are removed again if their ids were generated (a
+        retry then stores each text once); with ``ids`` given they stay, and adding the same
+        ids again replaces them. The error's note says which happened.
+
         Raises:
             TypeError / ValueError: bad texts, metadata or ids, or a document the engine
-                cannot hold; nothing is added.
+                cannot hold; nothing is added (all are checked before the first chunk).
         """
         items = check_texts(texts)
         doc_ids = [uuid.uuid4().hex for _ in items] if ids is None else check_ids(ids, len(items))
         metas = check_metadatas(metadatas, len(items))
         self._check_documents(doc_ids, items, metas)  # all of them before the first chunk
         bar = tqdm(total=len(items), unit="doc", desc="index", disable=not show_progress)
+        done = 0
         with bar:
-            for s in range(0, len(items), ADD_CHUNK):
-                e = min(s + ADD_CHUNK, len(items))
-                self._encode_add(items[s:e], metas[s:e], doc_ids[s:e], batch_size)
-                bar.update(e - s)
+            try:
+                for s in range(0, len(items), ADD_CHUNK):
+                    e = min(s + ADD_CHUNK, len(items))
+                    self._encode_add(items[s:e], metas[s:e], doc_ids[s:e], batch_size)
+                    done = e
+                    bar.update(e - s)
+            except BaseException as err:
+                if done:
+                    self._after_partial_add(err, doc_ids[:done], len(items), ids is None)
+                raise
         return doc_ids
+
+    def _after_partial_add(
+        self, err: BaseException, committed: list[str], total: int, generated: bool
+    ) -> None:
+        """``add_texts`` failed after committing ``committed``: remove them when their ids
+        were generated (nobody else knows them), and say on ``err`` what is stored."""
+        kept = f"the first {len(committed)} of {total} documents were added before this error"
+        note = f"add_texts: {kept} and stay; adding them again with the same ids replaces them"
+        if generated and isinstance(err, Exception):  # not on Ctrl-C: stop, do not undo
+            try:
+                with self._lock:
+                    self.backend.delete(committed)
+                note = f"add_texts: {kept}, and were removed: nothing of this call is stored"
+            except Exception as undo:
+                note = (
+                    f"add_texts: {kept}; removing them failed ({type(undo).__name__}: {undo}), "
+                    f"so they stay under generated ids (the first: {committed[0]!r})"
+                )
+        err.add_note(note)
 
     def add_documents(
         self,

@@ -155,6 +155,47 @@ def test_a_huge_k_returns_the_index_without_sizing_anything_by_k(
     assert sorted(h.id for h in zh) == sorted(f"doc{i}" for i in range(8, 13))
 
 
+def test_add_texts_failing_after_a_committed_chunk_stores_each_text_once(
+    tiny_encoder: M3Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up at the second chunk of an ``add_texts``: with generated ids the
+    first chunk is removed again, so a retry stores every text once (it was stored twice);
+    with ids given it stays, and the retry replaces it. The error's note says which."""
+    from m3_rag import indexing
+    from m3_rag.backends.local import build
+
+    monkeypatch.setattr(indexing, "ADD_CHUNK", 2)
+    real = build._Sink.raw
+    fail = {"at": 2, "seen": 0}  # the docs.jsonl of the 2nd segment written from now on
+
+    def raw(self: Any, name: str, data: bytes) -> None:
+        if name == "docs.jsonl":
+            fail["seen"] += 1
+            if fail["seen"] == fail["at"]:
+                raise OSError(28, "No space left on device", str(self.dir / name))
+        real(self, name, data)
+
+    monkeypatch.setattr(build._Sink, "raw", raw)
+    r = HybridRetriever(tiny_encoder, backend=LocalBackend(tmp_path / "idx"))
+    texts = SAMPLE_TEXTS[:5]
+    with pytest.raises(OSError, match="No space") as caught:
+        r.add_texts(texts)
+    assert "were removed: nothing of this call is stored" in "".join(caught.value.__notes__)
+    assert len(r) == 0 and len(HybridRetriever.load(tmp_path / "idx", tiny_encoder)) == 0
+    r.add_texts(texts)  # the retry
+    stored = sorted(t for _, t, _ in r.get(r.select()))
+    assert stored == sorted(texts) and len(r) == 5
+    # ids given: the committed chunk stays, a retry with the same ids replaces it
+    fail.update(seen=0)
+    more, ids = SAMPLE_TEXTS[5:10], [f"m{i}" for i in range(5)]
+    with pytest.raises(OSError, match="No space") as caught:
+        r.add_texts(more, ids=ids)
+    assert "the first 2 of 5 documents" in "".join(caught.value.__notes__)
+    assert sorted(i for i in r.select() if i.startswith("m")) == ids[:2] and len(r) == 7
+    r.add_texts(more, ids=ids)
+    assert len(r) == 10 and len(HybridRetriever.load(tmp_path / "idx", tiny_encoder)) == 10
+
+
 def test_delete_update_and_bad_ids(retriever: HybridRetriever) -> None:
     retriever.delete(["doc3"])
     assert "doc3" not in [h.id for h in retriever.search(SAMPLE_TEXTS[3], k=100)]
