@@ -38,6 +38,13 @@ def milvus_expr(flt: Filter, field: str = "metadata") -> str:
     ``{"lang": "en", "year": [2023, 2024]}`` becomes
     ``(metadata["lang"] == "en") and (metadata["year"] == 2023 or metadata["year"] == 2024)``.
 
+    A Milvus server compares a JSON value with a literal of its type (``== true`` reads a
+    JSON bool, ``== 1`` an int or a float), as the local engine does; Milvus Lite 3
+    evaluates the expression in Python, where ``True == 1 == 1.0``, so there
+    ``{"a": True}`` also matches a stored ``1`` or ``1.0``. No expression tells them apart
+    in Python: only a check of the returned metadata
+    (:func:`m3_rag.filters.matches`) can.
+
     Raises:
         TypeError: a callable filter (a server cannot run Python; use a dict filter, or the
             local engine).
