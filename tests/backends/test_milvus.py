@@ -112,7 +112,7 @@ def test_update_delete_reopen(tiny_encoder: M3Encoder, tmp_path: Path, lexical: 
     )
     assert isinstance(again.backend, MilvusBackend)
     if lexical == "bm25":  # reopening reads the corpus statistics, nothing per document
-        assert again.backend._n_docs == len(mem)
+        assert again.backend._stats.n == len(mem)
     for q in QUERIES:
         _assert_same(mem, again, q, k=6)
     assert sorted(d["id"] for d in again.backend.docs()) == sorted(set(IDS) - {IDS[0], IDS[5]})
@@ -352,11 +352,71 @@ def test_filters_translate_to_milvus_expressions() -> None:
         milvus_expr({"a": None})
 
 
+def test_filters_match_bools_and_numbers_as_the_local_engine(
+    tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    """Milvus Lite evaluates expressions in Python (``True == 1 == 1.0``): the engine
+    re-checks what Milvus returns, so a filter compares as JSON does, as on the local
+    engine."""
+    metas: dict[str, dict[str, Any]] = {
+        "T": {"a": True},
+        "F": {"a": False},
+        "i1": {"a": 1},
+        "f1": {"a": 1.0},
+        "i0": {"a": 0},
+        "s1": {"a": "1"},
+    }
+    r = HybridRetriever(tiny_encoder, backend=MilvusBackend(str(tmp_path / "m.db"), "docs"))
+    r.add_texts([f"passage {i}" for i in metas], list(metas.values()), list(metas))
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({"a": True}, {"T"}),
+        ({"a": False}, {"F"}),
+        ({"a": 1}, {"i1", "f1"}),
+        ({"a": 1.0}, {"i1", "f1"}),
+        ({"a": [True, 0]}, {"T", "i0"}),
+        ({"a": "1"}, {"s1"}),
+    ]
+    for flt, want in cases:
+        assert set(r.select(flt)) == want, flt
+        assert {h.id for h in r.search("passage", k=20, filter=flt)} == want, flt
+
+
+@pytest.mark.parametrize("lexical", ["m3", "bm25"])
+def test_a_filtered_search_that_drops_rows_searches_deeper(
+    tiny_encoder: M3Encoder, tmp_path: Path, lexical: str
+) -> None:
+    """Rows Milvus Lite matched but JSON does not (``1`` for ``True``) are dropped; the
+    search then asks for more until each leg holds its top ``n``, and cuts each leg back to
+    it: the same hits and scores as the local engine. Without a dropped row it stays one
+    round trip."""
+    metas = [{"a": True if i % 5 == 0 else 1, "i": i} for i in range(len(SAMPLE_TEXTS))]
+    mem, mil = _pair(tiny_encoder, tmp_path, lexical)
+    for r in (mem, mil):
+        r.add_texts(SAMPLE_TEXTS, metas, IDS)
+    backend = mil.backend
+    assert isinstance(backend, MilvusBackend)
+    counting = CountingClient(backend.client)
+    backend._client = counting
+    trips = []
+    for q in QUERIES:
+        for flt in ({"a": True}, {"a": [True, 7]}, {"a": 1}, {"a": 1.0, "i": [3, 4, 5, 6]}):
+            counting.calls.clear()
+            _assert_same(mem, mil, q, k=2, candidates=2, filter=flt)
+            _assert_same(mem, mil, q, k=3, candidates=3, filter=flt, fusion="rrf")
+            trips.append(len(counting.calls))
+            assert set(counting.calls) == {"hybrid_search"}
+    assert max(trips) > 2  # some searches went deeper
+    counting.calls.clear()
+    _assert_same(mem, mil, "capital city", k=2, candidates=2, filter={"i": [0, 5, 10]})
+    assert counting.calls == ["hybrid_search"]  # nothing dropped: one round trip
+
+
 # ------------------------------------------------------------------------------ trust
 def _bm25_state(b: MilvusBackend) -> tuple[dict[int, float], int, float]:
-    df = b._df.tocsr()
-    df.eliminate_zeros()
-    return dict(zip(df.indices.tolist(), df.data.tolist(), strict=True)), b._n_docs, b._total_len
+    s = b._stats
+    present = s.df > 0
+    df = dict(zip(s.terms[present].tolist(), s.df[present].tolist(), strict=True))
+    return df, s.n, s.total_len
 
 
 def _milvus(enc: M3Encoder, path: Path, name: str, **kw: object) -> HybridRetriever:
@@ -408,13 +468,13 @@ def test_killed_write_statistics_are_recomputed_on_open(
     mem.add_texts(
         [SAMPLE_TEXTS[by_id[i]] for i in stored], [METAS[by_id[i]] for i in stored], stored
     )
-    assert again.backend._n_docs == 10 and not again.backend._stats_dirty
+    assert again.backend._stats.n == 10 and not again.backend._stats_dirty
     # the two sides were encoded in batches of other shapes (float32 rounding ~1e-7, which
     # float16 ColBERT storage can turn into 2e-5) and BM25 tf is recovered from float32 rows
     for q in QUERIES:
         _assert_same(mem, again, q, fused_tol=1e-4, tol=1e-4, k=6)
     for r in (mem, again):  # later deletes keep the statistics exact (no negative df)
         r.delete(stored[:7])
-    assert (again.backend._df.data >= 0).all()
+    assert (again.backend._stats.df >= 0).all()
     for q in QUERIES:
         _assert_same(mem, again, q, fused_tol=1e-4, tol=1e-4, k=3)

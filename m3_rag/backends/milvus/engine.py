@@ -5,25 +5,18 @@ One collection of documents per retriever: ``id`` (primary key), ``text``, ``met
 ``sparse`` in collections of format 1, which still open) and ``colbert`` (the document's
 ColBERT vectors in their storage dtype, base64 in an ARRAY<VARCHAR>). A one-row-per-key side
 collection ``<name>_m3meta`` holds the index record (``IndexSpec.to_json()`` and the
-collection format) and, for BM25, the corpus statistics (document frequencies, count,
-length).
+collection format) and, for BM25, the corpus statistics (:mod:`.stats`).
 
-Candidate generation (dense top-n, lexical top-n, metadata filter) runs in Milvus in one
-``hybrid_search`` round trip that also returns the candidates' stored vectors (and, for up
-to ``colbert_inline`` candidates, their ColBERT vectors); they are scored client-side with
-the same functions as the local engine, so per-mode scores and rankings agree with it.
+This module holds the connection, the writes (validated whole, rolled back on a refusal)
+and the reads by id or filter; a search's round trip and its scoring are in :mod:`.search`.
 BM25 rows store the document side ``tf (k1+1) / (tf + K)`` with the mean length at write
 time and queries carry the IDF: Milvus ranks by exact BM25 while the corpus is unchanged
 since the last write; the returned scores are always exact.
-
-Over 450 lines: the write path, its rollback and the BM25 statistics kept in the side
-collection change together and share the one connection.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,8 +26,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from m3_rag.backends.milvus import codec
-from m3_rag.backends.milvus.filters import milvus_expr, milvus_literal
+from m3_rag.backends.milvus import search, stats
+from m3_rag.backends.milvus.filters import milvus_expr
+from m3_rag.backends.milvus.rows import delete_ids, encode_rows, fetch_rows, pages
 from m3_rag.backends.milvus.schema import (
     FORMATS,
     check_documents,
@@ -42,19 +36,16 @@ from m3_rag.backends.milvus.schema import (
     is_server,
     lexical_field,
     record,
-    str_list,
 )
 from m3_rag.backends.protocol import Candidates, IndexSpec
 from m3_rag.backends.server import ServerEngine, check_record
 from m3_rag.backends.validate import check_ids, prepare_batch
-from m3_rag.bm25 import BM25Params, bm25_idf, bm25_tf
+from m3_rag.bm25 import BM25Params, BM25Stats
 from m3_rag.errors import IndexFormatError
 from m3_rag.filters import Filter
-from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_dot_rows
 
 __all__ = ["MilvusBackend"]
 
-MAX_TOPK = 16384  # Milvus's largest search limit
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -118,9 +109,7 @@ class MilvusBackend(ServerEngine):
         self._client: Any = None
         self.spec: IndexSpec | None = None
         self._lex = "lexical"  # the lexical field ("sparse" in a format-1 collection)
-        self._df = sp.csr_matrix((1, 1), dtype=np.float64)  # [1, vocab] document frequencies
-        self._n_docs, self._total_len = 0, 0.0
-        self._idf: tuple[np.ndarray, np.ndarray] | None = None
+        self._stats = BM25Stats()  # the BM25 corpus statistics (BM25 only)
         self._stats_dirty = False
 
     def __repr__(self) -> str:
@@ -184,12 +173,14 @@ class MilvusBackend(ServerEngine):
             c.load_collection(self.collection)
         else:
             self._create(spec)
-            self._write_meta("config", record(spec), {spec.vocab_size: 1.0})
+            stats.write_meta(
+                self.client, self.meta_collection, "config", record(spec), {spec.vocab_size: 1.0}
+            )
             self._lex = "lexical"
         self.spec = spec
         if spec.lexical == "bm25":
             self._read_stats()
-            if self._stats_dirty or self._n_docs != len(self):
+            if self._stats_dirty or self._stats.n != len(self):
                 self._recompute_stats()  # a write was killed or failed half-way
         return self
 
@@ -215,78 +206,35 @@ class MilvusBackend(ServerEngine):
             self._client.close()
             self._client = None
 
-    # ---------------------------------------------------------------- meta rows
+    # ---------------------------------------------------------------- side collection
     def _meta_row(self, key: str) -> dict[str, Any]:
-        rows = self.client.query(
-            self.meta_collection,
-            filter=f"key == {milvus_literal(key)}",
-            output_fields=["key", "value", "vec"],
-        )
-        if not rows:
+        row = stats.read_meta(self.client, self.meta_collection, key)
+        if row is None:
             raise ValueError(f"collection {self.collection!r} has no {key!r} record")
-        return dict(rows[0])
-
-    def _write_meta(self, key: str, value: dict[str, Any], vec: Mapping[int, float]) -> None:
-        self.client.upsert(
-            self.meta_collection, [{"key": key, "value": json.dumps(value), "vec": dict(vec)}]
-        )
+        return row
 
     def _read_stats(self) -> None:
         spec = self._spec()
-        self._df = sp.csr_matrix((1, spec.vocab_size), dtype=np.float64)
-        self._n_docs, self._total_len, self._idf = 0, 0.0, None
-        self._stats_dirty = False
-        try:
-            row = self._meta_row("bm25")
-        except ValueError:
-            return
-        stats = json.loads(row["value"])
-        self._n_docs, self._total_len = int(stats["n"]), float(stats["total_len"])
-        self._stats_dirty = bool(stats.get("dirty", False))
-        self._df = sp.csr_matrix(
-            codec.decode_sparse([row["vec"]], spec.vocab_size), dtype=np.float64
+        self._stats, self._stats_dirty = stats.read_stats(
+            self.client, self.meta_collection, spec.vocab_size
         )
 
-    def _write_stats(self, dirty: bool = False) -> None:
-        """Store the BM25 statistics; ``dirty=True`` marks a write in progress (a reader that
-        opens the collection then recomputes them from the rows)."""
-        self._df.eliminate_zeros()
-        vec = dict(zip(self._df.indices.tolist(), self._df.data.tolist(), strict=True))
-        self._write_meta(
-            "bm25",
-            {"n": self._n_docs, "total_len": self._total_len, "dirty": dirty},
-            vec or {self._spec().vocab_size: 1.0},
-        )
-        self._idf = None
-        self._stats_dirty = dirty
+    def _write_stats(self, corpus: BM25Stats, dirty: bool = False) -> None:
+        """Store the BM25 statistics ``corpus``; ``dirty=True`` marks a write in progress
+        (a reader that opens the collection then recomputes them from the rows)."""
+        spec = self._spec()
+        stats.write_stats(self.client, self.meta_collection, corpus, spec.vocab_size, dirty=dirty)
+        self._stats, self._stats_dirty = corpus, dirty
 
     def _recompute_stats(self) -> None:
         """Rebuild the BM25 statistics from the stored rows (O(corpus); after a failed or
         killed write only)."""
-        df = sp.csr_matrix((1, self._spec().vocab_size), dtype=np.float64)
-        n, total = 0, 0.0
-        for batch in self._pages(["id", self._lex, "dl", "avgdl"]):
-            df = df + _presence(self._stored_tf(batch))
-            n += len(batch)
-            total += float(sum(float(r["dl"]) for r in batch))
-        self._df, self._n_docs, self._total_len = df, n, total
-        self._write_stats()
-
-    def _bm25_idf(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted term ids, their IDF) over the terms present in the corpus."""
-        if self._idf is None:
-            df = self._df.tocsr()
-            df.eliminate_zeros()
-            df.sort_indices()
-            self._idf = (df.indices.astype(np.int64), bm25_idf(df.data, self._n_docs, self._bm25()))
-        return self._idf
+        spec = self._spec()
+        pages = self._pages(["id", self._lex, "dl", "avgdl"])
+        self._write_stats(stats.recompute(pages, self._lex, spec.vocab_size, self._bm25()))
 
     def _bm25(self) -> BM25Params:
         return self._spec().bm25 or BM25Params()
-
-    @property
-    def _avgdl(self) -> float:
-        return self._total_len / self._n_docs if self._n_docs else 1.0
 
     # ---------------------------------------------------------------- mutation
     def save(self, path: Any, settings: Any = None) -> None:
@@ -321,28 +269,20 @@ class MilvusBackend(ServerEngine):
         batch = prepare_batch(spec, ids, texts, metadatas, dense, lexical, colbert)
         ids = batch.ids
         self.check_documents(ids, batch.texts, batch.metadatas)
-        rows: list[dict[str, Any]] = [
-            {"id": i, "text": t, "metadata": m, "dense": v}
-            for i, t, m, v in zip(ids, batch.texts, batch.metadatas, batch.dense, strict=True)
-        ]
-        if batch.colbert is not None and batch.colbert_offsets is not None:
-            packed, offsets, scales = batch.colbert, batch.colbert_offsets, batch.colbert_scales
-            for r, a, b in zip(rows, offsets[:-1], offsets[1:], strict=True):
-                r["colbert"] = codec.encode_blob(
-                    packed[a:b], None if scales is None else scales[a:b]
-                )
-        stats = None
-        if batch.lexical is not None:
-            block = batch.lexical
-            if spec.lexical == "bm25":
-                block, stats = self._bm25_rows(ids, block, rows)
-            for r, i in zip(rows, range(len(rows)), strict=True):
-                r[self._lex] = codec.encode_sparse(block[i], spec.vocab_size)
+        after = None  # the BM25 statistics once written
+        lexical_rows, lengths = batch.lexical, None
+        if batch.lexical is not None and spec.lexical == "bm25":
+            replaced = self._fetch(ids, ["dl", "avgdl"])
+            lexical_rows, dl, avgdl, after = stats.bm25_rows(
+                self._stats, replaced, batch.lexical, self._lex, spec.vocab_size, self._bm25()
+            )
+            lengths = (dl, avgdl)
+        rows = encode_rows(batch, self._lex, lexical_rows, spec.vocab_size, lengths)
         # everything is validated and encoded: now write, undoing what was written on failure
         existing = [r["id"] for r in self._fetch(ids, [])]
         old = {r["id"]: r for r in self._fetch(existing, ["*"])}
-        if stats is not None:
-            self._write_stats(dirty=True)
+        if after is not None:
+            self._write_stats(self._stats, dirty=True)
         steps = range(0, len(rows), self.batch_size)
         show = len(steps) > 1 if self.show_progress is None else self.show_progress
         done = 0
@@ -359,9 +299,8 @@ class MilvusBackend(ServerEngine):
             ) from e
         if not is_server(self.uri) and len(rows) >= self.batch_size:
             self.client.flush(self.collection)  # Milvus Lite indexes sealed segments only
-        if stats is not None:
-            self._df, self._n_docs, self._total_len = stats
-            self._write_stats()
+        if after is not None:
+            self._write_stats(after)
 
     def check_documents(
         self, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict[str, Any]]
@@ -380,51 +319,13 @@ class MilvusBackend(ServerEngine):
         then bring the BM25 statistics back in line with the rows."""
         try:
             new = [i for i in written if i not in old]
-            for start in range(0, len(new), self.batch_size):
-                part = new[start : start + self.batch_size]
-                self.client.delete(self.collection, filter=f"id in {str_list(part)}")
+            delete_ids(self.client, self.collection, new, self.batch_size)
             back = [old[i] for i in written if i in old]
             for start in range(0, len(back), self.batch_size):
                 self.client.upsert(self.collection, back[start : start + self.batch_size])
         finally:
             if self._spec().lexical == "bm25":
                 self._recompute_stats()
-
-    def _bm25_rows(
-        self, ids: list[str], counts: sp.csr_matrix, rows: list[dict[str, Any]]
-    ) -> tuple[sp.csr_matrix, tuple[sp.csr_matrix, int, float]]:
-        """The stored BM25 document-side weights of ``counts`` (``dl``/``avgdl`` are set on
-        ``rows``) and the corpus statistics once they replace any stored ``ids``; the
-        backend's own statistics are not changed (the caller commits them after the write)."""
-        df, n, total = self._forget(self._fetch(ids, ["dl", "avgdl"]))
-        dl = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-        df = df + _presence(counts)
-        n += len(ids)
-        total += float(dl.sum())
-        avgdl = total / n if n else 1.0
-        doc_rows = np.repeat(np.arange(len(ids)), np.diff(counts.indptr))
-        data = bm25_tf(counts.data, dl[doc_rows], avgdl, self._bm25()).astype(np.float32)
-        for r, length in zip(rows, dl.tolist(), strict=True):
-            r["dl"], r["avgdl"] = length, avgdl
-        weights = sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape)
-        return weights, (df, n, total)
-
-    def _forget(self, old: list[dict[str, Any]]) -> tuple[sp.csr_matrix, int, float]:
-        """The BM25 statistics without stored rows ``old`` (with the lexical field, ``dl``,
-        ``avgdl``): ``(df, n, total_len)``, new objects."""
-        if not old:
-            return self._df.copy(), self._n_docs, self._total_len
-        tf = self._stored_tf(old)
-        df = self._df - _presence(tf)
-        total = self._total_len - float(sum(float(r["dl"]) for r in old))
-        return df, self._n_docs - len(old), total
-
-    def _stored_tf(self, rows: list[dict[str, Any]]) -> sp.csr_matrix:
-        spec = self._spec()
-        weights = codec.decode_sparse([r[self._lex] for r in rows], spec.vocab_size)
-        dl = np.asarray([float(r["dl"]) for r in rows])
-        written = np.asarray([float(r["avgdl"]) for r in rows])
-        return codec.recover_tf(weights, dl, written, self._bm25())
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents; unknown ids raise ``KeyError`` and nothing is removed."""
@@ -437,39 +338,25 @@ class MilvusBackend(ServerEngine):
         missing = sorted(set(ids) - {r["id"] for r in found})
         if missing:
             raise KeyError(f"unknown ids: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        after = None
         if spec.lexical == "bm25":
-            stats = self._forget(found)
-            self._write_stats(dirty=True)
+            after = stats.without_rows(self._stats, found, self._lex, spec.vocab_size, self._bm25())
+            self._write_stats(self._stats, dirty=True)
         try:
-            for start in range(0, len(ids), self.batch_size):
-                part = ids[start : start + self.batch_size]
-                self.client.delete(self.collection, filter=f"id in {str_list(part)}")
+            delete_ids(self.client, self.collection, ids, self.batch_size)
         except Exception:
             if spec.lexical == "bm25":
                 self._recompute_stats()
             raise
-        if spec.lexical == "bm25":
-            self._df, self._n_docs, self._total_len = stats
-            self._write_stats()
+        if after is not None:
+            self._write_stats(after)
 
     # ---------------------------------------------------------------- reading
     def _fetch(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
         """Stored rows of ``ids`` (those that exist), with ``id``, the lexical field when
         there is a lexical leg, and ``fields``."""
-        spec = self._spec()
-        out_fields = ["id", *fields] + ([self._lex] if spec.lexical else [])
-        found: list[dict[str, Any]] = []
-        # keep replies far below gRPC limits
-        step = 32 if "colbert" in fields or "*" in fields else 512
-        for start in range(0, len(ids), step):
-            part = list(ids[start : start + step])
-            found += self.client.query(
-                self.collection,
-                filter=f"id in {str_list(part)}",
-                output_fields=out_fields,
-                limit=len(part),
-            )
-        return found
+        lex = [self._lex] if self._spec().lexical else []
+        return fetch_rows(self.client, self.collection, ids, ["id", *fields, *lex])
 
     def candidates(
         self,
@@ -486,89 +373,20 @@ class MilvusBackend(ServerEngine):
         no lexical query) returns the union with the stored vectors, so the per-mode scores
         are computed here exactly as the local engine does (Milvus's rankers return one
         fused score). With ``colbert_query`` and at most ``colbert_inline`` candidates, the
-        ColBERT vectors come in the same reply and are scored too.
+        ColBERT vectors come in the same reply and are scored too. The rows are checked
+        against ``flt`` again (JSON's equality, not Python's); when that drops some, the
+        search is repeated deeper (:func:`~m3_rag.backends.milvus.search.candidates`).
         """
-        from pymilvus import AnnSearchRequest, RRFRanker
-
         spec = self._spec()
-        expr = milvus_expr(flt)
-        limit = min(int(n), MAX_TOPK)
-        use_lex = spec.lexical is not None and lexical_query is not None
-        dq = np.asarray(dense_query, np.float32).tolist()
-        ip = {"metric_type": "IP"}
-        reqs = [AnnSearchRequest([dq], "dense", ip, limit, expr=expr)]
-        lex_q = None
-        if use_lex and lexical_query is not None:
-            lex_q = self._lexical_query(lexical_query)
-            nz = {t: w for t, w in lex_q.items() if w > 0}  # every hit then scores > 0
-            if nz:
-                reqs.append(AnnSearchRequest([nz], self._lex, ip, limit, expr=expr))
-        bound = min(len(reqs) * limit, MAX_TOPK)
-        inline = colbert_query is not None and spec.colbert_dim and bound <= self.colbert_inline
-        fields = ["id", "text", "metadata", "dense"]
-        fields += ([self._lex] if spec.lexical else []) + (["colbert"] if inline else [])
-        fields += ["dl", "avgdl"] if spec.lexical == "bm25" else []
-        if len(reqs) == 1:
-            res = self.client.search(
-                self.collection,
-                data=[dq],
-                anns_field="dense",
-                limit=limit,
-                filter=expr,
-                output_fields=fields,
-                search_params=ip,
-            )
-        else:
-            res = self.client.hybrid_search(
-                self.collection, reqs, RRFRanker(), limit=bound, output_fields=fields
-            )
-        rows = [dict(h["entity"]) | {"id": h["id"]} for h in res[0]]
-        if not rows:
-            return Candidates.empty(use_lex)
-        dense = np.asarray([r["dense"] for r in rows], dtype=np.float32)
-        lexical = self._lexical_scores(rows, lex_q) if lex_q is not None else None
-        if use_lex and lexical is None:
-            lexical = np.zeros(len(rows), np.float32)
-        colbert = None
-        if inline and colbert_query is not None:
-            colbert = self._colbert_of([r["colbert"] for r in rows], colbert_query)
-        return Candidates(
-            ids=[r["id"] for r in rows],
-            dense=dense_scan(dense, dense_query),
-            lexical=lexical,
-            rows=np.arange(len(rows), dtype=np.int64),
-            payload=[(r["id"], r["text"], r["metadata"] or {}) for r in rows],
-            colbert=colbert,
+        target = search.Target(
+            self.client,
+            self.collection,
+            spec,
+            self._lex,
+            self._stats if spec.lexical == "bm25" else None,
+            self.colbert_inline,
         )
-
-    def _lexical_query(self, query: Mapping[int, float]) -> dict[int, float]:
-        """M3: the query weights. BM25: query term counts times IDF (the document side is
-        stored)."""
-        spec = self._spec()
-        q = {int(t): float(w) for t, w in query.items() if 0 <= int(t) < spec.vocab_size}
-        if spec.lexical == "bm25":
-            terms, idf = self._bm25_idf()
-            pos = np.searchsorted(terms, list(q))
-            ok = pos < len(terms)
-            ok[ok] = terms[pos[ok]] == np.asarray(list(q))[ok]
-            q = {
-                t: c * float(idf[p])
-                for (t, c), p, hit in zip(q.items(), pos, ok, strict=True)
-                if hit
-            }
-        return q
-
-    def _lexical_scores(self, rows: list[dict[str, Any]], q: dict[int, float]) -> np.ndarray:
-        spec = self._spec()
-        if spec.lexical == "bm25":
-            tf = self._stored_tf(rows)
-            dl = np.asarray([float(r["dl"]) for r in rows])
-            doc_rows = np.repeat(np.arange(len(rows)), np.diff(tf.indptr))
-            w = bm25_tf(tf.data, dl[doc_rows], self._avgdl, self._bm25()).astype(np.float32)
-            docs = sp.csr_matrix((w, tf.indices, tf.indptr), shape=tf.shape)
-        else:
-            docs = codec.decode_sparse([r[self._lex] for r in rows], spec.vocab_size)
-        return sparse_dot_rows(docs, q)
+        return search.candidates(target, dense_query, lexical_query, n, flt, colbert_query)
 
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
         """Fetch the candidates' ColBERT vectors and score them by MaxSim -> ``[c]``."""
@@ -576,19 +394,16 @@ class MilvusBackend(ServerEngine):
         if not spec.colbert_dim:
             raise ValueError("this index has no ColBERT vectors")
         by_id = {r["id"]: r["colbert"] for r in self._fetch(cands.ids, ["colbert"])}
-        return self._colbert_of([by_id.get(i, []) for i in cands.ids], query)
-
-    def _colbert_of(self, blobs: list[Any], query: np.ndarray) -> np.ndarray:
-        """MaxSim of ``query [q, dim]`` against stored ColBERT blobs -> ``[len(blobs)]``."""
-        spec = self._spec()
-        assert spec.colbert_dim
-        dtype = np.dtype(spec.colbert_dtype)
-        packed, offsets, scales = codec.decode_blobs(blobs, spec.colbert_dim, dtype)
-        return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)), scales=scales)
+        return search.colbert_of(spec, [by_id.get(i, []) for i in cands.ids], query)
 
     def select(self, flt: Filter) -> list[str]:
-        """Ids of the stored documents passing the dict filter ``flt`` (paged)."""
-        return [r["id"] for batch in self._pages(["id"], milvus_expr(flt)) for r in batch]
+        """Ids of the stored documents passing the dict filter ``flt`` (paged); each page's
+        metadata is checked again, so the filter compares as JSON does."""
+        expr = milvus_expr(flt)
+        if flt is None:
+            return [r["id"] for batch in self._pages(["id"]) for r in batch]
+        pages = self._pages(["id", "metadata"], expr)
+        return [r["id"] for batch in pages for r in search.passing(batch, flt)]
 
     def fetch(self, ids: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
         """Stored documents among ``ids``, in the order of ``ids``."""
@@ -603,32 +418,10 @@ class MilvusBackend(ServerEngine):
         """``fields`` of every stored row matching the Milvus expression ``expr`` (all rows
         for ``""``), 1,000 rows per request."""
         self._spec()
-        if is_server(self.uri):  # a server pages consistently with its query iterator
-            it = self.client.query_iterator(
-                self.collection, batch_size=1000, filter=expr, output_fields=fields
-            )
-            yield from iter(it.next, [])
-            return
-        for start in itertools.count(0, 1000):  # Milvus Lite: offsets in a fixed order
-            batch = self.client.query(
-                self.collection, filter=expr, output_fields=fields, limit=1000, offset=start
-            )
-            if not batch:
-                return
-            yield batch
+        return pages(self.client, self.collection, fields, expr, server=is_server(self.uri))
 
     def docs(self) -> Iterator[dict[str, Any]]:
         """Every stored document as ``{"id", "text", "metadata"}``, 1,000 rows per request."""
         for batch in self._pages(["id", "text", "metadata"]):
             for r in batch:
                 yield {"id": r["id"], "text": r["text"], "metadata": r["metadata"] or {}}
-
-
-def _presence(tf: sp.csr_matrix) -> sp.csr_matrix:
-    """``[1, vocab]`` number of rows of ``tf`` holding each term (document frequencies)."""
-    cols = tf.indices[tf.data > 0] if tf.nnz else tf.indices
-    return sp.csr_matrix(
-        (np.ones(len(cols)), (np.zeros(len(cols), dtype=np.int64), cols)),
-        shape=(1, tf.shape[1]),
-        dtype=np.float64,
-    )

@@ -38,12 +38,13 @@ def milvus_expr(flt: Filter, field: str = "metadata") -> str:
     ``{"lang": "en", "year": [2023, 2024]}`` becomes
     ``(metadata["lang"] == "en") and (metadata["year"] == 2023 or metadata["year"] == 2024)``.
 
-    A Milvus server compares a JSON value with a literal of its type (``== true`` reads a
-    JSON bool, ``== 1`` an int or a float), as the local engine does; Milvus Lite 3
-    evaluates the expression in Python, where ``True == 1 == 1.0``, so there
-    ``{"a": True}`` also matches a stored ``1`` or ``1.0``. No expression tells them apart
-    in Python: only a check of the returned metadata
-    (:func:`m3_rag.filters.matches`) can.
+    The expression selects a superset of what the filter passes: a Milvus server compares
+    a JSON value with a literal of its type (``== true`` reads a JSON bool, ``== 1`` an int
+    or a float), but Milvus Lite 3 evaluates it in Python, where ``True == 1 == 1.0``, so
+    there ``{"a": True}`` also selects a stored ``1`` or ``1.0``, and no expression tells
+    them apart. The engine therefore checks every returned row's metadata with
+    :func:`m3_rag.filters.filter_mask` (JSON's equality, as the local engine and Qdrant
+    compare), in searches (:mod:`~m3_rag.backends.milvus.search`) and in ``select``.
 
     Raises:
         TypeError: a callable filter (a server cannot run Python; use a dict filter, or the
