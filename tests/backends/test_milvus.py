@@ -188,6 +188,45 @@ def test_collection_of_another_model_is_refused(
         MilvusBackend("")
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("batch_size", True, TypeError),
+        ("batch_size", 0, ValueError),
+        ("batch_size", 2.0, TypeError),
+        ("timeout", True, TypeError),
+        ("timeout", "x", TypeError),
+        ("timeout", -1, ValueError),
+        ("timeout", float("nan"), ValueError),
+        ("colbert_inline", True, TypeError),
+        ("colbert_inline", -1, ValueError),
+        ("show_progress", "no", TypeError),
+        ("show_progress", 0, TypeError),
+        ("token", 123, TypeError),
+        ("token", None, TypeError),
+        ("db_name", 1.5, TypeError),
+        ("index_type", 5, TypeError),
+        ("index_type", "", ValueError),
+        ("index_params", [("nlist", 4)], TypeError),
+        ("index_params", {1: 4}, TypeError),
+    ],
+)
+def test_bad_options_are_refused_at_construction(
+    tmp_path: Path, option: str, value: object, error: type[Exception]
+) -> None:
+    """Each bad option is a TypeError/ValueError naming it when the backend is made (it
+    used to be accepted, or to surface as "cannot reach Milvus" at the first call)."""
+    uri = str(tmp_path / "m.db")
+    with pytest.raises(error, match=option) as caught:
+        MilvusBackend(uri, "c", **{option: value})  # type: ignore[arg-type]
+    assert type(caught.value) is error
+    assert not (tmp_path / "m.db").exists()  # nothing was opened
+    ok = MilvusBackend(
+        uri, "c", batch_size=2, timeout=2.5, show_progress=False, index_params={"nlist": 4}
+    )
+    assert (ok.batch_size, ok.timeout, ok.show_progress) == (2, 2.5, False)
+
+
 def _create_format1(uri: str, name: str, spec: IndexSpec) -> None:
     """Create collection ``name`` as the previous version did: the lexical field is named
     ``sparse`` and the side collection holds :func:`_format1_record`."""

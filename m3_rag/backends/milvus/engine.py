@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from m3_rag._inputs import check_count, check_flag, check_positive
 from m3_rag.backends.milvus import search, stats
 from m3_rag.backends.milvus.filters import milvus_expr
 from m3_rag.backends.milvus.rows import delete_ids, encode_rows, fetch_rows, pages
@@ -72,6 +73,8 @@ class MilvusBackend(ServerEngine):
             are fetched in a second request (replies stay far below gRPC limits).
 
     Raises:
+        TypeError: an option of the wrong type (a bool for a count, a str for ``timeout``,
+            a non-str ``token``...), named. ValueError: one out of range, named.
         ImportError: pymilvus is missing (``pip install 'm3-rag[milvus]'``).
     """
 
@@ -96,15 +99,25 @@ class MilvusBackend(ServerEngine):
                 f"collection must be letters, digits and '_' (not starting with a digit), "
                 f"got {collection!r}"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for name, value in (("token", token), ("db_name", db_name), ("index_type", index_type)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {type(value).__name__}: {value!r:.80}")
+        if not index_type:
+            raise ValueError("index_type must name a Milvus index type, such as 'FLAT' or 'HNSW'")
+        if index_params is not None and (
+            not isinstance(index_params, Mapping)
+            or not all(isinstance(k, str) for k in index_params)
+        ):
+            raise TypeError(f"index_params must be a dict with str keys, got {index_params!r:.80}")
         self.uri, self.collection = uri, collection
         self.meta_collection = f"{collection}_m3meta"
         self.index_type, self.index_params = index_type, dict(index_params or {})
-        self.batch_size, self.show_progress, self.timeout = batch_size, show_progress, timeout
-        if not isinstance(colbert_inline, int) or colbert_inline < 0:
-            raise ValueError(f"colbert_inline must be an int >= 0, got {colbert_inline!r}")
-        self.colbert_inline = colbert_inline
+        self.batch_size = check_count(batch_size, "batch_size", 1)
+        self.show_progress = (
+            None if show_progress is None else check_flag(show_progress, "show_progress")
+        )
+        self.timeout = check_positive(timeout, "timeout")
+        self.colbert_inline = check_count(colbert_inline, "colbert_inline", 0)
         self._connect_kwargs = {"token": token, "db_name": db_name}
         self._client: Any = None
         self.spec: IndexSpec | None = None
