@@ -410,3 +410,49 @@ def test_an_id_live_in_two_segments_is_refused_on_open(tmp_path: Path) -> None:
     _resign(idx)
     with pytest.raises(IndexFormatError, match="id 'a' is live in two segments"):
         _open(idx)
+
+
+def test_segment_files_are_read_without_ast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """np.load parses .npy headers with ast.literal_eval, and CPython 3.11's AST
+    constructor is not thread-safe (a SystemError when an open raced a commit in another
+    thread): the engine reads its headers itself."""
+    import ast
+
+    idx = tmp_path / "idx"
+    w = _open(idx, merge_factor=2)
+    _add(w, ["a", "b"])
+    _add(w, ["c"], seed=1)
+    w.delete(["b"])
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ast used")
+
+    monkeypatch.setattr(ast, "literal_eval", refuse)
+    monkeypatch.setattr(segment_io, "_IN_RAM", 0)
+    for io in ("pread", "mmap"):
+        b = _open(idx, io=io)
+        _add(w, [f"d-{io}"], seed=2)  # another handle's commit: b reads it
+        cands = b.candidates(_docs(["a"])[3][0], {1: 1.0}, 10)
+        b.colbert_scores(np.ones((2, 4), np.float32), cands)
+        assert set(b.ids) == {"a", "c", "d-pread", *(["d-mmap"] if io == "mmap" else [])}
+        assert sorted(i for batch in b.export() for i in batch.ids) == sorted(b.ids)
+    w.compact()
+
+
+def test_a_npy_header_numpy_would_not_write_is_refused(tmp_path: Path) -> None:
+    from m3_rag.backends.local.diskarray import load_npy
+
+    for arr in (np.zeros((6, 8), np.float32), np.arange(5), np.zeros((0, 3), np.float16)):
+        np.save(tmp_path / "a.npy", arr, allow_pickle=False)
+        with open(tmp_path / "a.npy", "rb") as f:
+            got = load_npy(f, "a.npy")
+        assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.zeros((3, 2))), allow_pickle=False)
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "t.npy", np.zeros((6, 8), np.float32), allow_pickle=False)
+    (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:-2])  # truncated
+    for name, match in [("f", "C-order"), ("o", "C-order|numbers"), ("t", "bytes")]:
+        with open(tmp_path / f"{name}.npy", "rb") as f, pytest.raises(ValueError, match=match):
+            load_npy(f, f"{name}.npy")

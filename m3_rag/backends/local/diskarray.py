@@ -1,21 +1,98 @@
-"""Large segment arrays read with ``pread``, never memory-mapped.
+"""Reading the ``.npy`` files of segments: large arrays with ``pread``, never memory-mapped.
 
 A memory-mapped file counts in the process's RSS for every page it has touched (and the
 kernel maps whole read-ahead windows around each touch), so random reads of candidates'
 vectors grew RSS by ~13 MB per query. :class:`DiskArray` reads exactly the rows or ranges
 asked for into fresh buffers: memory stays bounded by what one search or one merge chunk
 needs, and the OS page cache (not counted in RSS) does the caching.
+
+Headers are parsed here, not by ``np.load``: numpy parses them with ``ast.literal_eval``,
+and CPython 3.11's AST constructor is not thread-safe (``SystemError: AST constructor
+recursion depth mismatch`` when two threads parse at once, python/cpython#106905), which
+made an open racing a commit in another thread fail now and then. Only what numpy writes
+for a C-order array of plain numbers is accepted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+import re
+from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["DiskArray", "open_array"]
+__all__ = ["DiskArray", "load_npy", "map_npy", "npy_header", "open_array"]
+
+_MAGIC = b"\x93NUMPY"
+_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?[a-z][0-9]*)', 'fortran_order': (False|True), "
+    r"'shape': \(((?:[0-9]+, ?)*[0-9]*)\), \}",
+    re.IGNORECASE,
+)
+
+
+def npy_header(f: BinaryIO, where: Any) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    """The dtype, shape and data offset of the ``.npy`` file ``f`` (read from its start),
+    without ``ast`` (see the module docstring).
+
+    Raises:
+        ValueError: not a ``.npy`` file of a C-order array of plain numbers.
+    """
+    f.seek(0)
+    head = f.read(8)
+    if len(head) != 8 or head[:6] != _MAGIC or head[6] not in (1, 2, 3):
+        raise ValueError(f"{where} is not a .npy file (or of an unknown version)")
+    size = 2 if head[6] == 1 else 4
+    n = int.from_bytes(f.read(size), "little")
+    if n > 1 << 16:
+        raise ValueError(f"{where}: the .npy header is too large")
+    raw = f.read(n)
+    text = raw.decode("utf-8" if head[6] == 3 else "latin-1").rstrip(" \n")
+    m = _HEADER.fullmatch(text) if len(raw) == n else None
+    if m is None or m.group(2) == "True":
+        raise ValueError(f"{where} must be a C-order array of numbers (header {text[:80]!r})")
+    try:
+        dtype = np.dtype(m.group(1))
+    except TypeError:
+        raise ValueError(f"{where}: unknown dtype {m.group(1)!r}") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ValueError(f"{where} must hold plain numbers, not {dtype}")
+    shape = tuple(int(x) for x in m.group(3).replace(" ", "").split(",") if x)
+    return dtype, shape, 8 + size + n
+
+
+def _check_size(where: Any, fd: int, offset: int, nbytes: int) -> None:
+    size = os.fstat(fd).st_size
+    if size != offset + nbytes:
+        raise ValueError(f"{where} has {size} bytes, its header says {offset + nbytes}")
+
+
+def load_npy(f: BinaryIO, where: Any) -> np.ndarray:
+    """The whole array of the ``.npy`` file ``f``, read into RAM.
+
+    Raises:
+        ValueError: not a C-order ``.npy`` of plain numbers, or a size that does not match.
+    """
+    dtype, shape, offset = npy_header(f, where)
+    count = int(np.prod(shape, dtype=np.int64))
+    _check_size(where, f.fileno(), offset, count * dtype.itemsize)
+    buf = bytearray(count * dtype.itemsize)
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        k = os.preadv(f.fileno(), [view[got:]], offset + got)
+        if k <= 0:
+            raise ValueError(f"{where}: short read")
+        got += k
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
+def map_npy(path: Any) -> np.memmap:
+    """The array of the ``.npy`` file ``path``, memory-mapped read-only."""
+    with open(path, "rb") as f:
+        dtype, shape, offset = npy_header(f, path)
+        _check_size(path, f.fileno(), offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 class DiskArray:
@@ -111,22 +188,8 @@ def open_array(path: Any, fd: int) -> DiskArray:
     Raises:
         ValueError: not a C-order ``.npy`` of plain numbers, or a size that does not match.
     """
-    with os.fdopen(os.dup(fd), "rb") as f:
-        f.seek(0)  # the descriptor may have been read already (to hash the file)
-        version = np.lib.format.read_magic(f)
-        read = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }.get(version)
-        if read is None:
-            raise ValueError(f"{path}: unsupported .npy version {version}")
-        shape, fortran, dtype = read(f)
-        offset = f.tell()
-    if fortran or dtype.hasobject:
-        raise ValueError(f"{path} must be a C-order array of numbers")
-    arr = DiskArray(fd, offset, dtype, tuple(shape))
-    if os.fstat(fd).st_size != offset + arr.nbytes:
-        raise ValueError(
-            f"{path} has {os.fstat(fd).st_size} bytes, its header says {offset + arr.nbytes}"
-        )
+    with os.fdopen(os.dup(fd), "rb") as f:  # (the descriptor may have been read already)
+        dtype, shape, offset = npy_header(f, path)
+    arr = DiskArray(fd, offset, dtype, shape)
+    _check_size(path, fd, offset, arr.nbytes)
     return arr

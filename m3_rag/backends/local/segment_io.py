@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from m3_rag.backends.local.ann import DenseANN
-from m3_rag.backends.local.diskarray import open_array
+from m3_rag.backends.local.diskarray import load_npy, map_npy, open_array
 from m3_rag.backends.local.segment import ColbertBlock, DocTable, LexicalPostings, Segment
 from m3_rag.errors import IndexFormatError
 from m3_rag.persist import open_plain, read_bytes
@@ -124,7 +124,7 @@ def open_segment(
                 if opts.io == "mmap":
                     return _mmap(d / f"{key}.npy")
                 return open_array(d / f"{key}.npy", os.dup(f.fileno()))
-            a = np.load(f, allow_pickle=False)
+            a = load_npy(f, d / f"{key}.npy")
         except (OSError, ValueError) as e:
             raise IndexFormatError(f"{d}/{key}.npy is not a readable array: {e}") from None
         finally:
@@ -161,7 +161,12 @@ def open_segment(
         raise IndexFormatError(f"{d}/docs_offsets.npy must increase")
     ann = None
     if "ann.npy" in files:
-        ann = DenseANN.from_array(np.load(d / "ann.npy", allow_pickle=False), opts.ann_nprobe)
+        try:
+            with open_plain(d / "ann.npy") as f:
+                blob = load_npy(f, d / "ann.npy")
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"{d}/ann.npy is not a readable array: {e}") from None
+        ann = DenseANN.from_array(blob, opts.ann_nprobe)
         if ann.index.ntotal != count or ann.index.d != dense.shape[1]:
             raise IndexFormatError(f"{d}/ann.npy does not index this segment's vectors")
     docs = DocTable(blob=blob, offsets=offsets, where=f"{d}/docs.jsonl")
@@ -171,7 +176,7 @@ def open_segment(
 
 
 def _mmap(path: Path) -> np.ndarray:
-    a = np.load(path, mmap_mode="r", allow_pickle=False)
+    a = map_npy(path)
     mm = getattr(a, "_mmap", None)
     if mm is not None:
         with contextlib.suppress(OSError, ValueError):
@@ -286,7 +291,7 @@ def deletes_of(d: Path, name: str, count: int) -> np.ndarray:
         raise IndexFormatError(f"bad tombstone file name {name!r}")
     try:
         with open_plain(d / name) as f:
-            rows = np.load(f, allow_pickle=False)
+            rows = load_npy(f, d / name)
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{d}/{name} is not a readable array: {e}") from None
     if rows.ndim != 1 or rows.dtype.kind not in "iu":
