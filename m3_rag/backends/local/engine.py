@@ -134,7 +134,8 @@ class LocalBackend:
 
     def __repr__(self) -> str:
         where = "memory" if self.path is None else str(self.path)
-        return f"LocalBackend({where}, {len(self)} docs, {len(self._view.segments)} segments)"
+        view = self._view  # (no refresh: a repr never reads the directory)
+        return f"LocalBackend({where}, {view.count} docs, {len(view.segments)} segments)"
 
     # ---------------------------------------------------------------- setup
     def open(
