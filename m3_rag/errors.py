@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "IndexFormatError",
     "IndexMismatchError",
+    "MergeWarning",
     "WriteConflictError",
 ]
 
@@ -30,3 +31,12 @@ class CheckpointError(ValueError):
 
 class WriteConflictError(RuntimeError):
     """Another writer committed to the index since this handle read it: open it again."""
+
+
+class MergeWarning(RuntimeWarning):
+    """A merge that a committed write started failed (e.g. a full disk: ``OSError``
+    ENOSPC). The write stands; nothing of the merge was committed (its partial segment is
+    removed), and the merge is tried again by the next write or
+    :meth:`~m3_rag.backends.LocalBackend.compact`.
+    Turn it into an error with ``warnings.simplefilter("error", MergeWarning)``, or log it
+    with ``logging.captureWarnings(True)``."""

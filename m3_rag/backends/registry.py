@@ -54,7 +54,7 @@ def open_saved(path: str | os.PathLike[str]) -> SavedIndex:
         raise FileNotFoundError(f"no m3-rag index at {root} (missing CURRENT)")
     if cur.get("version") == VERSION:
         backend = LocalBackend(root)
-        spec, settings = backend.read_stored()  # the commit the backend then serves
+        spec, settings = backend.read_stored()  # served until a read takes a later one
         return SavedIndex(spec, settings, backend)
     if "snapshot" not in cur:
         raise IndexFormatError(

@@ -52,20 +52,13 @@ from m3_rag.backends.local.segment_io import SegmentOptions
 from m3_rag.backends.local.view import IdMap, View, merge_plan, rebind, tombstone
 from m3_rag.backends.protocol import Candidates, DocBatch, IndexSpec
 from m3_rag.backends.validate import PreparedBatch, check_ids, prepare_batch
+from m3_rag.errors import MergeWarning
 from m3_rag.filters import Filter
 from m3_rag.persist import reader_lock, remove
 
 __all__ = ["ANN_THRESHOLD", "LocalBackend", "MergeWarning"]
 
 ANN_THRESHOLD = 20_000  # measured: benchmarks/bench_ann_threshold.py (exact <= 2 ms below it)
-
-
-class MergeWarning(RuntimeWarning):
-    """A merge that a committed write started failed (e.g. a full disk: ``OSError``
-    ENOSPC). The write stands; nothing of the merge was committed (its partial segment is
-    removed), and the merge is tried again by the next write or :meth:`LocalBackend.compact`.
-    Turn it into an error with ``warnings.simplefilter("error", MergeWarning)``, or log it
-    with ``logging.captureWarnings(True)``."""
 
 
 class LocalBackend:
