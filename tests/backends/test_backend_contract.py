@@ -26,6 +26,7 @@ from conftest import require
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.bm25 import BM25Stats
 from m3_rag.eval import BeirData, evaluate_run
+from m3_rag.filters import matches
 from m3_rag.testing import SAMPLE_TEXTS, milvus_lite_server, refused_upserts
 
 IDS = [f"doc-{i}" for i in range(len(SAMPLE_TEXTS))]
@@ -182,6 +183,46 @@ def test_search_equals_the_memory_reference(make: Engine, lexical: str) -> None:
         _same(ref, r, q, k=4, fusion="rrf")
         _same(ref, r, q, k=3, weights=(0, 1, 0))
     _same(ref, r, "capital", k=1000, candidates=1000)
+
+
+FILTER_METAS: dict[str, dict[str, Any]] = {
+    "T": {"a": True},
+    "F": {"a": False},
+    "i1": {"a": 1},
+    "f1": {"a": 1.0},
+    "i0": {"a": 0},
+    "f0": {"a": 0.0},
+    "s1": {"a": "1"},
+    "half": {"a": 2.5},
+    "none": {},
+}
+FILTER_CASES: list[tuple[dict[str, Any], set[str]]] = [
+    ({"a": True}, {"T"}),
+    ({"a": False}, {"F"}),
+    ({"a": 1}, {"i1", "f1"}),
+    ({"a": 1.0}, {"i1", "f1"}),
+    ({"a": 0}, {"i0", "f0"}),
+    ({"a": 0.0}, {"i0", "f0"}),
+    ({"a": "1"}, {"s1"}),
+    ({"a": 2.5}, {"half"}),
+    ({"a": [True, 0]}, {"T", "i0", "f0"}),
+    ({"a": (1, 2)}, {"i1", "f1"}),
+    ({"a": [False, True]}, {"T", "F"}),
+]
+
+
+def test_filters_compare_as_json(make: Engine) -> None:
+    """A bool matches only a bool (Python's ``True == 1`` does not leak in: Milvus Lite
+    evaluates its expressions in Python, and the engine re-checks what it returns); a number
+    matches any number equal to it, int or float; a string only a string."""
+    r = make()
+    r.add_texts(
+        [f"passage {i}" for i in FILTER_METAS], list(FILTER_METAS.values()), list(FILTER_METAS)
+    )
+    for flt, want in FILTER_CASES:
+        assert {i for i, m in FILTER_METAS.items() if matches(m, flt)} == want, flt
+        assert set(r.select(flt)) == want, flt
+        assert {h.id for h in r.search("passage", k=20, filter=flt)} == want, flt
 
 
 def test_updates_deletes_and_reads(make: Engine) -> None:

@@ -391,35 +391,6 @@ def test_filters_translate_to_milvus_expressions() -> None:
         milvus_expr({"a": None})
 
 
-def test_filters_match_bools_and_numbers_as_the_local_engine(
-    tiny_encoder: M3Encoder, tmp_path: Path
-) -> None:
-    """Milvus Lite evaluates expressions in Python (``True == 1 == 1.0``): the engine
-    re-checks what Milvus returns, so a filter compares as JSON does, as on the local
-    engine."""
-    metas: dict[str, dict[str, Any]] = {
-        "T": {"a": True},
-        "F": {"a": False},
-        "i1": {"a": 1},
-        "f1": {"a": 1.0},
-        "i0": {"a": 0},
-        "s1": {"a": "1"},
-    }
-    r = HybridRetriever(tiny_encoder, backend=MilvusBackend(str(tmp_path / "m.db"), "docs"))
-    r.add_texts([f"passage {i}" for i in metas], list(metas.values()), list(metas))
-    cases: list[tuple[dict[str, Any], set[str]]] = [
-        ({"a": True}, {"T"}),
-        ({"a": False}, {"F"}),
-        ({"a": 1}, {"i1", "f1"}),
-        ({"a": 1.0}, {"i1", "f1"}),
-        ({"a": [True, 0]}, {"T", "i0"}),
-        ({"a": "1"}, {"s1"}),
-    ]
-    for flt, want in cases:
-        assert set(r.select(flt)) == want, flt
-        assert {h.id for h in r.search("passage", k=20, filter=flt)} == want, flt
-
-
 @pytest.mark.parametrize("lexical", ["m3", "bm25"])
 def test_a_filtered_search_that_drops_rows_searches_deeper(
     tiny_encoder: M3Encoder, tmp_path: Path, lexical: str

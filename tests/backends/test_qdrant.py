@@ -123,41 +123,16 @@ def test_filter_keys_and_values_cannot_escape(tiny_encoder: M3Encoder) -> None:
         assert sorted(got) == sorted(mem.select(flt)), flt
 
 
-def test_filters_match_bools_and_numbers_as_the_local_engine(tiny_encoder: M3Encoder) -> None:
-    """JSON equality on every engine: a bool matches only a bool (Python's ``True == 1``
-    does not leak in), a number matches any number equal to it, int or float."""
-    metas: dict[str, dict[str, Any]] = {
-        "T": {"a": True},
-        "F": {"a": False},
-        "i1": {"a": 1},
-        "f1": {"a": 1.0},
-        "i0": {"a": 0},
-        "f0": {"a": 0.0},
-        "s1": {"a": "1"},
-        "half": {"a": 2.5},
-        "big": {"a": 2**53 + 1},
-        "none": {},
-    }
+def test_filters_match_ints_beyond_float_precision(tiny_encoder: M3Encoder) -> None:
+    """Qdrant matches a number with a range (so 1 matches a stored 1.0; the cases every
+    engine shares are in the contract suite), except an int of magnitude >= 2**53, which a
+    double cannot tell from its neighbours: that one is matched exactly."""
+    metas: dict[str, dict[str, Any]] = {"big": {"a": 2**53 + 1}, "half": {"a": 2.5}}
     r = _qdrant(tiny_encoder)
     mem = HybridRetriever(tiny_encoder)
     for x in (r, mem):
         x.add_texts([f"passage {i}" for i in metas], list(metas.values()), list(metas))
-    cases: list[tuple[dict[str, Any], set[str]]] = [
-        ({"a": True}, {"T"}),
-        ({"a": False}, {"F"}),
-        ({"a": 1}, {"i1", "f1"}),
-        ({"a": 1.0}, {"i1", "f1"}),
-        ({"a": 0}, {"i0", "f0"}),
-        ({"a": 0.0}, {"i0", "f0"}),
-        ({"a": "1"}, {"s1"}),
-        ({"a": 2.5}, {"half"}),
-        ({"a": [True, 0]}, {"T", "i0", "f0"}),
-        ({"a": [1, 2]}, {"i1", "f1"}),
-        ({"a": [False, True]}, {"T", "F"}),
-        ({"a": 2**53 + 1}, {"big"}),
-        ({"a": 2**53}, set()),
-    ]
-    for flt, want in cases:
+    for flt, want in [({"a": 2**53 + 1}, {"big"}), ({"a": 2**53}, set()), ({"a": 2.5}, {"half"})]:
         assert set(mem.select(flt)) == want, flt  # the reference
         assert set(r.select(flt)) == want, flt
         assert {h.id for h in r.search("passage", k=20, filter=flt)} == want, flt
