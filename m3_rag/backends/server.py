@@ -73,6 +73,19 @@ class ServerEngine:
     ``(id, text, metadata)``."""
 
     spec: IndexSpec | None
+    collection: str
+
+    def _check_rebind(self, spec: IndexSpec) -> None:
+        """Refuse to open an engine already open for another spec."""
+        if self.spec is not None and self.spec != spec:
+            raise ValueError(f"{self!r} is already open for another index")
+
+    def _foreign(self) -> IndexFormatError:
+        """The error for a collection of this name that m3-rag did not create."""
+        return IndexFormatError(
+            f"collection {self.collection!r} exists but was not created by m3-rag; "
+            "pick another collection name"
+        )
 
     def _spec(self) -> IndexSpec:
         if self.spec is None:

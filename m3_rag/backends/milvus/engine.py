@@ -42,7 +42,6 @@ from m3_rag.backends.protocol import Candidates, IndexSpec
 from m3_rag.backends.server import ServerEngine, check_record
 from m3_rag.backends.validate import check_ids, prepare_batch
 from m3_rag.bm25 import BM25Params, BM25Stats
-from m3_rag.errors import IndexFormatError
 from m3_rag.filters import Filter
 
 __all__ = ["MilvusBackend"]
@@ -168,15 +167,11 @@ class MilvusBackend(ServerEngine):
         """
         if spec.dense_dtype != "float32":
             raise ValueError("the Milvus backend stores dense vectors as float32")
-        if self.spec is not None and self.spec != spec:
-            raise ValueError(f"{self!r} is already open for another index")
+        self._check_rebind(spec)
         c = self.client
         if c.has_collection(self.collection):
             if not c.has_collection(self.meta_collection):
-                raise IndexFormatError(
-                    f"collection {self.collection!r} exists but was not created by m3-rag; "
-                    "pick another collection name"
-                )
+                raise self._foreign()
             c.load_collection(self.meta_collection)
             stored = json.loads(self._meta_row("config")["value"])
             check_record(

@@ -59,7 +59,6 @@ from m3_rag.backends.qdrant.schema import (
 )
 from m3_rag.backends.server import ServerEngine, check_record
 from m3_rag.backends.validate import check_ids, prepare_batch
-from m3_rag.errors import IndexFormatError
 from m3_rag.filters import Filter
 
 __all__ = ["COUNT_ABOVE", "QdrantBackend", "point_id"]
@@ -210,8 +209,7 @@ class QdrantBackend(ServerEngine):
             IndexFormatError: the collection was not created by m3-rag, or by a version
                 whose format this one does not read.
         """
-        if self.spec is not None and self.spec != spec:
-            raise ValueError(f"{self!r} is already open for another index")
+        self._check_rebind(spec)
         if spec.vocab_size > 2**32:
             raise ValueError("Qdrant sparse vectors hold term ids below 2**32")
         client = self.client  # a bad local directory raises its own ValueError
@@ -222,10 +220,7 @@ class QdrantBackend(ServerEngine):
         if exists:
             meta = self.client.get_collection(self.collection).config.metadata or {}
             if "m3_rag" not in meta:
-                raise IndexFormatError(
-                    f"collection {self.collection!r} exists but was not created by m3-rag; "
-                    "pick another collection name"
-                )
+                raise self._foreign()
             check_record(
                 meta["m3_rag"],
                 spec,
