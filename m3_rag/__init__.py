@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from m3_rag._inputs import SCORES_KEY
 from m3_rag.encoder import EncodeOutput, M3Encoder
+from m3_rag.encoding import Encoder
 from m3_rag.errors import (
     CheckpointError,
     IndexFormatError,
@@ -19,6 +20,7 @@ __all__ = [
     "SCORES_KEY",
     "CheckpointError",
     "EncodeOutput",
+    "Encoder",
     "HybridRetriever",
     "IndexFormatError",
     "IndexMismatchError",

@@ -21,7 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from m3_rag._inputs import check_texts
-from m3_rag.encoder import EncodeOutput, M3Encoder
+from m3_rag.encoder import EncodeOutput
+from m3_rag.encoding import Encoder
 
 __all__ = [
     "CachedEncoding",
@@ -108,11 +109,11 @@ class EncodeCache:
             self.nbytes = 0
 
 
-_CACHES: weakref.WeakKeyDictionary[M3Encoder, EncodeCache] = weakref.WeakKeyDictionary()
+_CACHES: weakref.WeakKeyDictionary[Encoder, EncodeCache] = weakref.WeakKeyDictionary()
 _CACHES_LOCK = threading.Lock()
 
 
-def encode_cache(encoder: M3Encoder) -> EncodeCache:
+def encode_cache(encoder: Encoder) -> EncodeCache:
     """The cache shared by every adapter that holds ``encoder`` (created on first use)."""
     with _CACHES_LOCK:
         cache = _CACHES.get(encoder)
@@ -122,7 +123,7 @@ def encode_cache(encoder: M3Encoder) -> EncodeCache:
 
 
 def encode_cached(
-    encoder: M3Encoder,
+    encoder: Encoder,
     texts: Sequence[str],
     role: Role,
     *,

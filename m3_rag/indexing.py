@@ -28,7 +28,8 @@ from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.protocol import Backend, DocumentChecking, Exportable
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
-from m3_rag.encoder import EncodeOutput, M3Encoder
+from m3_rag.encoder import EncodeOutput
+from m3_rag.encoding import Encoder
 from m3_rag.errors import IndexMismatchError
 from m3_rag.scoring import sparse_matrix
 from m3_rag.spec import IndexSpec, LexicalKind
@@ -69,7 +70,7 @@ def make_engine(backend: Backend | None) -> Backend:
     return backend
 
 
-def lexical_kind(encoder: M3Encoder, lexical: str) -> LexicalKind | None:
+def lexical_kind(encoder: Encoder, lexical: str) -> LexicalKind | None:
     """The lexical leg a retriever's ``lexical`` argument names (``None``: no lexical leg).
 
     Raises:
@@ -85,7 +86,7 @@ def lexical_kind(encoder: M3Encoder, lexical: str) -> LexicalKind | None:
 
 
 def index_spec(
-    encoder: M3Encoder,
+    encoder: Encoder,
     lexical: LexicalKind | None,
     analyzer: Analyzer | None,
     dense_dtype: str,
@@ -147,7 +148,7 @@ def analyzer_config(
 class IndexingMixin:
     """The ingestion half of :class:`~m3_rag.HybridRetriever` (see the module docstring)."""
 
-    encoder: M3Encoder
+    encoder: Encoder
     lexical: LexicalKind | None
     analyzer: Analyzer | None
     backend: Backend

@@ -14,7 +14,7 @@ from typing import Any
 
 from m3_rag._inputs import check_count, check_fusion, check_weights
 from m3_rag.analysis import Analyzer, analyzer_from_config
-from m3_rag.encoder import M3Encoder
+from m3_rag.encoding import Encoder
 from m3_rag.errors import IndexFormatError, IndexMismatchError
 from m3_rag.spec import IndexSpec
 
@@ -22,7 +22,7 @@ __all__ = ["check_encoder", "recorded_analyzer", "recorded_settings"]
 
 
 def check_encoder(
-    spec: IndexSpec, encoder: M3Encoder, where: str, allow_model_mismatch: bool
+    spec: IndexSpec, encoder: Encoder, where: str, allow_model_mismatch: bool
 ) -> None:
     """Refuse an encoder that does not fit a stored index.
 

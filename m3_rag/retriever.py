@@ -17,7 +17,8 @@ from m3_rag.backends.protocol import Backend, Savable
 from m3_rag.backends.registry import open_saved
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
-from m3_rag.encoder import EncodeOutput, M3Encoder
+from m3_rag.encoder import EncodeOutput
+from m3_rag.encoding import Encoder
 from m3_rag.filters import Filter, check_filter
 from m3_rag.indexing import IndexingMixin, index_spec, lexical_kind, make_analyzer, make_engine
 from m3_rag.reopen import check_encoder, recorded_analyzer, recorded_settings
@@ -92,7 +93,7 @@ class HybridRetriever(IndexingMixin):
 
     def __init__(
         self,
-        encoder: M3Encoder,
+        encoder: Encoder,
         reranker: Reranker | None = None,
         weights: Sequence[float] = (0.4, 0.2, 0.4),
         fusion: str = "weighted",
@@ -108,8 +109,11 @@ class HybridRetriever(IndexingMixin):
         source: Mapping[str, Any] | None = None,
         allow_model_mismatch: bool = False,
     ) -> None:
-        if not isinstance(encoder, M3Encoder):
-            raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
+        if not isinstance(encoder, Encoder):
+            raise TypeError(
+                "encoder must be an m3_rag.Encoder (M3Encoder or RemoteEncoder), "
+                f"got {type(encoder).__name__}"
+            )
         if reranker is not None and not isinstance(reranker, Reranker):
             raise TypeError(f"reranker must be a Reranker or None, got {type(reranker).__name__}")
         self.encoder = encoder
@@ -354,7 +358,7 @@ class HybridRetriever(IndexingMixin):
     def load(
         cls,
         path: str | os.PathLike[str],
-        encoder: M3Encoder,
+        encoder: Encoder,
         reranker: Reranker | None = None,
         *,
         allow_model_mismatch: bool = False,

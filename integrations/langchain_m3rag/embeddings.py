@@ -7,7 +7,7 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from m3_rag import M3Encoder
+from m3_rag import Encoder, M3Encoder
 from m3_rag.cache import encode_cached
 
 
@@ -36,7 +36,7 @@ class M3Embeddings(BaseModel, Embeddings):
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
 
     model_name_or_path: str = "BAAI/bge-m3"
-    encoder: M3Encoder | None = Field(default=None, exclude=True)
+    encoder: Encoder | None = Field(default=None, exclude=True)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     query_max_length: int | None = None
     document_max_length: int | None = None
@@ -49,7 +49,7 @@ class M3Embeddings(BaseModel, Embeddings):
         return self
 
     @property
-    def _enc(self) -> M3Encoder:
+    def _enc(self) -> Encoder:
         assert self.encoder is not None
         return self.encoder
 

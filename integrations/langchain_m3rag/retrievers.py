@@ -15,7 +15,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
-from m3_rag import SCORES_KEY, HybridRetriever, M3Encoder, Reranker, SearchHit
+from m3_rag import SCORES_KEY, Encoder, HybridRetriever, M3Encoder, Reranker, SearchHit
 from m3_rag.backends.validate import id_list
 
 
@@ -71,7 +71,7 @@ class M3Retriever(BaseRetriever):
     def from_texts(
         cls,
         texts: Iterable[str],
-        encoder: M3Encoder | None = None,
+        encoder: Encoder | None = None,
         *,
         metadatas: Sequence[dict[str, Any]] | None = None,
         ids: Sequence[str] | None = None,
@@ -90,7 +90,7 @@ class M3Retriever(BaseRetriever):
 
     @classmethod
     def from_documents(
-        cls, documents: Iterable[Document], encoder: M3Encoder | None = None, **kwargs: Any
+        cls, documents: Iterable[Document], encoder: Encoder | None = None, **kwargs: Any
     ) -> M3Retriever:
         """Index LangChain documents (their ``id`` is kept when set)."""
         docs = list(documents)

@@ -10,7 +10,7 @@ except ImportError as e:  # pragma: no cover - exercised by the import-error tes
     ) from e
 
 from langchain_m3rag.sparse_common import sparse_rows
-from m3_rag import M3Encoder
+from m3_rag import Encoder
 
 
 class M3QdrantSparseEmbeddings(SparseEmbeddings):
@@ -24,7 +24,7 @@ class M3QdrantSparseEmbeddings(SparseEmbeddings):
         encoder: A BGE-M3 :class:`~m3_rag.M3Encoder` (with the sparse head).
     """
 
-    def __init__(self, encoder: M3Encoder) -> None:
+    def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
         sparse_rows(encoder, [], "document")  # checks the model has the sparse head
 

@@ -11,7 +11,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from langchain_m3rag.embeddings import M3Embeddings
-from m3_rag import SCORES_KEY, HybridRetriever, M3Encoder, SearchHit
+from m3_rag import SCORES_KEY, Encoder, HybridRetriever, SearchHit
 from m3_rag.backends.validate import id_list
 
 _SEARCH_OPTIONS = ("filter", "weights", "fusion", "candidates", "rerank")
@@ -47,7 +47,7 @@ class M3VectorStore(VectorStore):
         self.retriever = retriever
 
     @classmethod
-    def from_encoder(cls, encoder: M3Encoder, **retriever_kwargs: Any) -> M3VectorStore:
+    def from_encoder(cls, encoder: Encoder, **retriever_kwargs: Any) -> M3VectorStore:
         """An empty store over a new :class:`HybridRetriever` (``retriever_kwargs`` go to it:
         weights, fusion, backend, analyzer...)."""
         return cls(HybridRetriever(encoder, **retriever_kwargs))

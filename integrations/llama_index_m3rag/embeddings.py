@@ -9,16 +9,19 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.embeddings.base_sparse import BaseSparseEmbedding
 from pydantic import PrivateAttr
 
-from m3_rag import M3Encoder
+from m3_rag import Encoder, M3Encoder
 from m3_rag.cache import Role, encode_cached
 
 
 def _encoder(
-    encoder: M3Encoder | None, model_name: str, model_kwargs: dict[str, Any] | None
-) -> M3Encoder:
+    encoder: Encoder | None, model_name: str, model_kwargs: dict[str, Any] | None
+) -> Encoder:
     if encoder is not None:
-        if not isinstance(encoder, M3Encoder):
-            raise TypeError(f"encoder must be an M3Encoder, got {type(encoder).__name__}")
+        if not isinstance(encoder, Encoder):
+            raise TypeError(
+                "encoder must be an m3_rag.Encoder (M3Encoder or RemoteEncoder), "
+                f"got {type(encoder).__name__}"
+            )
         return encoder
     return M3Encoder(model_name, **(model_kwargs or {}))
 
@@ -32,12 +35,12 @@ class M3Embedding(BaseEmbedding):
         model_kwargs: ``M3Encoder`` keyword arguments.
     """
 
-    _encoder: M3Encoder = PrivateAttr()
+    _encoder: Encoder = PrivateAttr()
 
     def __init__(
         self,
         model_name: str = "BAAI/bge-m3",
-        encoder: M3Encoder | None = None,
+        encoder: Encoder | None = None,
         model_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -51,7 +54,7 @@ class M3Embedding(BaseEmbedding):
         return "M3Embedding"
 
     @property
-    def encoder(self) -> M3Encoder:
+    def encoder(self) -> Encoder:
         return self._encoder
 
     def _dense(self, texts: list[str], query: bool) -> list[list[float]]:
@@ -83,12 +86,12 @@ class M3SparseEmbedding(BaseSparseEmbedding):
         model_kwargs: ``M3Encoder`` keyword arguments.
     """
 
-    _encoder: M3Encoder = PrivateAttr()
+    _encoder: Encoder = PrivateAttr()
 
     def __init__(
         self,
         model_name: str = "BAAI/bge-m3",
-        encoder: M3Encoder | None = None,
+        encoder: Encoder | None = None,
         model_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:

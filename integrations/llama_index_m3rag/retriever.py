@@ -23,7 +23,7 @@ from llama_index.core.vector_stores.types import (
     MetadataFilters,
 )
 
-from m3_rag import SCORES_KEY, HybridRetriever, M3Encoder, Reranker
+from m3_rag import SCORES_KEY, Encoder, HybridRetriever, Reranker
 
 
 def _match(op: FilterOperator, have: Any, want: Any) -> bool:
@@ -142,7 +142,7 @@ class M3Retriever(BaseRetriever):
     def from_nodes(
         cls,
         nodes: Sequence[BaseNode],
-        encoder: M3Encoder,
+        encoder: Encoder,
         *,
         reranker: Reranker | None = None,
         retriever_kwargs: dict[str, Any] | None = None,
@@ -156,7 +156,7 @@ class M3Retriever(BaseRetriever):
 
     @classmethod
     def from_documents(
-        cls, documents: Sequence[Document], encoder: M3Encoder, **kwargs: Any
+        cls, documents: Sequence[Document], encoder: Encoder, **kwargs: Any
     ) -> M3Retriever:
         """Index documents as one node each (split them first for long texts)."""
         return cls.from_nodes(list(documents), encoder, **kwargs)
@@ -182,7 +182,7 @@ class M3Retriever(BaseRetriever):
     def from_persist_dir(
         cls,
         persist_dir: str | os.PathLike[str],
-        encoder: M3Encoder,
+        encoder: Encoder,
         *,
         reranker: Reranker | None = None,
         allow_model_mismatch: bool = False,

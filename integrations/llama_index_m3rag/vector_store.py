@@ -18,7 +18,7 @@ from llama_index.core.vector_stores.types import (
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 
 from llama_index_m3rag.retriever import to_core_filter
-from m3_rag import HybridRetriever, M3Encoder
+from m3_rag import Encoder, HybridRetriever
 from m3_rag.backends.validate import id_list
 from m3_rag.cache import as_encode_output, encode_cached
 from m3_rag.filters import all_of
@@ -70,7 +70,7 @@ class M3VectorStore(BasePydanticVectorStore):
         self._retriever = retriever
 
     @classmethod
-    def from_encoder(cls, encoder: M3Encoder, **retriever_kwargs: Any) -> M3VectorStore:
+    def from_encoder(cls, encoder: Encoder, **retriever_kwargs: Any) -> M3VectorStore:
         """An empty store over a new :class:`HybridRetriever` (``retriever_kwargs`` go to it)."""
         return cls(HybridRetriever(encoder, **retriever_kwargs))
 
@@ -140,7 +140,7 @@ class M3VectorStore(BasePydanticVectorStore):
 
     @classmethod
     def from_persist_path(
-        cls, persist_path: str | os.PathLike[str], encoder: M3Encoder, **kwargs: Any
+        cls, persist_path: str | os.PathLike[str], encoder: Encoder, **kwargs: Any
     ) -> M3VectorStore:
         """Load a store saved by :meth:`persist` (``kwargs`` go to
         :meth:`HybridRetriever.load`: ``reranker``, ``allow_model_mismatch``, ``analyzer``)."""

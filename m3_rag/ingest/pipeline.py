@@ -34,7 +34,7 @@ from m3_rag._inputs import check_count, check_unicode
 from m3_rag.backends.local.engine import LocalBackend
 from m3_rag.backends.protocol import Compactable
 from m3_rag.backends.registry import open_saved
-from m3_rag.encoder import M3Encoder
+from m3_rag.encoding import Encoder
 from m3_rag.ingest.replace import recover_replacement, replace_index, staging
 from m3_rag.persist import check_target, is_index
 from m3_rag.retriever import HybridRetriever
@@ -236,7 +236,7 @@ def plan_index(
 
 def run_index(
     plan: IngestPlan,
-    encoder: M3Encoder,
+    encoder: Encoder,
     *,
     commit_every: int = 256,
     batch_size: int = 32,
@@ -282,7 +282,7 @@ def run_index(
 def index_source(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    encoder: M3Encoder,
+    encoder: Encoder,
     *,
     chunk_size: int = 1000,
     chunk_overlap: int = 150,
@@ -354,7 +354,7 @@ def _resumable(out: Path, key: dict[str, Any]) -> bool:
 def _build(
     plan: IngestPlan,
     target: Path,
-    encoder: M3Encoder,
+    encoder: Encoder,
     commit_every: int,
     batch_size: int,
     compact: bool,
