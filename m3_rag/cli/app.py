@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from m3_rag.cli import convert as convert_cli
+from m3_rag.cli import serve as serve_cli
 from m3_rag.cli.commands import (
     DEFAULT_MODEL,
     CliError,
@@ -63,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
             + ")",
         )
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+        p.add_argument(
+            "--runtime",
+            choices=["torch", "onnx"],
+            default="torch",
+            help="run the model with torch (default) or ONNX Runtime (pip install "
+            "'m3-rag[onnx]'; exported once and cached)",
+        )
+        p.add_argument(
+            "--int8",
+            action="store_true",
+            help="with --runtime onnx: int8 weights (dynamic quantisation; see docs/runtime.md)",
+        )
 
     p = sub.add_parser(
         "demo", help="index the embedded multilingual demo corpus and run a few queries"
@@ -175,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_count(1), default=64, help="texts per forward pass (max)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    serve_cli.add_parser(sub, common, _count)
+    convert_cli.add_parser(sub)
     return parser
 
 

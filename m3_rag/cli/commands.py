@@ -31,6 +31,7 @@ __all__ = [
     "hits_json",
     "json_safe",
     "one_line",
+    "runtime_kwargs",
 ]
 
 TEXT_GLOBS = ("*.txt", "*.md")  # m3_rag.sources.TEXT_GLOBS (not imported: --help stays fast)
@@ -75,12 +76,22 @@ def _check_device(device: str | None) -> None:
         raise CliError(f"--device: {one_line(str(e))}") from None
 
 
-def _encoder(model: str, device: str | None, batch_size: int = 32) -> Any:
+def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--runtime`` / ``--int8`` as ``M3Encoder`` / ``Reranker`` keyword arguments (none
+    for the default torch fp32 runtime)."""
+    runtime, int8 = getattr(args, "runtime", "torch"), getattr(args, "int8", False)
+    if runtime == "torch" and not int8:
+        return {}
+    return {"runtime": runtime, "quantize": "int8" if int8 else None}
+
+
+def _encoder(args: argparse.Namespace, model: str, batch_size: int = 32) -> Any:
     from m3_rag import M3Encoder
 
+    device = args.device
     _check_device(device)
     try:
-        return M3Encoder(model, device=device, batch_size=batch_size)
+        return M3Encoder(model, device=device, batch_size=batch_size, **runtime_kwargs(args))
     except _LOAD_ERRORS as e:
         msg = f"cannot load model {model!r}: {one_line(str(e))}; {OFFLINE_HINT}"
         raise CliError(msg) from None
@@ -150,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     queries = [_query(q) for q in args.query or DEMO_QUERIES]
     _check_device(args.device)
     records = demo_corpus()
-    r = HybridRetriever(_encoder(args.model, args.device))
+    r = HybridRetriever(_encoder(args, args.model))
     r.add_texts([x.text for x in records], [x.metadata for x in records], [x.id for x in records])
     print(f"{r.encoder!r}\n{r!r}: embedded demo corpus, {len(records)} passages in 8 languages\n")
     for query in queries:
@@ -194,7 +205,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         raise CliError(one_line(str(e))) from None
-    enc = _encoder(args.model, args.device, args.batch_size)
+    enc = _encoder(args, args.model, args.batch_size)
     try:
         report = run_index(
             plan,
@@ -257,11 +268,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         model = args.model or open_saved(args.index).spec.model
     except (OSError, ValueError) as e:
         raise CliError(one_line(str(e))) from None
-    enc = _encoder(model, args.device)
+    enc = _encoder(args, model)
     reranker = None
     if args.rerank:
         try:
-            reranker = Reranker(args.rerank, device=args.device)
+            reranker = Reranker(args.rerank, device=args.device, **runtime_kwargs(args))
         except _LOAD_ERRORS as e:
             raise CliError(
                 f"cannot load reranker {args.rerank!r}: {one_line(str(e))}; {RERANKER_HINT}"
@@ -289,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     if not data.corpus:
         raise CliError(f"{args.beir_dir} has an empty corpus")
-    enc = _encoder(args.model, args.device, args.batch_size)
+    enc = _encoder(args, args.model, args.batch_size)
     r = HybridRetriever(enc, candidates=args.candidates)
     modes = available_modes(r.lexical, enc.has_colbert)
     if args.modes:

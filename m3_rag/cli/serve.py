@@ -1,0 +1,37 @@
+"""``m3-rag serve``: its arguments and its handler (the server is :mod:`m3_rag.server`,
+imported only when the command runs, so ``--help`` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["add_parser", "cmd_serve"]
+
+
+def add_parser(sub: Any, common: Callable[..., None], count: Callable[[int], Any]) -> None:
+    """Add the ``serve`` subcommand to ``sub`` (the parser's subparsers)."""
+    p = sub.add_parser(
+        "serve",
+        help="serve the model over HTTP (OpenAI-compatible embeddings, the three outputs, "
+        "rerank, search)",
+    )
+    common(p)
+    p.add_argument("--reranker", default=None, help="also serve this cross-encoder (/v1/rerank)")
+    p.add_argument("--index", default=None, help="serve this index (/v1/search, /v1/documents)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=count(0), default=8000, help="port (default %(default)s)")
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        help="name of an environment variable holding the API key; every route but "
+        "/health then needs 'Authorization: Bearer <key>'",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from m3_rag.server.main import run_from_args
+
+    return run_from_args(args)
