@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from m3_rag._inputs import SCORES_KEY
 from m3_rag.encoder import EncodeOutput, M3Encoder
-from m3_rag.encoding import Encoder
+from m3_rag.encoding import CrossEncoder, Encoder
 from m3_rag.errors import (
     CheckpointError,
     IndexFormatError,
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SCORES_KEY",
     "CheckpointError",
+    "CrossEncoder",
     "EncodeOutput",
     "Encoder",
     "HybridRetriever",

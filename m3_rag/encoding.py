@@ -3,7 +3,8 @@ encoder.
 
 :class:`~m3_rag.M3Encoder` (the model in this process, torch or ONNX Runtime) and
 ``RemoteEncoder`` (a model served by ``m3-rag serve``) both satisfy :class:`Encoder`; code
-that takes an encoder checks ``isinstance(x, Encoder)`` and uses nothing else.
+that takes an encoder checks ``isinstance(x, Encoder)`` and uses nothing else. Rerankers
+likewise satisfy :class:`CrossEncoder`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from m3_rag.encoder import EncodeOutput
+from m3_rag.rerank import RerankResult
 
-__all__ = ["Encoder"]
+__all__ = ["CrossEncoder", "Encoder"]
 
 
 @runtime_checkable
@@ -60,3 +62,27 @@ class Encoder(Protocol):
     def encode_queries(self, texts: str | list[str], **kwargs: Any) -> EncodeOutput: ...
 
     def encode_documents(self, texts: str | list[str], **kwargs: Any) -> EncodeOutput: ...
+
+
+@runtime_checkable
+class CrossEncoder(Protocol):
+    """A reranker (a cross-encoder scoring ``(query, passage)`` pairs): :class:`~m3_rag.Reranker`
+    in this process, ``RemoteReranker`` over ``m3-rag serve``."""
+
+    def compute_score(
+        self,
+        pairs: list[tuple[str, str]] | tuple[str, str],
+        *,
+        normalize: bool = False,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> list[float]: ...
+
+    def rerank(
+        self,
+        query: str,
+        texts: list[str],
+        top_n: int | None = None,
+        *,
+        normalize: bool = False,
+    ) -> list[RerankResult]: ...

@@ -18,11 +18,10 @@ from m3_rag.backends.registry import open_saved
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput
-from m3_rag.encoding import Encoder
+from m3_rag.encoding import CrossEncoder, Encoder
 from m3_rag.filters import Filter, check_filter
 from m3_rag.indexing import IndexingMixin, index_spec, lexical_kind, make_analyzer, make_engine
 from m3_rag.reopen import check_encoder, recorded_analyzer, recorded_settings
-from m3_rag.rerank import Reranker
 
 __all__ = ["HybridRetriever", "SearchHit"]
 
@@ -94,7 +93,7 @@ class HybridRetriever(IndexingMixin):
     def __init__(
         self,
         encoder: Encoder,
-        reranker: Reranker | None = None,
+        reranker: CrossEncoder | None = None,
         weights: Sequence[float] = (0.4, 0.2, 0.4),
         fusion: str = "weighted",
         candidates: int = 100,
@@ -114,8 +113,11 @@ class HybridRetriever(IndexingMixin):
                 "encoder must be an m3_rag.Encoder (M3Encoder or RemoteEncoder), "
                 f"got {type(encoder).__name__}"
             )
-        if reranker is not None and not isinstance(reranker, Reranker):
-            raise TypeError(f"reranker must be a Reranker or None, got {type(reranker).__name__}")
+        if reranker is not None and not isinstance(reranker, CrossEncoder):
+            raise TypeError(
+                "reranker must be an m3_rag.CrossEncoder (Reranker or RemoteReranker) or None, "
+                f"got {type(reranker).__name__}"
+            )
         self.encoder = encoder
         self.reranker = reranker
         self.weights = check_weights(weights)
@@ -359,7 +361,7 @@ class HybridRetriever(IndexingMixin):
         cls,
         path: str | os.PathLike[str],
         encoder: Encoder,
-        reranker: Reranker | None = None,
+        reranker: CrossEncoder | None = None,
         *,
         allow_model_mismatch: bool = False,
         analyzer: Analyzer | None = None,

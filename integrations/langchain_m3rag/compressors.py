@@ -9,7 +9,7 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, model_validator
 
-from m3_rag import Reranker
+from m3_rag import CrossEncoder, Reranker
 
 
 class M3Reranker(BaseDocumentCompressor):
@@ -25,7 +25,7 @@ class M3Reranker(BaseDocumentCompressor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    reranker: Reranker | None = Field(default=None, exclude=True)
+    reranker: CrossEncoder | None = Field(default=None, exclude=True)
     model_name_or_path: str = "BAAI/bge-reranker-v2-m3"
     top_n: int = 3
     normalize: bool = False

@@ -15,7 +15,14 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
-from m3_rag import SCORES_KEY, Encoder, HybridRetriever, M3Encoder, Reranker, SearchHit
+from m3_rag import (
+    SCORES_KEY,
+    CrossEncoder,
+    Encoder,
+    HybridRetriever,
+    M3Encoder,
+    SearchHit,
+)
 from m3_rag.backends.validate import id_list
 
 
@@ -76,7 +83,7 @@ class M3Retriever(BaseRetriever):
         metadatas: Sequence[dict[str, Any]] | None = None,
         ids: Sequence[str] | None = None,
         model_name_or_path: str = "BAAI/bge-m3",
-        reranker: Reranker | None = None,
+        reranker: CrossEncoder | None = None,
         k: int = 4,
         retriever_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,

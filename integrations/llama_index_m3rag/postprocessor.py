@@ -8,7 +8,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from pydantic import Field, PrivateAttr
 
-from m3_rag import Reranker
+from m3_rag import CrossEncoder, Reranker
 
 
 class M3Rerank(BaseNodePostprocessor):
@@ -24,13 +24,13 @@ class M3Rerank(BaseNodePostprocessor):
     top_n: int = Field(default=3, description="nodes kept")
     model: str = Field(default="BAAI/bge-reranker-v2-m3")
     normalize: bool = False
-    _reranker: Reranker = PrivateAttr()
+    _reranker: CrossEncoder = PrivateAttr()
 
     def __init__(
         self,
         top_n: int = 3,
         model: str = "BAAI/bge-reranker-v2-m3",
-        reranker: Reranker | None = None,
+        reranker: CrossEncoder | None = None,
         normalize: bool = False,
         **kwargs: Any,
     ) -> None:

@@ -23,7 +23,7 @@ from llama_index.core.vector_stores.types import (
     MetadataFilters,
 )
 
-from m3_rag import SCORES_KEY, Encoder, HybridRetriever, Reranker
+from m3_rag import SCORES_KEY, CrossEncoder, Encoder, HybridRetriever
 
 
 def _match(op: FilterOperator, have: Any, want: Any) -> bool:
@@ -144,7 +144,7 @@ class M3Retriever(BaseRetriever):
         nodes: Sequence[BaseNode],
         encoder: Encoder,
         *,
-        reranker: Reranker | None = None,
+        reranker: CrossEncoder | None = None,
         retriever_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> M3Retriever:
@@ -184,7 +184,7 @@ class M3Retriever(BaseRetriever):
         persist_dir: str | os.PathLike[str],
         encoder: Encoder,
         *,
-        reranker: Reranker | None = None,
+        reranker: CrossEncoder | None = None,
         allow_model_mismatch: bool = False,
         **kwargs: Any,
     ) -> M3Retriever:
