@@ -23,11 +23,11 @@ from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
 from m3_rag._postprocess import colbert_vectors, plan_batches, pool, sparse_weights
 from m3_rag.loading import (
     HEAD_FILES,
-    load_checkpoint,
     load_linear_head,
     model_max_positions,
     read_pooling,
 )
+from m3_rag.runtime import RuntimeOptions, load_model
 
 __all__ = ["EncodeOutput", "M3Encoder"]
 
@@ -83,6 +83,20 @@ class M3Encoder:
         query_instruction: Prefix added to queries by :meth:`encode_queries` (BGE v1.5 style).
         normalize: L2-normalise dense vectors (BGE-M3 does).
         cache_dir, revision, local_files_only: Hugging Face Hub options for hub ids.
+        runtime: ``"torch"`` (default; any device, fp16 on GPU) or ``"onnx"`` (ONNX Runtime
+            on CPU: the backbone is exported once and cached; ``pip install 'm3-rag[onnx]'``).
+            The heads, pooling and outputs are the same on every runtime.
+        quantize: ``None``, or ``"int8"`` (``runtime="onnx"`` only): dynamic int8 linear
+            layers, faster on CPU and close to fp32 (figures: ``docs/runtime.md``).
+        onnx_cache_dir: Where exported models are cached (default: ``$M3_RAG_ONNX_CACHE``,
+            else beside the checkpoint when writable, else ``~/.cache/m3-rag/onnx``).
+        threads: ONNX Runtime intra-op threads (default ``torch.get_num_threads()``).
+
+    Raises:
+        m3_rag.runtime.RuntimeOptionError: an unknown runtime, ``quantize`` on torch, a GPU
+            device or a half dtype for ``runtime="onnx"`` (a ``ValueError``).
+        m3_rag.runtime.MissingExtraError: ``runtime="onnx"`` without onnxruntime installed
+            (an ``ImportError`` naming the extra).
     """
 
     def __init__(
@@ -100,28 +114,38 @@ class M3Encoder:
         cache_dir: str | None = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        runtime: str = "torch",
+        quantize: str | None = None,
+        onnx_cache_dir: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         check_count(max_length, "max_length", 1)
         check_count(batch_size, "batch_size", 1)
         if query_max_length is not None:
             check_count(query_max_length, "query_max_length", 1)
-        ckpt = load_checkpoint(
+        options = RuntimeOptions(quantize, device, dtype, onnx_cache_dir, threads)
+        ckpt = load_model(
             model_name_or_path,
-            device=device,
-            dtype=dtype,
+            runtime=runtime,
+            task="hidden",
+            options=options,
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,
         )
-        path = ckpt.path
+        path, run = ckpt.path, ckpt.backbone
         self.model_name, self.path, self.device, self.dtype = (
             ckpt.model_name,
             path,
-            ckpt.device,
-            ckpt.dtype,
+            run.device,
+            run.dtype,
         )
-        self.tokenizer, self.model = ckpt.tokenizer, ckpt.model
-        hidden = int(self.model.config.hidden_size)
+        self.runtime, self.quantize = runtime, quantize
+        self.tokenizer, self.config = ckpt.tokenizer, run.config
+        self.model = run.model  # the torch module (runtime="torch"), else None
+        self._backbone = run.forward
+        self._runtime_name = run.describe
+        hidden = int(self.config.hidden_size)
         self.pooling = read_pooling(path)
 
         heads = [path / f for f in HEAD_FILES]
@@ -138,9 +162,7 @@ class M3Encoder:
                 f"{missing.name}; an M3 checkpoint needs both heads"
             )
 
-        limits = [
-            x for x in (model_max_positions(self.model.config), self.pooling.max_seq_length) if x
-        ]
+        limits = [x for x in (model_max_positions(self.config), self.pooling.max_seq_length) if x]
         self.model_max_length: int | None = min(limits) if limits else None
         self.max_length = self._cap(max_length)
         self.query_max_length = self._cap(query_max_length or max_length)
@@ -173,7 +195,7 @@ class M3Encoder:
     @property
     def dense_dim(self) -> int:
         """Size of dense vectors."""
-        return int(self.model.config.hidden_size)
+        return int(self.config.hidden_size)
 
     @property
     def colbert_dim(self) -> int | None:
@@ -183,13 +205,13 @@ class M3Encoder:
     @property
     def vocab_size(self) -> int:
         """Number of token ids (columns of the lexical space)."""
-        return max(int(self.model.config.vocab_size), len(self.tokenizer))
+        return max(int(self.config.vocab_size), len(self.tokenizer))
 
     def __repr__(self) -> str:
         modes = ["dense"] + ["sparse"] * self.has_sparse + ["colbert"] * self.has_colbert
         return (
             f"M3Encoder({self.model_name!r}, device={self.device}, dtype={self.dtype}, "
-            f"modes={modes}, max_length={self.max_length})"
+            f"runtime={self._runtime_name!r}, modes={modes}, max_length={self.max_length})"
         )
 
     # ------------------------------------------------------------------ encoding
@@ -291,7 +313,7 @@ class M3Encoder:
             .long()
             .to(self.device)
         )
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = self._backbone(input_ids, mask)
         out: dict[str, Any] = {}
         if dense:
             vec = pool(hidden, mask, self.pooling.mode)

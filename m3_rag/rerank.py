@@ -10,14 +10,14 @@ sigmoid.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from m3_rag._inputs import check_count, check_pairs, check_texts
-from m3_rag.loading import load_checkpoint
+from m3_rag.runtime import RuntimeOptions, load_model
 
 __all__ = ["RerankResult", "Reranker"]
 
@@ -41,6 +41,11 @@ class Reranker:
         batch_size: Pairs per forward pass.
         query_max_length: Token limit of the query (default ``max_length * 3 // 4``).
         cache_dir, revision, local_files_only: Hugging Face Hub options.
+        runtime: ``"torch"`` (default) or ``"onnx"`` (ONNX Runtime on CPU, exported once and
+            cached; ``pip install 'm3-rag[onnx]'``).
+        quantize: ``None`` or ``"int8"`` (``runtime="onnx"`` only).
+        onnx_cache_dir: Where exported models are cached (see :class:`~m3_rag.M3Encoder`).
+        threads: ONNX Runtime intra-op threads (default ``torch.get_num_threads()``).
     """
 
     def __init__(
@@ -55,28 +60,37 @@ class Reranker:
         cache_dir: str | None = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        runtime: str = "torch",
+        quantize: str | None = None,
+        onnx_cache_dir: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         check_count(max_length, "max_length", 1)
         check_count(batch_size, "batch_size", 1)
-        ckpt = load_checkpoint(
+        ckpt = load_model(
             model_name_or_path,
-            device=device,
-            dtype=dtype,
+            runtime=runtime,
+            task="logits",
+            options=RuntimeOptions(quantize, device, dtype, onnx_cache_dir, threads),
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,
-            sequence_classification=True,
         )
+        run = ckpt.backbone
         self.model_name, self.path, self.device, self.dtype = (
             ckpt.model_name,
             ckpt.path,
-            ckpt.device,
-            ckpt.dtype,
+            run.device,
+            run.dtype,
         )
-        self.tokenizer, self.model = ckpt.tokenizer, ckpt.model
-        if int(getattr(self.model.config, "num_labels", 1)) != 1:
+        self.runtime, self.quantize = runtime, quantize
+        self.tokenizer, self.config = ckpt.tokenizer, run.config
+        self.model = run.model  # the torch module (runtime="torch"), else None
+        self._backbone = run.forward
+        self._runtime_name = run.describe
+        if int(getattr(self.config, "num_labels", 1)) != 1:
             raise ValueError(
-                f"{self.path} has {self.model.config.num_labels} output labels; a reranker has one"
+                f"{self.path} has {self.config.num_labels} output labels; a reranker has one"
             )
         self.max_length = max_length
         self.query_max_length = query_max_length or max_length * 3 // 4
@@ -88,7 +102,10 @@ class Reranker:
         self._pad_id = int(self.tokenizer.pad_token_id or 0)
 
     def __repr__(self) -> str:
-        return f"Reranker({self.model_name!r}, device={self.device}, max_length={self.max_length})"
+        return (
+            f"Reranker({self.model_name!r}, device={self.device}, "
+            f"runtime={self._runtime_name!r}, max_length={self.max_length})"
+        )
 
     def compute_score(
         self,
@@ -180,11 +197,12 @@ class Reranker:
             ids[row, : len(tok)] = tok
             types[row, : len(typ)] = typ
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        kwargs: dict[str, Any] = {
-            "input_ids": torch.from_numpy(ids).to(self.device),
-            "attention_mask": torch.from_numpy(mask).to(self.device),
-        }
+        token_types = None
         if "token_type_ids" in self.tokenizer.model_input_names:
-            kwargs["token_type_ids"] = torch.from_numpy(types).to(self.device)
-        logits = self.model(**kwargs).logits
-        return logits.view(-1).float().cpu().numpy()
+            token_types = torch.from_numpy(types).to(self.device)
+        logits = self._backbone(
+            torch.from_numpy(ids).to(self.device),
+            torch.from_numpy(mask).to(self.device),
+            token_types,
+        )
+        return logits.reshape(-1).float().cpu().numpy()
