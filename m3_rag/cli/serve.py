@@ -32,6 +32,10 @@ def add_parser(sub: Any, common: Callable[..., None], count: Callable[[int], Any
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from m3_rag.server.main import run_from_args
+    from m3_rag.cli.commands import CliError, runtime_kwargs
+    from m3_rag.server.main import ServeError, run_from_args
 
-    return run_from_args(args)
+    try:
+        return run_from_args(args, runtime_kwargs(args))
+    except ServeError as e:  # the server does not import the CLI (no import cycle)
+        raise CliError(str(e)) from None
