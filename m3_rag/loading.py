@@ -1,6 +1,7 @@
-"""Locating and loading checkpoints in the official BAAI / sentence-transformers layouts.
+"""Locating and loading checkpoints: the official BAAI layout, the transformers-native one
+written by ``m3-rag convert``, and plain sentence-transformers / transformers models.
 
-A BGE-M3 checkpoint directory holds::
+An official BGE-M3 checkpoint directory holds::
 
     config.json                              XLM-RoBERTa config
     model.safetensors | pytorch_model.bin    backbone weights
@@ -8,6 +9,11 @@ A BGE-M3 checkpoint directory holds::
     sparse_linear.pt                         lexical head  (Linear(hidden, 1))
     tokenizer.json | sentencepiece.bpe.model tokenizer (+ tokenizer_config.json ...)
     1_Pooling/config.json                    optional sentence-transformers pooling
+
+A transformers-native one holds ``config.json`` (with ``auto_map``), ``modeling_bge_m3.py``,
+one ``model.safetensors`` with the backbone and both heads (``colbert_linear.weight``,
+``colbert_linear.bias``, ``sparse_linear.weight``, ``sparse_linear.bias``) and the tokenizer.
+m3-rag reads its config and weights and never runs its modeling file.
 
 A dense-only model (BGE v1.5, all-MiniLM-L6-v2...) is the same without the two heads.
 """
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt")
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+HEAD_NAMES = ("colbert_linear", "sparse_linear")  # tensor prefixes in a native model.safetensors
+OFFICIAL, NATIVE, PLAIN = "official", "native", "plain"
 _HUB_PATTERNS = [
     "*.json",
     "model.safetensors",
@@ -130,7 +138,7 @@ def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise CheckpointError(f"could not load the tokenizer of {path}: {e}") from e
     if not getattr(tok, "is_fast", False):
@@ -150,10 +158,14 @@ def load_backbone(
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise CheckpointError(f"could not read {path / 'config.json'}: {e}") from e
-    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "output_loading_info": True,
+        "trust_remote_code": False,  # a native checkpoint's modeling file is never run
+    }
     if not sequence_classification and config.model_type in ("xlm-roberta", "bert", "roberta"):
         kwargs["add_pooling_layer"] = False  # the pooler is never used
     cls = AutoModelForSequenceClassification if sequence_classification else AutoModel
@@ -168,7 +180,12 @@ def load_backbone(
             f"{weights} does not match {path / 'config.json'}: {len(missing)} tensors missing "
             f"(e.g. {missing[0]!r}); the file is corrupt or belongs to another model"
         )
-    unexpected = [k for k in info.get("unexpected_keys", []) if ".pooler." not in f".{k}"]
+    heads = tuple(f"{name}." for name in HEAD_NAMES)  # a native checkpoint's heads, read apart
+    unexpected = [
+        k
+        for k in info.get("unexpected_keys", [])
+        if ".pooler." not in f".{k}" and not k.startswith(heads)
+    ]
     if unexpected:
         logger.warning("%s: %d unused tensors (e.g. %r)", weights, len(unexpected), unexpected[0])
     model.eval()
@@ -208,20 +225,126 @@ def load_linear_head(
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"could not read {file}: {e}") from e
-    weight = state.get("weight") if isinstance(state, dict) else None
-    bias = state.get("bias") if isinstance(state, dict) else None
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+    if not isinstance(state, dict):
         raise CheckpointError(f"{file} holds no Linear state dict (expected 'weight' and 'bias')")
+    return linear_from_state(state, str(file), in_features, out_features)
+
+
+def linear_from_state(
+    state: dict[str, Any], where: str, in_features: int, out_features: int | None = None
+) -> torch.nn.Linear:
+    """Build a ``torch.nn.Linear`` from ``{"weight": [out, in], "bias": [out]}``.
+
+    Args:
+        state: The tensors (``bias`` may be absent).
+        where: What to name in an error (a file, or a file and a tensor prefix).
+        in_features: The backbone's hidden size.
+        out_features: Expected output size, or ``None`` to take it from ``weight``.
+
+    Raises:
+        CheckpointError: ``weight`` is missing or the shapes do not fit.
+    """
+    weight, bias = state.get("weight"), state.get("bias")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise CheckpointError(f"{where} holds no Linear state dict (expected 'weight' and 'bias')")
     out = int(weight.shape[0]) if out_features is None else out_features
     if tuple(weight.shape) != (out, in_features) or (
-        bias is not None and tuple(bias.shape) != (out,)
+        bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,))
     ):
         raise CheckpointError(
-            f"{file} has weight shape {tuple(weight.shape)}, expected ({out}, {in_features})"
+            f"{where} has weight shape {tuple(weight.shape)}, expected ({out}, {in_features})"
         )
     linear = torch.nn.Linear(in_features, out, bias=bias is not None)
-    linear.load_state_dict(state)
+    linear.load_state_dict({"weight": weight} if bias is None else {"weight": weight, "bias": bias})
     return linear.eval()
+
+
+def native_head_keys(weights: Path) -> set[str]:
+    """The head tensors (``colbert_linear.*``, ``sparse_linear.*``) in a ``model.safetensors``.
+
+    Raises:
+        CheckpointError: the file is not readable safetensors (names it).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"could not read {weights}: {e}") from e
+    return {k for k in keys if k.split(".", 1)[0] in HEAD_NAMES}
+
+
+def detect_layout(path: Path) -> str:
+    """Which layout ``path`` holds: ``"official"`` (backbone + ``colbert_linear.pt`` +
+    ``sparse_linear.pt``), ``"native"`` (heads inside ``model.safetensors``) or ``"plain"``
+    (no M3 heads: a dense-only model or a cross-encoder).
+
+    Raises:
+        FileNotFoundError: config, weights or tokenizer missing, or one of the two ``.pt``
+            heads without the other (names the missing file).
+        CheckpointError: unreadable weights, or a ``model.safetensors`` holding only some
+            of the four head tensors (names those missing).
+    """
+    weights = check_checkpoint(path)
+    present = [(path / f).is_file() for f in HEAD_FILES]
+    if all(present):
+        return OFFICIAL
+    if any(present):
+        raise FileNotFoundError(
+            f"checkpoint {path} has {HEAD_FILES[present.index(True)]} but is missing "
+            f"{HEAD_FILES[present.index(False)]}; an M3 checkpoint needs both heads"
+        )
+    if weights.name != "model.safetensors":
+        return PLAIN
+    found = native_head_keys(weights)
+    if not found:
+        return PLAIN
+    needed = {f"{name}.{t}" for name in HEAD_NAMES for t in ("weight", "bias")}
+    if needed - found:
+        raise CheckpointError(
+            f"{weights} holds {', '.join(sorted(found))} but not "
+            f"{', '.join(sorted(needed - found))}; a native M3 checkpoint holds both heads"
+        )
+    return NATIVE
+
+
+def load_heads(
+    path: Path, hidden: int, layout: str | None = None
+) -> tuple[torch.nn.Linear | None, torch.nn.Linear | None]:
+    """The ColBERT and lexical heads of a checkpoint in either layout, on the CPU in float32
+    as stored; ``(None, None)`` for a model without them.
+
+    Args:
+        path: The checkpoint directory.
+        hidden: The backbone's hidden size.
+        layout: :func:`detect_layout`'s answer, when already known.
+
+    Raises:
+        FileNotFoundError: one ``.pt`` head without the other.
+        CheckpointError: unreadable heads or shapes that do not fit ``hidden``.
+    """
+    layout = layout or detect_layout(path)
+    if layout == OFFICIAL:
+        colbert_file, sparse_file = (path / f for f in HEAD_FILES)
+        return load_linear_head(colbert_file, hidden), load_linear_head(sparse_file, hidden, 1)
+    if layout != NATIVE:
+        return None, None
+    from safetensors import safe_open
+
+    weights = path / "model.safetensors"
+    states: dict[str, dict[str, Any]] = {name: {} for name in HEAD_NAMES}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name, _, tensor = key.partition(".")
+                if name in states:
+                    states[name][tensor] = f.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"could not read {weights}: {e}") from e
+    colbert = linear_from_state(states["colbert_linear"], f"{weights} colbert_linear", hidden)
+    sparse = linear_from_state(states["sparse_linear"], f"{weights} sparse_linear", hidden, 1)
+    return colbert, sparse
 
 
 @dataclass(frozen=True)
@@ -290,6 +413,7 @@ class LoadedCheckpoint:
     dtype: torch.dtype
     tokenizer: Any
     model: Any
+    layout: str = PLAIN  # "official" | "native" | "plain" (no M3 heads), see detect_layout
 
 
 def load_checkpoint(
@@ -302,7 +426,8 @@ def load_checkpoint(
     local_files_only: bool = False,
     sequence_classification: bool = False,
 ) -> LoadedCheckpoint:
-    """Resolve (hub or local), check the files, load tokenizer and model onto the device."""
+    """Resolve (hub or local), check the files, detect the layout, load tokenizer and
+    backbone onto the device (the heads: :func:`load_heads`)."""
     from m3_rag._device import resolve_device, resolve_dtype
 
     path = resolve_model_dir(
@@ -312,8 +437,11 @@ def load_checkpoint(
         local_files_only=local_files_only,
     )
     weights = check_checkpoint(path)
+    layout = detect_layout(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(path)
     model = load_backbone(path, weights, dt, sequence_classification=sequence_classification)
-    return LoadedCheckpoint(os.fspath(model_name_or_path), path, dev, dt, tokenizer, model.to(dev))
+    return LoadedCheckpoint(
+        os.fspath(model_name_or_path), path, dev, dt, tokenizer, model.to(dev), layout
+    )

@@ -1,0 +1,9 @@
+"""BGE-M3 checkpoints between the official layout and a transformers-native one whose
+``AutoModel`` returns all three outputs (``m3-rag convert``; see ``docs/layouts.md``)."""
+
+from __future__ import annotations
+
+from m3_rag.convert.layouts import convert_checkpoint
+from m3_rag.convert.run import run_from_args
+
+__all__ = ["convert_checkpoint", "run_from_args"]
