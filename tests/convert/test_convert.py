@@ -104,7 +104,7 @@ def test_native_layout_files(native_dir: Path, tiny_m3_dir: Path) -> None:
     assert config["auto_map"] == {"AutoModel": "modeling_bge_m3.BGEM3Model"}
     assert config["model_type"] == "xlm-roberta" and config["colbert_dim"] == 32
     tensors = load_file(str(native_dir / "model.safetensors"))
-    assert HEAD_KEYS <= set(tensors)
+    assert set(tensors) >= HEAD_KEYS
     assert detect_layout(native_dir) == "native" and detect_layout(tiny_m3_dir) == "official"
 
 
@@ -245,7 +245,7 @@ def test_native_missing_a_head_tensor_is_named(native_dir: Path, tmp_path: Path)
     tensors = load_file(str(broken / "model.safetensors"))
     del tensors["sparse_linear.bias"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="not sparse_linear.bias"):
+    with pytest.raises(CheckpointError, match=r"not sparse_linear\.bias"):
         M3Encoder(broken, device="cpu")
 
 
