@@ -28,6 +28,7 @@ from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.protocol import Backend, DocumentChecking, Exportable
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
+from m3_rag.codecs import pool_tokens
 from m3_rag.encoder import EncodeOutput
 from m3_rag.encoding import Encoder
 from m3_rag.errors import IndexMismatchError
@@ -92,6 +93,7 @@ def index_spec(
     dense_dtype: str,
     colbert_dtype: str,
     bm25: BM25Params | None,
+    pool_factor: int = 1,
 ) -> IndexSpec:
     """The index a retriever over ``encoder`` needs (BM25 over the analyzer's hashed terms
     has their id space, anything else the model's vocabulary).
@@ -108,6 +110,7 @@ def index_spec(
         vocab_size,
         dense_dtype=dense_dtype,
         colbert_dtype=colbert_dtype,
+        colbert_pool_factor=pool_factor,
         bm25=bm25,
         analyzer=analyzer_config(lexical, analyzer),
     )
@@ -152,6 +155,7 @@ class IndexingMixin:
     lexical: LexicalKind | None
     analyzer: Analyzer | None
     backend: Backend
+    pool_factor: int  # the index's ColBERT token pooling (1: none)
     _lock: AbstractContextManager[Any]
 
     def add_texts(
@@ -343,6 +347,7 @@ class IndexingMixin:
             raise ValueError("encoded needs ColBERT vectors (encode with return_colbert=True)")
         if not items:
             return []
+        colbert = self._pooled(colbert)
         lexical: Any = encoded.sparse if self.lexical == "m3" else None
         if self.lexical == "bm25":
             lexical = self._term_counts(items)
@@ -362,7 +367,8 @@ class IndexingMixin:
         Raises:
             TypeError: ``source`` is not a HybridRetriever whose backend can export.
             IndexMismatchError: ``source`` was built with another model shape, lexical kind
-                or BM25 analyzer.
+                or BM25 analyzer, or pools ColBERT vectors by another factor than 1 or
+                this index's (an unpooled source is pooled as it is copied).
         """
         if not isinstance(source, IndexingMixin) or not isinstance(source.backend, Exportable):
             raise TypeError(
@@ -385,14 +391,33 @@ class IndexingMixin:
                 f"source's BM25 analyzer {source._analyzer_config()!r} differs from this "
                 f"retriever's {self._analyzer_config()!r}: their term ids differ"
             )
+        if source.pool_factor not in (1, self.pool_factor):
+            raise IndexMismatchError(
+                f"source's ColBERT vectors are pooled by {source.pool_factor}, this index "
+                f"pools by {self.pool_factor}: pooled vectors cannot be pooled again; "
+                "re-encode the texts (add_texts) instead"
+            )
+        pool = source.pool_factor != self.pool_factor  # unpooled source: pool here
         n = 0
         total = -(-len(source.backend) // batch_size)
         batches = source.backend.export(batch_size)  # a consistent view of the source
         for batch in tqdm(batches, total=total, desc="copy", disable=not show_progress):
+            if pool:
+                batch = batch._replace(colbert=self._pooled(batch.colbert))
             with self._lock:
                 self.backend.add(*batch)
             n += len(batch.ids)
         return n
+
+    def _pooled(self, colbert: Sequence[np.ndarray] | None) -> list[np.ndarray] | None:
+        """Documents' ColBERT vectors pooled as the index records (``colbert_pool_factor``;
+        queries are never pooled)."""
+        factor = self.pool_factor
+        if colbert is None:
+            return None
+        if factor == 1:
+            return list(colbert)
+        return [pool_tokens(np.asarray(v, np.float32), factor) for v in colbert]
 
     # ---------------------------------------------------------------- BM25 terms
     def _analyzer_config(self) -> dict[str, Any] | str | None:

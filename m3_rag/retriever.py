@@ -66,8 +66,13 @@ class HybridRetriever(IndexingMixin):
             or ``"none"``.
         rerank_top_n: How many fused results the reranker re-scores (at least ``k``).
         dense_dtype: ``"float32"`` or ``"float16"`` storage for dense vectors.
-        colbert_dtype: ColBERT storage: ``"float16"`` (default, 2 bytes per dimension),
-            ``"float32"``, or ``"int8"`` (1 byte per dimension + a float32 scale per vector).
+        colbert_dtype: ColBERT storage code (:mod:`m3_rag.codecs`): ``"float16"`` (default,
+            2 bytes per dimension), ``"float32"``, ``"int8"`` (1 byte per dimension + a
+            float32 scale per vector) or ``"binary"`` (1 bit per dimension, scored against
+            the float query). Recorded in the index; see ``docs/colbert.md``.
+        pool_factor: Token pooling of documents' ColBERT vectors at index time (1: none,
+            ``f``: at most ``t // f`` vectors per document by hierarchical clustering;
+            queries are never pooled). Recorded in the index.
         bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
         analyzer: How the BM25 leg turns text into terms: ``"unicode"`` (default: a
             multilingual :class:`~m3_rag.analysis.UnicodeAnalyzer` with an English Snowball
@@ -102,6 +107,7 @@ class HybridRetriever(IndexingMixin):
         rerank_top_n: int = 20,
         dense_dtype: str = "float32",
         colbert_dtype: str = "float16",
+        pool_factor: int = 1,
         bm25: BM25Params | None = None,
         backend: Backend | None = None,
         analyzer: str | Analyzer = "unicode",
@@ -126,7 +132,10 @@ class HybridRetriever(IndexingMixin):
         self.rerank_top_n = check_count(rerank_top_n, "rerank_top_n", minimum=1)
         self.lexical = lexical_kind(encoder, lexical)
         self.analyzer = make_analyzer(analyzer)  # None: the model's tokenizer
-        spec = index_spec(encoder, self.lexical, self.analyzer, dense_dtype, colbert_dtype, bm25)
+        spec = index_spec(
+            encoder, self.lexical, self.analyzer, dense_dtype, colbert_dtype, bm25, pool_factor
+        )
+        self.pool_factor = spec.colbert_pool_factor
         if source is not None and not isinstance(source, Mapping):
             raise TypeError(f"source must be a mapping or None, got {type(source).__name__}")
         self.source = None if source is None else dict(source)
@@ -394,6 +403,7 @@ class HybridRetriever(IndexingMixin):
             **recorded_settings(saved.settings, saved.spec, where),
             dense_dtype=saved.spec.dense_dtype,
             colbert_dtype=saved.spec.colbert_dtype,
+            pool_factor=saved.spec.colbert_pool_factor,
             bm25=saved.spec.bm25,
             analyzer=recorded_analyzer(saved.spec, analyzer, where),
             backend=saved.backend,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from m3_rag.bm25 import BM25Params
+from m3_rag.codecs import check_pool_factor, codec_names
 from m3_rag.errors import IndexFormatError, IndexMismatchError
 
 __all__ = [
@@ -27,13 +28,14 @@ __all__ = [
 LexicalKind = Literal["m3", "bm25"]
 LEXICAL_KINDS: tuple[str, ...] = get_args(LexicalKind)
 DENSE_DTYPES = ("float32", "float16")
-COLBERT_DTYPES = ("float16", "float32", "int8")
+COLBERT_DTYPES = ("float16", "float32", "int8", "binary")  # the built-in codecs
 # what must match for an index to be reopened (the model may differ on request)
 _CHECKED = (
     "dense_dim",
     "dense_dtype",
     "colbert_dim",
     "colbert_dtype",
+    "colbert_pool_factor",
     "lexical",
     "vocab_size",
     "bm25",
@@ -52,7 +54,11 @@ class IndexSpec:
         lexical: The lexical leg's kind, ``"m3"`` or ``"bm25"``, or ``None`` (no lexical leg).
         vocab_size: Term-id space of the lexical leg.
         dense_dtype: Dense storage dtype, one of :data:`DENSE_DTYPES`.
-        colbert_dtype: ColBERT storage dtype, one of :data:`COLBERT_DTYPES`.
+        colbert_dtype: ColBERT storage code, one of :data:`COLBERT_DTYPES` (or a codec
+            registered with :func:`m3_rag.codecs.register_codec`).
+        colbert_pool_factor: Token pooling of documents' ColBERT vectors at index time
+            (1: none; ``f``: at most ``t // f`` vectors per document). Records without it
+            read as 1.
         bm25: BM25 parameters (defaults when ``None`` and the leg is BM25).
         analyzer: The BM25 analyzer's configuration (``"model"``, a
             :meth:`~m3_rag.analysis.UnicodeAnalyzer.config` dict, ``"callable"``), or ``None``.
@@ -65,6 +71,7 @@ class IndexSpec:
     vocab_size: int
     dense_dtype: str = "float32"
     colbert_dtype: str = "float16"
+    colbert_pool_factor: int = 1
     bm25: BM25Params | None = field(default=None)
     analyzer: Any = None
 
@@ -83,10 +90,11 @@ class IndexSpec:
             raise ValueError(f"vocab_size must be an int >= 0, got {self.vocab_size!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise ValueError(f"dense_dtype must be one of {DENSE_DTYPES}, got {self.dense_dtype!r}")
-        if self.colbert_dtype not in COLBERT_DTYPES:
+        if not isinstance(self.colbert_dtype, str) or self.colbert_dtype not in codec_names():
             raise ValueError(
-                f"colbert_dtype must be one of {COLBERT_DTYPES}, got {self.colbert_dtype!r}"
+                f"colbert_dtype must be one of {codec_names()}, got {self.colbert_dtype!r}"
             )
+        check_pool_factor(self.colbert_pool_factor)
         if self.bm25 is not None and not isinstance(self.bm25, BM25Params):
             raise TypeError(f"bm25 must be a BM25Params, got {type(self.bm25).__name__}")
         if self.lexical == "bm25" and self.bm25 is None:
@@ -108,6 +116,7 @@ class IndexSpec:
             "dense_dtype": self.dense_dtype,
             "colbert_dim": self.colbert_dim,
             "colbert_dtype": self.colbert_dtype if self.colbert_dim else None,
+            "colbert_pool_factor": self.colbert_pool_factor if self.colbert_dim else None,
             "lexical": self.lexical,
             "vocab_size": self.vocab_size if self.lexical else None,
             "bm25": self.bm25_params.as_dict() if bm25 else None,
@@ -146,6 +155,7 @@ class IndexSpec:
                 vocab_size=(rec.get("vocab_size") or 0) if lexical else 0,
                 dense_dtype=rec["dense_dtype"],
                 colbert_dtype=(rec.get("colbert_dtype") or "float16"),
+                colbert_pool_factor=(rec.get("colbert_pool_factor") or 1),
                 bm25=BM25Params(**bm25) if bm25 is not None else None,
                 analyzer=rec.get("analyzer") if lexical == "bm25" else None,
             )

@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3_rag._inputs import check_unicode
+from m3_rag.codecs import get_codec, quantize_int8
 from m3_rag.scoring import sparse_matrix
 from m3_rag.spec import IndexSpec
 
@@ -93,23 +94,6 @@ def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndar
     return (part if allowed is None else allowed[part]).astype(np.int64)
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-vector int8 quantisation.
-
-    Args:
-        x: ``[T, dim]`` float vectors.
-
-    Returns:
-        ``[T, dim]`` int8 codes and ``[T]`` float32 scales, ``x ~= codes * scales[:, None]``
-        (absolute error at most ``scale / 2`` per component).
-    """
-    x = np.asarray(x, dtype=np.float32)
-    scales = np.abs(x).max(axis=1) / 127 if len(x) else np.zeros(0, np.float32)
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
-    return codes, scales
-
-
 @dataclass(frozen=True)
 class PreparedBatch:
     """A validated batch, in the storage types of its :class:`~m3_rag.spec.IndexSpec`.
@@ -118,10 +102,11 @@ class PreparedBatch:
         ids, texts, metadatas: ``m`` of each.
         dense: ``[m, dense_dim]`` in ``spec.dense_dtype``.
         lexical: ``[m, vocab_size]`` float32 CSR (weights or term counts, >= 0), or ``None``.
-        colbert: ``[T, colbert_dim]`` packed vectors in ``spec.colbert_dtype`` (int8 codes
-            for ``"int8"``), or ``None``.
+        colbert: ``[T, width]`` packed codes of the codec ``spec.colbert_dtype`` names
+            (float vectors for ``"float16"``/``"float32"``, int8 codes for ``"int8"``,
+            ``[T, ceil(dim / 8)]`` sign bits for ``"binary"``), or ``None``.
         colbert_offsets: ``[m + 1]`` int64: document ``i`` owns rows ``offsets[i]:offsets[i+1]``.
-        colbert_scales: ``[T]`` float32 scales of int8 codes, else ``None``.
+        colbert_scales: ``[T]`` float32 scales of a scaled codec's codes (int8), else ``None``.
     """
 
     ids: list[str]
@@ -212,12 +197,11 @@ def _colbert_block(
             raise ValueError(f"colbert[{i}] must have shape [t, {dim}], got {mat.shape}")
     lengths = np.fromiter((len(mat) for mat in mats), dtype=np.int64, count=len(mats))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    int8 = spec.colbert_dtype == "int8"
-    store = np.dtype(np.float32 if int8 else spec.colbert_dtype)
+    codec = get_codec(spec.colbert_dtype)
+    # float codecs store the block in their dtype: check it after the cast (an overflow)
+    store = codec.dtype if codec.dtype.kind == "f" else np.dtype(np.float32)
     block = np.concatenate(mats).astype(store) if lengths.sum() else np.zeros((0, dim), store)
     if not np.isfinite(block).all():
         raise ValueError("ColBERT vectors contain NaN or inf (or overflow their storage dtype)")
-    if not int8:
-        return block, offsets, None
-    codes, scales = quantize_int8(block)
+    codes, scales = codec.encode(block)
     return codes, offsets, scales

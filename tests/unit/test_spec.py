@@ -30,6 +30,7 @@ def _spec(**kw: object) -> IndexSpec:
         {"lexical": "m3"},
         {"lexical": None, "colbert_dim": None},
         {"colbert_dtype": "int8", "dense_dtype": "float16"},
+        {"colbert_dtype": "binary", "colbert_pool_factor": 2},
         {"bm25": BM25Params(k1=1.2, b=0.5)},
     ],
 )
@@ -44,7 +45,7 @@ def test_json_round_trip(kw: dict[str, object]) -> None:
 def test_absent_legs_serialise_as_none() -> None:
     rec = _spec(lexical=None, colbert_dim=None).to_json()
     assert rec["vocab_size"] is None and rec["bm25"] is None and rec["analyzer"] is None
-    assert rec["colbert_dtype"] is None
+    assert rec["colbert_dtype"] is None and rec["colbert_pool_factor"] is None
     m3 = _spec(lexical="m3").to_json()
     assert m3["bm25"] is None and m3["analyzer"] is None and m3["vocab_size"] == 100
 
@@ -75,6 +76,10 @@ def test_earlier_records_read_as_the_same_spec() -> None:
     _spec(analyzer="model").check_stored(old_bm25, "c")
     no_lexical = server_m3 | {"lexical": None}
     _spec(lexical=None).check_stored(no_lexical, "c")
+    # no colbert_pool_factor before token pooling existed: no pooling
+    assert IndexSpec.from_json(server_m3, "c").colbert_pool_factor == 1
+    with pytest.raises(IndexMismatchError, match="colbert_pool_factor"):
+        _spec(lexical="m3", colbert_pool_factor=2).check_stored(server_m3, "c")
 
 
 @pytest.mark.parametrize(
@@ -83,6 +88,8 @@ def test_earlier_records_read_as_the_same_spec() -> None:
         ({"dense_dim": 16}, "dense_dim"),
         ({"colbert_dim": None}, "colbert_dim"),
         ({"colbert_dtype": "int8"}, "colbert_dtype"),
+        ({"colbert_dtype": "binary"}, "colbert_dtype"),
+        ({"colbert_pool_factor": 2}, "colbert_pool_factor"),
         ({"dense_dtype": "float16"}, "dense_dtype"),
         ({"lexical": "m3"}, "lexical"),
         ({"vocab_size": 50}, "vocab_size"),
@@ -131,7 +138,10 @@ def test_bad_records_are_index_format_errors(record: object) -> None:
         ({"colbert_dim": 2.5}, ValueError),
         ({"lexical": "sparse"}, ValueError),
         ({"dense_dtype": "float64"}, ValueError),
-        ({"colbert_dtype": "binary"}, ValueError),
+        ({"colbert_dtype": "int4"}, ValueError),
+        ({"colbert_pool_factor": 0}, ValueError),
+        ({"colbert_pool_factor": 2.0}, ValueError),
+        ({"colbert_pool_factor": True}, ValueError),
         ({"vocab_size": -1}, ValueError),
         ({"model": None}, TypeError),
         ({"bm25": {"k1": 1.0}}, TypeError),

@@ -34,6 +34,7 @@ from m3_rag.backends.local.segment import (
 )
 from m3_rag.backends.local.segment_io import DELETES, FILES, SegmentOptions, open_segment
 from m3_rag.backends.validate import PreparedBatch
+from m3_rag.codecs import get_codec
 from m3_rag.errors import IndexFormatError
 from m3_rag.persist import fsync_dir, open_plain
 
@@ -170,11 +171,14 @@ class _Sink:
 Parts = Sequence[tuple[Segment, np.ndarray]]
 
 
-def batch_segment(batch: PreparedBatch) -> Segment:
-    """A validated batch as an unnamed in-RAM segment (the source ``build_segment`` reads)."""
+def batch_segment(batch: PreparedBatch, codec: str = "float16") -> Segment:
+    """A validated batch as an unnamed in-RAM segment (the source ``build_segment`` reads);
+    ``codec`` names the ColBERT codec of its codes."""
     colbert = None
     if batch.colbert is not None and batch.colbert_offsets is not None:
-        colbert = ColbertBlock(batch.colbert, batch.colbert_offsets, batch.colbert_scales)
+        colbert = ColbertBlock(
+            batch.colbert, batch.colbert_offsets, batch.colbert_scales, get_codec(codec)
+        )
     return Segment(
         "",
         list(batch.ids),
@@ -240,7 +244,7 @@ def build_segment(
             ids,
             sink.arrays["dense"],
             lexical,
-            _colbert_block(sink.arrays),
+            _colbert_block(sink.arrays, opts),
             DocTable(texts=texts, metas=metas),
         )
         return _with_ann(seg, opts, reuse=_whole_ann(parts))
@@ -280,18 +284,22 @@ def _colbert(sink: _Sink, parts: Parts, opts: SegmentOptions) -> None:
             at = gather_ranges(starts, s.colbert.offsets[rows + 1] - starts)
             yield from _read(s, f"colbert_{key}.npy", src, at)
 
-    sink.array("colbert_vectors", pieces("vectors"), opts.colbert_dtype, (total, dim))
+    codec = get_codec(opts.colbert_dtype)
+    sink.array("colbert_vectors", pieces("vectors"), codec.dtype, (total, dim))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     sink.array("colbert_offsets", [offsets], np.int64, offsets.shape)
-    if opts.colbert_dtype == "int8":
+    if codec.scaled:
         sink.array("colbert_scales", pieces("scales"), np.float32, (total,))
 
 
-def _colbert_block(arrays: dict[str, np.ndarray]) -> ColbertBlock | None:
+def _colbert_block(arrays: dict[str, np.ndarray], opts: SegmentOptions) -> ColbertBlock | None:
     if "colbert_vectors" not in arrays:
         return None
     return ColbertBlock(
-        arrays["colbert_vectors"], arrays["colbert_offsets"], arrays.get("colbert_scales")
+        arrays["colbert_vectors"],
+        arrays["colbert_offsets"],
+        arrays.get("colbert_scales"),
+        get_codec(opts.colbert_dtype),
     )
 
 

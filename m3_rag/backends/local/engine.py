@@ -52,6 +52,7 @@ from m3_rag.backends.local.segment_io import SegmentOptions
 from m3_rag.backends.local.view import IdMap, View, merge_plan, rebind, tombstone
 from m3_rag.backends.protocol import Candidates, DocBatch, IndexSpec
 from m3_rag.backends.validate import PreparedBatch, check_ids, prepare_batch
+from m3_rag.codecs import get_codec
 from m3_rag.errors import MergeWarning
 from m3_rag.filters import Filter
 from m3_rag.persist import reader_lock, remove
@@ -343,9 +344,12 @@ class LocalBackend:
             spec.dense_dtype,
         ):
             raise ValueError("the batch was prepared for another index specification")
+        codec = get_codec(spec.colbert_dtype)
+        if batch.colbert is not None and batch.colbert.dtype != codec.dtype:
+            raise ValueError("the batch's ColBERT codes were prepared for another codec")
         if not batch.ids:
             return
-        seg = batch_segment(batch)
+        seg = batch_segment(batch, spec.colbert_dtype)
         ids = seg.ids
         with self._lock, self._writing():
             new = self._build([(seg, np.arange(len(seg)))])

@@ -225,7 +225,8 @@ def _global_top(rows: list[np.ndarray], scores: list[np.ndarray], n: int) -> np.
 
 def export(view: View, spec: IndexSpec, batch_size: int) -> Iterator[DocBatch]:
     """Every live document of ``view`` with its stored encodings (ColBERT vectors as
-    float32, int8 codes scaled back), ``batch_size`` at a time."""
+    float32: the vectors the codes stand for, e.g. int8 codes scaled back, binary codes as
+    ``±1 / sqrt(dim)``), ``batch_size`` at a time."""
     for i, seg in enumerate(view.segments):
         live = view.live_rows(i)
         for s in range(0, len(live), batch_size):
@@ -233,9 +234,7 @@ def export(view: View, spec: IndexSpec, batch_size: int) -> Iterator[DocBatch]:
             colbert = None
             if seg.colbert is not None:
                 packed, offsets, scales = seg.colbert.gather(rows)
-                vecs = packed.astype(np.float32)
-                if scales is not None:
-                    vecs *= scales[:, None]
+                vecs = seg.colbert.coder.decode(packed, scales, int(spec.colbert_dim or 0))
                 _checked(seg, "colbert_vectors.npy", vecs)
                 _checked(seg, "colbert_scales.npy", vecs)
                 colbert = [vecs[a:b] for a, b in itertools.pairwise(offsets.tolist())]

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from m3_rag._inputs import SCORES_KEY
 from m3_rag.backends.local.diskarray import DiskArray
+from m3_rag.codecs import ColbertCodec, get_codec
 from m3_rag.errors import IndexFormatError
 from m3_rag.scoring import colbert_scores_rows, dense_scan
 
@@ -142,14 +143,24 @@ class ColbertBlock:
     """ColBERT vectors of a segment, packed.
 
     Attributes:
-        vectors: ``[T, dim]`` float16, float32 or int8.
+        vectors: ``[T, width]`` codes: float16, float32 or int8 vectors, or uint8 sign bits.
         offsets: ``[n + 1]`` int64 first vector of each row.
         scales: ``[T]`` float32 per-vector scales of int8 ``vectors``, else ``None``.
+        codec: The codec of ``vectors`` (``None``: the built-in one of their dtype).
     """
 
     vectors: np.ndarray
     offsets: np.ndarray
     scales: np.ndarray | None = None
+    codec: ColbertCodec | None = None
+
+    @property
+    def coder(self) -> ColbertCodec:
+        """The codec that scores and decodes ``vectors``."""
+        if self.codec is not None:
+            return self.codec
+        kind = {"i": "int8", "u": "binary"}.get(self.vectors.dtype.kind, "float32")
+        return get_codec(kind)
 
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Vectors of the given rows, copied out -> ``(packed, offsets [len(rows)+1], scales)``."""
@@ -163,7 +174,7 @@ class ColbertBlock:
         """MaxSim of ``query [q, dim]`` with the given rows -> ``[len(rows)]`` float32."""
         packed, offsets, scales = self.gather(rows)
         local = np.arange(len(rows), dtype=np.int64)
-        return colbert_scores_rows(query, packed, offsets, local, scales=scales)
+        return colbert_scores_rows(query, packed, offsets, local, scales=scales, codec=self.coder)
 
 
 def check_finite(values: np.ndarray, where: str) -> np.ndarray:

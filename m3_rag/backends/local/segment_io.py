@@ -29,6 +29,7 @@ import numpy as np
 from m3_rag.backends.local.ann import DenseANN
 from m3_rag.backends.local.diskarray import load_npy, map_npy, open_array
 from m3_rag.backends.local.segment import ColbertBlock, DocTable, LexicalPostings, Segment
+from m3_rag.codecs import get_codec
 from m3_rag.errors import IndexFormatError
 from m3_rag.persist import open_plain, read_bytes
 
@@ -64,7 +65,8 @@ class SegmentOptions:
     """How segments are built and opened.
 
     Attributes:
-        dense_dtype / colbert_dtype: Storage dtypes.
+        dense_dtype: Dense storage dtype.
+        colbert_dtype: The ColBERT codec's name (:mod:`m3_rag.codecs`).
         ann_threshold: Segments with at least this many rows get an approximate dense index
             (``None``: never).
         ann_nprobe: Inverted lists the approximate index visits per query.
@@ -149,7 +151,8 @@ def open_segment(
     colbert = None
     if "colbert_vectors.npy" in files:
         scales = arr("colbert_scales") if "colbert_scales.npy" in files else None
-        colbert = ColbertBlock(arr("colbert_vectors"), arr("colbert_offsets"), scales)
+        codec = get_codec(opts.colbert_dtype)
+        colbert = ColbertBlock(arr("colbert_vectors"), arr("colbert_offsets"), scales, codec)
         unchecked |= _check_colbert(d, colbert, count, opts, check)
     offsets = arr("docs_offsets")
     with open_plain(d / "docs.jsonl") as f:
@@ -264,10 +267,14 @@ def _check_colbert(
 ) -> set[str]:
     """Check ColBERT arrays read from ``d`` -> the files whose values were not checked."""
     _check_offsets(f"{d}/colbert_offsets.npy", col.offsets, count, len(col.vectors))
-    if str(col.vectors.dtype) != opts.colbert_dtype or col.vectors.ndim != 2:
+    codec = get_codec(opts.colbert_dtype)
+    if col.vectors.dtype != codec.dtype or col.vectors.ndim != 2:
         raise IndexFormatError(f"{d}/colbert_vectors.npy is {col.vectors.dtype}")
-    if (col.scales is None) != (opts.colbert_dtype != "int8"):
-        raise IndexFormatError(f"{d}: int8 ColBERT vectors need colbert_scales.npy")
+    if (col.scales is None) == codec.scaled:
+        raise IndexFormatError(
+            f"{d}: {codec.name} ColBERT vectors {'need' if codec.scaled else 'have no'} "
+            "colbert_scales.npy"
+        )
     if not check:
         return set()
     if col.scales is not None:
@@ -280,7 +287,7 @@ def _check_colbert(
             raise IndexFormatError(f"{d}/colbert_scales.npy must hold finite scales > 0")
     elif col.vectors.nbytes > _HASH_ON_OPEN:
         return {"colbert_vectors.npy"}
-    elif not np.isfinite(col.vectors).all():
+    elif codec.dtype.kind == "f" and not np.isfinite(col.vectors).all():
         raise IndexFormatError(f"{d}/colbert_vectors.npy holds NaN or inf")
     return set()
 

@@ -1,0 +1,27 @@
+"""ColBERT storage codecs (a registry: float32, float16, int8, binary) and token pooling."""
+
+from __future__ import annotations
+
+from m3_rag.codecs.base import ColbertCodec, codec_names, get_codec, register_codec
+from m3_rag.codecs.builtin import (
+    BinaryCodec,
+    Float16Codec,
+    Float32Codec,
+    Int8Codec,
+    quantize_int8,
+)
+from m3_rag.codecs.pooling import check_pool_factor, pool_tokens
+
+__all__ = [
+    "BinaryCodec",
+    "ColbertCodec",
+    "Float16Codec",
+    "Float32Codec",
+    "Int8Codec",
+    "check_pool_factor",
+    "codec_names",
+    "get_codec",
+    "pool_tokens",
+    "quantize_int8",
+    "register_codec",
+]
