@@ -48,6 +48,14 @@ def model_info(state: ServerState) -> dict[str, Any]:
     }
 
 
+def _tokenizer_json(tokenizer: Any) -> str:
+    """``tokenizer.json`` without the truncation and padding the encoder's last call left
+    set on the tokenizer (a client sets its own)."""
+    raw = json.loads(tokenizer.backend_tokenizer.to_str())
+    raw["truncation"] = raw["padding"] = None
+    return json.dumps(raw, ensure_ascii=False)
+
+
 def register(app: Any, state: ServerState) -> None:
     from fastapi.responses import PlainTextResponse, Response
 
@@ -92,7 +100,7 @@ def register(app: Any, state: ServerState) -> None:
     async def tokenizer() -> Response:
         """The model's ``tokenizer.json``."""
         if state.tokenizer_json is None:
-            state.tokenizer_json = await blocking(state.encoder.tokenizer.backend_tokenizer.to_str)
+            state.tokenizer_json = await blocking(_tokenizer_json, state.encoder.tokenizer)
         return Response(state.tokenizer_json, media_type="application/json")
 
     @app.post("/v1/embeddings")
