@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,9 @@ def convert_checkpoint(
         )
     config = _read_config(src_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # beside OUT (same filesystem, so the rename is atomic); os.mkdir honours the umask
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         if layout == OFFICIAL:
             pooler = _to_native(src_dir, tmp, config)
@@ -175,7 +177,9 @@ def _check_backbone(config: dict[str, Any], tensors: dict[str, torch.Tensor], wh
     pooler = any(k.startswith("pooler.") for k in tensors)
     with torch.device("meta"):
         expected = set(XLMRobertaModel(cfg, add_pooling_layer=pooler).state_dict())
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    # position_ids: a buffer older transformers saved with the weights (it loads, unused)
+    extra = sorted(k for k in set(tensors) - expected if not k.endswith("position_ids"))
+    missing = sorted(expected - set(tensors))
     if missing or extra:
         first = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
         raise CheckpointError(
