@@ -68,6 +68,9 @@ def _native_outputs(path: Path, texts: list[str], batch_size: int = 8) -> dict[s
         assert out.dense_output.shape == (b, model.config.hidden_size)
         assert out.sparse_output.shape == (b, t)
         assert out.colbert_output.shape == (b, t - 1, model.config.colbert_dim)
+        pad = batch["attention_mask"] == 0
+        assert (out.sparse_output >= 0).all() and (out.sparse_output[pad] == 0).all()
+        assert (out.colbert_output[pad[:, 1:]] == 0).all()
         dense.append(out.dense_output.numpy())
         for ids, mask, weights, vecs in zip(
             batch["input_ids"].tolist(),
