@@ -22,8 +22,7 @@ from m3_rag import scoring
 from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
 from m3_rag._postprocess import colbert_vectors, plan_batches, pool, sparse_weights
 from m3_rag.loading import (
-    HEAD_FILES,
-    load_linear_head,
+    load_heads,
     model_max_positions,
     read_pooling,
 )
@@ -148,19 +147,13 @@ class M3Encoder:
         hidden = int(self.config.hidden_size)
         self.pooling = read_pooling(path)
 
-        heads = [path / f for f in HEAD_FILES]
-        present = [h.is_file() for h in heads]
-        self.colbert_linear: torch.nn.Linear | None = None
-        self.sparse_linear: torch.nn.Linear | None = None
-        if all(present):
-            self.colbert_linear = load_linear_head(heads[0], hidden).to(self.device, self.dtype)
-            self.sparse_linear = load_linear_head(heads[1], hidden, 1).to(self.device, self.dtype)
-        elif any(present):
-            missing = heads[present.index(False)]
-            raise FileNotFoundError(
-                f"checkpoint {path} has {heads[present.index(True)].name} but is missing "
-                f"{missing.name}; an M3 checkpoint needs both heads"
-            )
+        colbert, sparse = load_heads(path, hidden)  # official .pt files or native tensors
+        self.colbert_linear: torch.nn.Linear | None = (
+            None if colbert is None else colbert.to(self.device, self.dtype)
+        )
+        self.sparse_linear: torch.nn.Linear | None = (
+            None if sparse is None else sparse.to(self.device, self.dtype)
+        )
 
         limits = [x for x in (model_max_positions(self.config), self.pooling.max_seq_length) if x]
         self.model_max_length: int | None = min(limits) if limits else None
