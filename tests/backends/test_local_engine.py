@@ -185,6 +185,8 @@ def test_ann_leg_finds_the_exact_neighbours_and_scores_them_exactly(tmp_path: Pa
     exact.delete(ids[:50])
     reopened = LocalBackend(tmp_path / "ann", ann_threshold=1000, ann_nprobe=16).open(spec)
     assert reopened.segments[0].ann is not None
+    # its documents are read from docs.jsonl (once they were read from the ANN index's bytes)
+    assert reopened.fetch(ids[50:52]) == [(i, i, {"half": int(i[1:]) % 2}) for i in ids[50:52]]
     recall = []
     for q in queries:
         want = exact.candidates(q, None, 50)

@@ -166,10 +166,10 @@ def open_segment(
     if "ann.npy" in files:
         try:
             with open_plain(d / "ann.npy") as f:
-                blob = load_npy(f, d / "ann.npy")
+                serialised = load_npy(f, d / "ann.npy")  # (not ``blob``: docs.jsonl's map)
         except (OSError, ValueError) as e:
             raise IndexFormatError(f"{d}/ann.npy is not a readable array: {e}") from None
-        ann = DenseANN.from_array(blob, opts.ann_nprobe)
+        ann = DenseANN.from_array(serialised, opts.ann_nprobe)
         if ann.index.ntotal != count or ann.index.d != dense.shape[1]:
             raise IndexFormatError(f"{d}/ann.npy does not index this segment's vectors")
     docs = DocTable(blob=blob, offsets=offsets, where=f"{d}/docs.jsonl")
