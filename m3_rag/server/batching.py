@@ -134,23 +134,34 @@ class Batcher:
         dense: bool,
         sparse: bool,
         colbert: bool,
+        *,
+        wake: bool = True,
     ) -> Future[EncodeOutput]:
-        """Queue texts to encode (``role``: ``"query"`` or ``"document"``)."""
+        """Queue texts to encode (``role``: ``"query"`` or ``"document"``); with
+        ``wake=False`` the worker is woken by a later :meth:`wake` (see :meth:`wake`)."""
         enc = self.encoder
         limit = max_length or (enc.query_max_length if role == "query" else enc.max_length)
         cost = sum(min(limit, len(t) + 2) for t in texts)
         key: EncodeKey = ("encode", role, max_length, dense, sparse, colbert)
-        return self._submit(_Job(key, texts, cost))
+        return self._submit(_Job(key, texts, cost), wake)
 
-    def rerank(self, pairs: list[tuple[str, str]]) -> Future[np.ndarray]:
-        """Queue ``(query, passage)`` pairs to score (raw logits, float32)."""
+    def rerank(self, pairs: list[tuple[str, str]], *, wake: bool = True) -> Future[np.ndarray]:
+        """Queue ``(query, passage)`` pairs to score (raw logits, float64)."""
         if self.reranker is None:
             raise ValueError("this server has no reranker: start it with --reranker")
         limit = self.reranker.max_length
         cost = sum(min(limit, len(q) + len(p) + 4) for q, p in pairs)
-        return self._submit(_Job(("rerank",), pairs, cost))
+        return self._submit(_Job(("rerank",), pairs, cost), wake)
 
-    def _submit(self, job: _Job) -> Future[Any]:
+    def wake(self) -> None:
+        """Wake the worker. A route on the event loop queues its job without waking it and
+        schedules this with ``loop.call_soon``: the requests that arrived together run up to
+        their own jobs first, so the worker finds them all queued (a burst of 16 one-text
+        requests is one batch, not one alone and then 15)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _submit(self, job: _Job, wake: bool = True) -> Future[Any]:
         ticket = _TICKET.get()
         with self._cond:
             if self._stopped:
@@ -161,7 +172,8 @@ class Batcher:
                 ticket.arriving = False
                 self._arriving -= 1
             self._queue.append(job)
-            self._cond.notify_all()
+            if wake:
+                self._cond.notify_all()
         return job.future
 
     # ------------------------------------------------------------ worker

@@ -114,8 +114,8 @@ def register(app: Any, state: ServerState) -> None:
                 f"dimensions={req.dimensions}: this model's vectors have "
                 f"{state.encoder.dense_dim} dimensions (leave dimensions out)",
             )
-        job = state.batcher.encode(texts, "document", None, True, False, False)
-        out = await wait(job)
+        job = state.batcher.encode(texts, "document", None, True, False, False, wake=False)
+        out = await wait(job, state.batcher)
         body = await blocking(embeddings_body, out, state.encoder.model_name, req.encoding_format)
         return _json(body)
 
@@ -132,9 +132,9 @@ def register(app: Any, state: ServerState) -> None:
         if not (req.return_dense or sparse or colbert):
             raise ApiError(400, "nothing to return: ask for dense, sparse or colbert")
         job = state.batcher.encode(
-            texts, req.role, req.max_length, req.return_dense, sparse, colbert
+            texts, req.role, req.max_length, req.return_dense, sparse, colbert, wake=False
         )
-        out = await wait(job)
+        out = await wait(job, state.batcher)
         body = await blocking(
             encode_body, out, state.encoder.model_name, req.dense_format, req.colbert_format
         )
@@ -148,7 +148,8 @@ def register(app: Any, state: ServerState) -> None:
         state.check_texts(req.documents, "documents")
         if len(req.query) > state.config.max_chars:
             raise ApiError(413, f"query is over {state.config.max_chars} characters")
-        scores = await wait(state.batcher.rerank([(req.query, d) for d in req.documents]))
+        job = state.batcher.rerank([(req.query, d) for d in req.documents], wake=False)
+        scores = await wait(job, state.batcher)
         if req.normalize:
             scores = 1.0 / (1.0 + np.exp(-scores))
         order = np.argsort(-scores, kind="stable")

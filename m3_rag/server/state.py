@@ -76,8 +76,11 @@ async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise as_api_error(e) from None
 
 
-async def wait(future: Any) -> Any:
-    """Await a batcher job, mapping its errors as :func:`blocking` does."""
+async def wait(future: Any, batcher: Batcher | None = None) -> Any:
+    """Await a batcher job, mapping its errors as :func:`blocking` does; ``batcher``: the
+    job was queued with ``wake=False``, wake the worker once this loop turn is done."""
+    if batcher is not None:
+        asyncio.get_running_loop().call_soon(batcher.wake)
     try:
         return await asyncio.wrap_future(future)
     except BaseException as e:

@@ -254,7 +254,8 @@ def test_documents_and_search(
     assert [h["id"] for h in reranked] == [h.id for h in with_rr.search("capital", k=3)]
     assert all("rerank" in h["scores"] for h in reranked)
     server.post("/v1/documents", {"documents": [{"id": "s0", "text": "replaced text"}]})
-    got = server.post("/v1/search", {"query": "replaced text", "k": 1}).json()["hits"][0]
+    body = {"query": "replaced text", "k": 1, "rerank": False, "weights": [1, 0, 0]}
+    got = server.post("/v1/search", body).json()["hits"][0]  # cosine 1 with itself
     assert got["id"] == "s0" and got["text"] == "replaced text" and got["metadata"] == {}
     resp = server.client.request("DELETE", "/v1/documents", json={"ids": ["s1", "s2"]})
     assert resp.json() == {"deleted": 2}
