@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,7 +124,8 @@ def test_reference_is_the_engines_exhaustive_leg(lexical: str) -> None:
         DocTable(texts=[""] * 1500, metas=[{}] * 1500),
     )
     view = View.of([seg], [None], lexical == "bm25")
-    spec = IndexSpec(model="m", dense_dim=1, colbert_dim=None, lexical=lexical, vocab_size=VOCAB)
+    kind: Any = lexical
+    spec = IndexSpec(model="m", dense_dim=1, colbert_dim=None, lexical=kind, vocab_size=VOCAB)
     bm25 = None if view.stats is None else pruning.BM25Doc(view.stats.avgdl, spec.bm25_params)
     for _ in range(10):
         terms, w = _query(rng, "zipf", lexical)
@@ -186,7 +188,7 @@ def test_pruning_skips_a_frequent_light_term() -> None:
 
 def _on_disk(lex: LexicalPostings, tmp: Path, how: str) -> LexicalPostings:
     """``lex`` with its term-major arrays read from ``.npy`` files (pread or mmap)."""
-    out = {}
+    out: dict[str, Any] = {}
     for name in ("trows", "tdata"):
         path = tmp / f"{name}.npy"
         np.save(path, np.asarray(getattr(lex, name)))
