@@ -25,8 +25,10 @@ from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.bm25 import BM25Stats
+from m3_rag.codecs import get_codec, pool_tokens
 from m3_rag.eval import BeirData, evaluate_run
 from m3_rag.filters import matches
+from m3_rag.scoring import colbert_scores_packed
 from m3_rag.testing import SAMPLE_TEXTS, milvus_lite_server, refused_upserts
 
 IDS = [f"doc-{i}" for i in range(len(SAMPLE_TEXTS))]
@@ -140,13 +142,14 @@ def _use_qdrant_idf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(BM25Stats, "idf", qdrant_idf)
 
 
-def _engine(request: pytest.FixtureRequest, encoder: M3Encoder) -> Engine:
-    if request.param.startswith("milvus"):
+def _engine(request: pytest.FixtureRequest, encoder: M3Encoder, name: str | None = None) -> Engine:
+    name = request.param if name is None else name
+    if name.startswith("milvus"):
         require("pymilvus", "pip install -e '.[milvus]'")
         require("milvus_lite", "pip install -e '.[milvus]'")
-    if request.param.startswith("qdrant"):
+    if name.startswith("qdrant"):
         require("qdrant_client", "pip install -e '.[qdrant]'")
-    return Engine(request.param, encoder, request)
+    return Engine(name, encoder, request)
 
 
 @pytest.fixture(params=list(ENGINES))
@@ -295,6 +298,86 @@ def test_adapters_accept_the_backend(make: Engine, tiny_encoder: M3Encoder) -> N
     flt = MetadataFilters(filters=[MetadataFilter(key="lang", value=["en", "fr"], operator="in")])
     nodes = LlamaRetriever(core, similarity_top_k=4, filters=flt).retrieve("capital")
     assert nodes and all(n.node.metadata["lang"] in ("en", "fr") for n in nodes)
+
+
+# ------------------------------------------------------------------- every ColBERT codec
+CODEC_CASES = [("float32", 1), ("float16", 1), ("int8", 1), ("binary", 1), ("binary", 2)]
+
+
+def _colbert_brute_force(
+    encoder: M3Encoder, texts: dict[str, str], query: str, codec_name: str, pool: int
+) -> dict[str, float]:
+    """MaxSim of ``query`` against each text's ColBERT vectors, pooled and coded as an index
+    with ``codec_name`` and ``pool`` stores them, then decoded (numpy, all documents)."""
+    codec = get_codec(codec_name)
+    enc = encoder.encode_documents(list(texts.values()))
+    assert enc.colbert is not None and encoder.colbert_dim is not None
+    docs = [pool_tokens(v, pool) for v in enc.colbert]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    codes, scales = codec.encode(np.concatenate(docs))
+    decoded = codec.decode(codes, scales, encoder.colbert_dim)
+    q = encoder.encode_queries(query).colbert
+    assert q is not None
+    got = colbert_scores_packed(q[0], decoded, offsets)
+    return dict(zip(texts, got.tolist(), strict=True))
+
+
+def _reopened(make: Engine, r: HybridRetriever, **kw: Any) -> HybridRetriever | None:
+    """``r``'s index opened again (local engines; the server engines' reopening is tested
+    in their own files), or ``None``."""
+    from m3_rag.backends.local.engine import LocalBackend
+
+    backend = r.backend
+    if not isinstance(backend, LocalBackend):
+        return None
+    if backend.path is None:
+        path = make.request.getfixturevalue("tmp_path") / f"saved-{uuid.uuid4().hex[:8]}"
+        r.save(path)
+        return HybridRetriever.load(path, make.encoder)
+    return HybridRetriever(make.encoder, backend=LocalBackend(backend.path), **kw)
+
+
+# every codec on the reference and on disk; the smallest code on every other engine (their
+# float16 is every other test's default, int8 is tested in their own files)
+CODEC_RUNS = [(e, c, p) for e in ("memory", "local-disk") for c, p in CODEC_CASES] + [
+    (e, "binary", 2) for e in ENGINES if e not in ("memory", "local-disk")
+]
+
+
+@pytest.fixture
+def codec_run(request: pytest.FixtureRequest, tiny_encoder: M3Encoder) -> tuple[Engine, str, int]:
+    name, codec, pool = request.param
+    return _engine(request, tiny_encoder, name), codec, pool
+
+
+@pytest.mark.parametrize(
+    "codec_run", CODEC_RUNS, indirect=True, ids=lambda r: "-".join(map(str, r))
+)
+def test_every_codec_scores_its_codes_as_brute_force(codec_run: tuple[Engine, str, int]) -> None:
+    """Add in two commits (a merge on disk), delete, replace, reopen: the ColBERT leg of
+    every engine equals MaxSim on the decoded codes of the pooled vectors."""
+    make, codec, pool = codec_run
+    kw: dict[str, Any] = {"colbert_dtype": codec, "pool_factor": pool}
+    r = make(candidates=len(IDS), **kw)
+    r.add_texts(SAMPLE_TEXTS[:8], METAS[:8], IDS[:8])
+    r.add_texts(SAMPLE_TEXTS[8:], METAS[8:], IDS[8:])
+    r.delete([IDS[0], IDS[9]])
+    r.add_texts(["a replaced passage about Paris"], [{}], [IDS[3]])
+    texts = dict(zip(IDS, SAMPLE_TEXTS, strict=True)) | {IDS[3]: "a replaced passage about Paris"}
+    del texts[IDS[0]], texts[IDS[9]]
+    reopened = _reopened(make, r, candidates=len(IDS), **kw)
+    for x in (r, reopened) if reopened is not None else (r,):
+        assert len(x) == len(texts)
+        for q in QUERIES[:1]:
+            want = _colbert_brute_force(make.encoder, texts, q, codec, pool)
+            hits = x.search(q, k=len(IDS), weights=(0, 0, 1), candidates=len(IDS))
+            assert {h.id for h in hits} == set(want)
+            for h in hits:
+                assert h.scores["colbert"] == pytest.approx(want[h.id], abs=2e-5), (h.id, q)
+    ref = make.reference(candidates=8, **kw)
+    metas = dict(zip(IDS, METAS, strict=True)) | {IDS[3]: {}}
+    ref.add_texts(list(texts.values()), [metas[i] for i in texts], list(texts))
+    _same(ref, r, QUERIES[0], k=5)  # all three legs, fused, as the local engine in RAM
 
 
 # ---------------------------------------------------------------------- server engines only

@@ -338,15 +338,16 @@ def test_unknown_format_or_foreign_collection_is_refused(
         HybridRetriever(tiny_encoder, backend=MilvusBackend(uri, "foreign"))
 
 
-@pytest.mark.parametrize("colbert_dtype", ["float16", "int8"])
+@pytest.mark.parametrize(("colbert_dtype", "pool"), [("float16", 1), ("int8", 1), ("binary", 2)])
 def test_add_from_copies_without_encoding(
-    tiny_encoder: M3Encoder, tmp_path: Path, colbert_dtype: str
+    tiny_encoder: M3Encoder, tmp_path: Path, colbert_dtype: str, pool: int
 ) -> None:
-    mem = HybridRetriever(tiny_encoder, colbert_dtype=colbert_dtype)
+    mem = HybridRetriever(tiny_encoder, colbert_dtype=colbert_dtype, pool_factor=pool)
     mem.add_texts(SAMPLE_TEXTS, METAS, IDS)
     mil = HybridRetriever(
         tiny_encoder,
         colbert_dtype=colbert_dtype,
+        pool_factor=pool,
         backend=MilvusBackend(str(tmp_path / "c.db"), "copy"),
     )
     assert mil.add_from(mem, batch_size=7) == len(SAMPLE_TEXTS)
@@ -363,6 +364,9 @@ def test_codec_roundtrips() -> None:
     assert all(len(c) <= codec.CHUNK_CHARS for c in chunks) and len(chunks) > 1
     packed, offsets, _ = codec.decode_blobs([chunks, codec.encode_blob(vecs[:0])], 128, vecs.dtype)
     assert np.array_equal(packed, vecs) and offsets.tolist() == [0, 300, 300]
+    bits = np.packbits(rng.normal(size=(7, 13)) > 0, axis=1)  # binary codes: 2 bytes each
+    packed, offsets, scales = codec.decode_blobs([codec.encode_blob(bits)], 2, bits.dtype, False)
+    assert np.array_equal(packed, bits) and offsets.tolist() == [0, 7] and scales is None
 
     assert codec.encode_sparse(sp.csr_matrix((1, 10), dtype=np.float32), 10) == {10: 1.0}
     back = codec.decode_sparse([{10: 1.0}, {3: 0.5, 1: 2.0}], 10)

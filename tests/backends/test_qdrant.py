@@ -330,6 +330,14 @@ def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
     plain = HybridRetriever(tiny_encoder, backend=QdrantBackend(client=client, collection="f16"))
     assert plain.backend.spec.colbert_dtype == "float16"  # type: ignore[attr-defined]
     assert client.get_collection("f16").config.params.vectors["colbert"].quantization_config is None
+    binary = HybridRetriever(
+        tiny_encoder,
+        colbert_dtype="binary",
+        backend=QdrantBackend(client=client, collection="bits"),
+    )
+    binary.add_texts(SAMPLE_TEXTS[:2], METAS[:2], IDS[:2])
+    quant = client.get_collection("bits").config.params.vectors["colbert"].quantization_config
+    assert quant is not None and quant.binary.always_ram is True  # a 1-bit copy in RAM
     with pytest.raises(TypeError):  # the one switch is the retriever's colbert_dtype
         QdrantBackend(":memory:", colbert_quantization="int8")  # type: ignore[call-arg]
     with pytest.raises(TypeError):  # the option is the retriever's (Backend.open), not ours

@@ -472,6 +472,60 @@ def test_concurrent_search_and_add(tiny_encoder: M3Encoder) -> None:
     assert len(r) == len(SAMPLE_TEXTS) + 10 and len(results) == 45
 
 
+def test_pooled_binary_colbert_stores_half_the_vectors_and_reopens(
+    tiny_encoder: M3Encoder, tmp_path: Path
+) -> None:
+    """pool_factor pools documents (never queries) at index time; binary stores one bit
+    per dimension; both are recorded, so load() and a reopened disk index score the same
+    codes, and opening with other settings is refused by name."""
+    ids = [str(i) for i in range(len(SAMPLE_TEXTS))]
+    enc = tiny_encoder.encode_documents(SAMPLE_TEXTS)
+    assert enc.colbert is not None and tiny_encoder.colbert_dim is not None
+    disk = HybridRetriever(
+        tiny_encoder,
+        colbert_dtype="binary",
+        pool_factor=2,
+        backend=LocalBackend(tmp_path / "bin"),
+    )
+    disk.add_texts(SAMPLE_TEXTS, ids=ids)
+    col = disk.backend.segments[0].colbert  # type: ignore[attr-defined]
+    assert col is not None and col.vectors.dtype == np.uint8
+    assert col.vectors.shape[1] == -(-tiny_encoder.colbert_dim // 8)
+    assert np.diff(col.offsets).tolist() == [max(1, len(v) // 2) for v in enc.colbert]
+    disk.save(tmp_path / "saved")
+    loaded = HybridRetriever.load(tmp_path / "saved", tiny_encoder)
+    again = HybridRetriever(
+        tiny_encoder, colbert_dtype="binary", pool_factor=2, backend=LocalBackend(tmp_path / "bin")
+    )
+    assert loaded.pool_factor == 2 and loaded.backend.spec.colbert_dtype == "binary"  # type: ignore[attr-defined]
+    for q in SAMPLE_TEXTS[:3]:
+        assert disk.search(q, k=5) == loaded.search(q, k=5) == again.search(q, k=5)
+    with pytest.raises(IndexMismatchError, match="colbert_pool_factor"):
+        HybridRetriever(
+            tiny_encoder, colbert_dtype="binary", backend=LocalBackend(tmp_path / "bin")
+        )
+    with pytest.raises(IndexMismatchError, match="colbert_dtype"):
+        HybridRetriever(tiny_encoder, pool_factor=2, backend=LocalBackend(tmp_path / "bin"))
+    with pytest.raises(ValueError, match="pool_factor must be an int >= 1"):
+        HybridRetriever(tiny_encoder, pool_factor=0)
+
+
+def test_add_from_pools_an_unpooled_source_and_refuses_another_factor(
+    tiny_encoder: M3Encoder,
+) -> None:
+    ids = [str(i) for i in range(len(SAMPLE_TEXTS))]
+    plain = HybridRetriever(tiny_encoder)
+    plain.add_texts(SAMPLE_TEXTS, ids=ids)
+    pooled = HybridRetriever(tiny_encoder, colbert_dtype="binary", pool_factor=2)
+    direct = HybridRetriever(tiny_encoder, colbert_dtype="binary", pool_factor=2)
+    assert pooled.add_from(plain) == len(ids)
+    direct.add_texts(SAMPLE_TEXTS, ids=ids)
+    for q in SAMPLE_TEXTS[:3]:  # float16 vectors pooled as they are copied: the same codes
+        assert [h.id for h in pooled.search(q, k=5)] == [h.id for h in direct.search(q, k=5)]
+    with pytest.raises(IndexMismatchError, match="pooled by 2"):
+        HybridRetriever(tiny_encoder, pool_factor=3).add_from(pooled)
+
+
 def test_bad_constructor_arguments(tiny_encoder: M3Encoder) -> None:
     with pytest.raises(TypeError, match="M3Encoder"):
         HybridRetriever("BAAI/bge-m3")  # type: ignore[arg-type]

@@ -61,8 +61,8 @@ def decode_sparse(rows: Sequence[Mapping[int, float]], vocab_size: int) -> sp.cs
 
 
 def encode_blob(vectors: np.ndarray, scales: np.ndarray | None = None) -> list[str]:
-    """``[t, dim]`` vectors (their storage dtype; int8 with ``[t]`` float32 ``scales``
-    appended) -> base64 chunks for an ARRAY<VARCHAR>.
+    """``[t, width]`` codes (their storage dtype: float vectors, int8 codes with ``[t]``
+    float32 ``scales`` appended, binary sign bits) -> base64 chunks for an ARRAY<VARCHAR>.
 
     Raises:
         ValueError: more than ``MAX_CHUNKS`` chunks (a document too long for one row).
@@ -81,11 +81,12 @@ def encode_blob(vectors: np.ndarray, scales: np.ndarray | None = None) -> list[s
 
 
 def decode_blobs(
-    blobs: Sequence[Sequence[str]], dim: int, dtype: np.dtype[Any]
+    blobs: Sequence[Sequence[str]], dim: int, dtype: np.dtype[Any], scaled: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Each document's chunks -> packed ``[T, dim]`` vectors, ``[n + 1]`` offsets and, for
-    int8, ``[T]`` scales (else ``None``)."""
-    quantized = dtype == np.int8
+    """Each document's chunks -> packed ``[T, dim]`` codes, ``[n + 1]`` offsets and, for a
+    scaled codec (``scaled``; default: int8 ``dtype``), ``[T]`` scales (else ``None``).
+    ``dim`` is the stored width (``ceil(dim / 8)`` bytes for binary codes)."""
+    quantized = dtype == np.int8 if scaled is None else scaled
     per_vector = dim * dtype.itemsize + (4 if quantized else 0)
     mats, scales = [], []
     for b in blobs:

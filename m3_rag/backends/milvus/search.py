@@ -29,6 +29,7 @@ from m3_rag.backends.milvus.filters import milvus_expr
 from m3_rag.backends.milvus.stats import stored_tf
 from m3_rag.backends.protocol import Candidates, IndexSpec
 from m3_rag.bm25 import BM25Params, BM25Stats, bm25_tf
+from m3_rag.codecs import get_codec
 from m3_rag.filters import Filter, filter_mask
 from m3_rag.scoring import colbert_scores_rows, dense_scan, sparse_dot_rows
 
@@ -205,6 +206,8 @@ def colbert_of(spec: IndexSpec, blobs: list[Any], query: np.ndarray) -> np.ndarr
     """MaxSim of ``query [q, dim]`` against stored ColBERT blobs -> ``[len(blobs)]``."""
     if not spec.colbert_dim:
         raise ValueError("this index has no ColBERT vectors")
-    dtype = np.dtype(spec.colbert_dtype)
-    packed, offsets, scales = codec.decode_blobs(blobs, spec.colbert_dim, dtype)
-    return colbert_scores_rows(query, packed, offsets, np.arange(len(blobs)), scales=scales)
+    code = get_codec(spec.colbert_dtype)
+    width = code.width(spec.colbert_dim)
+    packed, offsets, scales = codec.decode_blobs(blobs, width, code.dtype, code.scaled)
+    rows = np.arange(len(blobs))
+    return colbert_scores_rows(query, packed, offsets, rows, scales=scales, codec=code)

@@ -2,7 +2,9 @@
 (no qdrant-client import at module level).
 
 Collection formats: 2 (this version) records ``IndexSpec.to_json()``, and its ColBERT
-multivector is int8 scalar-quantised when the spec's ``colbert_dtype`` is ``"int8"``; 1
+multivector is int8 scalar-quantised when the spec's ``colbert_dtype`` is ``"int8"``,
+binary-quantised (a 1-bit copy in RAM; the stored values are the ``±1 / sqrt(dim)`` vectors
+the binary codes stand for, float32) when it is ``"binary"``; 1
 (earlier versions) recorded the same keys without ``dense_dtype`` and quantised ColBERT on a
 constructor switch (``colbert_quantization="int8"``), which such collections keep. Both open.
 """
@@ -23,6 +25,7 @@ from m3_rag.backends.qdrant.filters import metadata_path
 from m3_rag.backends.server import check_int64
 from m3_rag.backends.validate import PreparedBatch
 from m3_rag.bm25 import BM25Params, bm25_tf
+from m3_rag.codecs import get_codec
 
 __all__ = [
     "FORMAT",
@@ -85,6 +88,10 @@ def create_collection(
             quant = models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
             )
+        elif spec.colbert_dtype == "binary":
+            quant = models.BinaryQuantization(
+                binary=models.BinaryQuantizationConfig(always_ram=True)
+            )
         vectors["colbert"] = models.VectorParams(
             size=spec.colbert_dim,
             distance=models.Distance.DOT,
@@ -122,16 +129,16 @@ def to_points(spec: IndexSpec, batch: PreparedBatch, avgdl: float | None) -> lis
     metadata checked by :func:`check_payload`) as ``PointStruct`` s (nothing is written).
 
     Vectors are in the index's storage dtypes already, so Qdrant scores the values the
-    local engine stores (int8 ColBERT codes dequantised). BM25 ``batch.lexical`` is term
+    local engine stores (ColBERT codes decoded by their codec: int8 codes dequantised,
+    binary codes as ``±1 / sqrt(dim)``). BM25 ``batch.lexical`` is term
     counts, stored as the document side of BM25 with reference length ``avgdl``.
     """
     from qdrant_client import models
 
     named: list[dict[str, Any]] = [{"dense": v.tolist()} for v in batch.dense.astype(np.float32)]
     if batch.colbert is not None and batch.colbert_offsets is not None:
-        values = batch.colbert.astype(np.float32)
-        if batch.colbert_scales is not None:  # int8: what the local engine scores
-            values *= batch.colbert_scales[:, None]
+        codec = get_codec(spec.colbert_dtype)  # what the local engine scores
+        values = codec.decode(batch.colbert, batch.colbert_scales, int(spec.colbert_dim or 0))
         offsets = batch.colbert_offsets
         for v, a, b in zip(named, offsets[:-1], offsets[1:], strict=True):
             if b > a:  # a point without ColBERT vectors scores 0 on that leg
