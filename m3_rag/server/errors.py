@@ -4,9 +4,12 @@ input, 503 when busy; the handlers FastAPI calls for them."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 __all__ = ["ApiError", "error_body", "install_handlers"]
+
+logger = logging.getLogger("m3_rag.server")
 
 TYPES = {
     400: "invalid_request_error",
@@ -95,6 +98,12 @@ def install_handlers(app: Any) -> None:
             message = "the body is not valid UTF-8 JSON"
         return respond(exc.status_code, message, dict(exc.headers or {}))
 
+    async def unexpected(request: Any, exc: Exception) -> Response:
+        # a bug, not bad input (every bad input is a 4xx above): JSON still, and logged
+        logger.error("unexpected error", exc_info=exc)
+        return respond(500, f"internal error ({type(exc).__name__}); see the server's log")
+
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http_error)

@@ -158,3 +158,26 @@ def test_llama_index_adapters_over_the_server(
     )
     hit = index.as_retriever(similarity_top_k=2).retrieve(SAMPLE_TEXTS[14])[0]
     assert hit.node.get_content() == SAMPLE_TEXTS[14]
+
+
+def test_milvus_sparse_functions_over_the_server(remote: RemoteEncoder, local: M3Encoder) -> None:
+    """LangChain's Milvus sparse embeddings and LlamaIndex's Milvus sparse function (the
+    interface those stores call) give the served model's lexical weights."""
+    require("langchain_milvus", "pip install -e '.[langchain-milvus]'")
+    from langchain_m3rag import M3MilvusSparseEmbeddings
+    from llama_index_m3rag import M3SparseEmbedding
+
+    texts = SAMPLE_TEXTS[:4]
+    want_docs, want_q = local.encode_documents(texts).sparse, local.encode_queries(texts).sparse
+    assert want_docs is not None and want_q is not None
+    lc = M3MilvusSparseEmbeddings(remote)
+    li = M3SparseEmbedding(encoder=remote)
+    for got, want in (
+        (lc.embed_documents(texts), want_docs),
+        ([lc.embed_query(t) for t in texts], want_q),
+        (li.encode_documents(texts), want_docs),
+        (li.encode_queries(texts), want_q),
+    ):
+        for g, w in zip(got, want, strict=True):
+            assert g.keys() == w.keys()
+            assert [g[k] for k in w] == pytest.approx(list(w.values()), abs=1e-5)
