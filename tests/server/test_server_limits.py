@@ -21,6 +21,7 @@ import pytest
 from _serving import ROOT, Server
 
 DEADLINE_S = 120.0
+BODY_TIMEOUT_S = 15  # the holder below does its checks well within it
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def small(tiny_m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     index = tmp_path_factory.mktemp("small") / "index"
     server = Server(
         ["--model", str(tiny_m3_dir), "--index", str(index), "--device", "cpu"],
-        {"M3_RAG_SERVE_MAX_QUEUE": "1", "M3_RAG_SERVE_BODY_TIMEOUT_S": "600"},
+        {"M3_RAG_SERVE_MAX_QUEUE": "1", "M3_RAG_SERVE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)},
     )
     yield server
     server.stop()
@@ -77,6 +78,22 @@ def test_full_server_answers_503_then_recovers(small: Server) -> None:
     _until(lambda: small.metric("m3rag_queue_depth") == 0, "the place freed")
     assert small.post("/v1/embeddings", {"input": "x"}).status_code == 200
     assert 'status="499"' in small.client.get("/metrics").text  # counted as client gone
+
+
+def test_a_body_that_never_arrives_is_a_408_and_frees_its_place(small: Server) -> None:
+    holder = _half_request(small, "/v1/encode")
+    try:
+        holder.settimeout(BODY_TIMEOUT_S + DEADLINE_S)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = holder.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        holder.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    _until(lambda: small.metric("m3rag_queue_depth") == 0, "the place freed")
 
 
 def test_disconnect_while_the_model_runs_leaves_it_healthy(small: Server) -> None:
