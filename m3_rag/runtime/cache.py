@@ -184,14 +184,12 @@ def get_or_build(
         if read_entry(root / relative):
             return root / relative
     errors: list[str] = []
-    for root in roots:
+    for i, root in enumerate(roots):
         try:
             return _build(root / relative, build, info or {})
-        except PermissionError as e:  # read-only location: try the next root
-            errors.append(f"{root}: {e.strerror or e}")
-        except OSError as e:
-            if e.errno not in (30, 13):  # EROFS, EACCES
-                raise
+        except OSError as e:  # read-only, full or not a directory: the next root, if any
+            if i + 1 < len(roots):
+                logger.warning("cannot write the ONNX cache in %s (%s); trying the next", root, e)
             errors.append(f"{root}: {e.strerror or e}")
     raise OSError(
         f"cannot write the ONNX cache ({'; '.join(errors)}); pass onnx_cache_dir= or set "

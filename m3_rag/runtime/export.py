@@ -101,6 +101,9 @@ def export_backbone(model: Any, out_dir: Path, task: Task, *, token_types: bool 
     dynamic = {n: {0: batch, 1: seq} for n in names}
     file = out_dir / MODEL_FILE
     sink = io.StringIO()
+    quiet = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed. Skipping..."
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -117,10 +120,12 @@ def export_backbone(model: Any, out_dir: Path, task: Task, *, token_types: bool 
                 verbose=False,
             )
     except Exception as e:
+        quiet.setLevel(level)
         raise CheckpointError(
             f"could not export {type(model).__name__} to ONNX ({type(e).__name__}: {e}); "
             "use runtime='torch' for this checkpoint"
         ) from e
+    quiet.setLevel(level)
     _check(wrapper, file, names, vocab)
 
 

@@ -1,10 +1,14 @@
-"""Dynamic int8 quantisation of an exported graph (``onnxruntime.quantization``).
+"""int8 quantisation of an exported graph (``onnxruntime.quantization``), no calibration data.
 
-Weights are quantised offline (signed int8, one scale per output channel), activations at
-run time per tensor (uint8): no calibration data. Only the ``MatMul`` nodes with a constant
-weight (the linear layers) are quantised; attention products, embeddings, LayerNorms and the
-heads outside the graph stay fp32. The recipe was chosen by ``benchmarks/bench_int8_fidelity.py``
-(figures and the alternatives measured: ``docs/runtime.md``).
+Two methods. ``dynamic``: weights quantised offline (signed int8, one scale per output
+channel or per matrix), activations at run time with one scale per tensor (``quantize_dynamic``,
+``MatMulInteger``). ``blockwise``: weights in int8 blocks of ``block_size`` input features,
+each with its own scale (``MatMulNBits``, 8 bits); with ``accuracy_level=4`` the activations
+are quantised at run time per block too, so an outlier feature only coarsens its block.
+Only the ``MatMul`` nodes with a constant weight (the linear layers) are quantised;
+attention products, embeddings, LayerNorms and the heads outside the graph stay fp32. The
+default recipe was chosen by ``benchmarks/bench_int8_fidelity.py`` (figures and the
+alternatives measured: ``docs/runtime.md``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import ast
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +34,20 @@ class Int8Recipe:
 
     Attributes:
         name: Short id, part of the cache key.
-        per_channel: One weight scale per output channel (else one per matrix).
-        reduce_range: 7-bit weights (for CPUs without VNNI whose u8*s8 sums can saturate).
+        method: ``"dynamic"`` (``quantize_dynamic``) or ``"blockwise"`` (``MatMulNBits``).
+        per_channel: (dynamic) One weight scale per output channel (else one per matrix).
+        reduce_range: (dynamic) 7-bit weights (for CPUs without VNNI whose u8*s8 sums can saturate).
         keep_fp32: Regular expressions over a linear layer's module path (e.g.
             ``encoder.layer.5.output.dense``): matching layers stay fp32.
+        block_size: (blockwise) Input features per scale.
     """
 
     name: str
+    method: str = "dynamic"
     per_channel: bool = True
     reduce_range: bool = False
     keep_fp32: tuple[str, ...] = ()
+    block_size: int = 32
 
 
 RECIPES: dict[str, Int8Recipe] = {
@@ -47,6 +57,7 @@ RECIPES: dict[str, Int8Recipe] = {
         Int8Recipe("channel"),
         Int8Recipe("channel-ffn-out-fp32", keep_fp32=(r"\.output\.dense$",)),
         Int8Recipe("channel-last-fp32", keep_fp32=(r"layer\.LAST\.",)),
+        Int8Recipe("block32", method="blockwise", block_size=32),
     )
 }
 DEFAULT_RECIPE = RECIPES["channel"]
@@ -60,7 +71,7 @@ def _module_path(node: object) -> str:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 return ""
-            return str(scopes[-1]) if scopes else ""
+            return max((str(x) for x in scopes), key=len, default="")  # the deepest module
     return ""
 
 
@@ -77,6 +88,26 @@ def _excluded(model_file: Path, recipe: Int8Recipe) -> list[str]:
     return [name for name, path in paths.items() if any(p.search(path) for p in patterns)]
 
 
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs through the root logger (``logging.warning``: advice
+    about pre-processing), which would also configure the application's logging; hold it."""
+    root = logging.getLogger()
+    handler, drop = logging.NullHandler(), _DropAll()
+    root.addHandler(handler)  # a handler present: logging.warning() calls no basicConfig()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        root.removeHandler(handler)
+
+
 def quantize_int8(src_dir: Path, out_dir: Path, recipe: Int8Recipe = DEFAULT_RECIPE) -> None:
     """Write ``out_dir/model.onnx``: the int8 version of ``src_dir/model.onnx``.
 
@@ -85,14 +116,34 @@ def quantize_int8(src_dir: Path, out_dir: Path, recipe: Int8Recipe = DEFAULT_REC
         out_dir: An empty directory.
         recipe: The quantisation recipe.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     src = src_dir / MODEL_FILE
     exclude = _excluded(src, recipe)
     logger.info("int8 recipe %s: %d linear layers kept in fp32", recipe.name, len(exclude))
+    with _quiet_root_logger():
+        _quantize(src, out_dir / MODEL_FILE, recipe, exclude)
+
+
+def _quantize(src: Path, dst: Path, recipe: Int8Recipe, exclude: list[str]) -> None:
+    if recipe.method == "blockwise":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            bits=8,
+            block_size=recipe.block_size,
+            is_symmetric=True,
+            accuracy_level=4,
+            nodes_to_exclude=exclude,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     quantize_dynamic(
         src,
-        out_dir / MODEL_FILE,
+        dst,
         op_types_to_quantize=["MatMul"],
         per_channel=recipe.per_channel,
         reduce_range=recipe.reduce_range,

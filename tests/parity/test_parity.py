@@ -1,8 +1,10 @@
-"""Parity with the oracles: FlagEmbedding's BGEM3FlagModel and FlagReranker (fp32, CPU)."""
+"""Parity with the oracles: FlagEmbedding's BGEM3FlagModel and FlagReranker (fp32, CPU), on
+every runtime: torch, and ONNX Runtime fp32 (``runtime="onnx"``, exported once per session)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ FlagEmbedding = require(
 pytestmark = pytest.mark.parity
 
 MAX_LEN = 24  # the long texts are cut: truncation is part of the parity
+RUNTIMES = ["torch", "onnx"]
+RERANK_ATOL = {"torch": 1e-5, "onnx": 1e-4}  # logits of a few units: ONNX kernels sum otherwise
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,20 @@ def flag_m3(tiny_m3_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_m3_dir: Path) -> M3Encoder:
-    return M3Encoder(tiny_m3_dir, device="cpu", max_length=MAX_LEN)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("parity-onnx-cache")
+
+
+def _runtime_kwargs(runtime: str, cache: Path) -> dict[str, Any]:
+    if runtime == "torch":
+        return {"device": "cpu"}
+    require("onnxruntime", "the ONNX runtime's parity: pip install -e '.[onnx]'")
+    return {"runtime": runtime, "onnx_cache_dir": cache}
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def ours(tiny_m3_dir: Path, onnx_cache: Path, request: pytest.FixtureRequest) -> M3Encoder:
+    return M3Encoder(tiny_m3_dir, max_length=MAX_LEN, **_runtime_kwargs(request.param, onnx_cache))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
@@ -122,8 +138,11 @@ def _legacy_pair_ids(tok, query: str, passage: str, max_length: int) -> list[int
     return [tok.cls_token_id, *q, tok.sep_token_id, tok.sep_token_id, *p, tok.sep_token_id]
 
 
-def test_reranker_input_ids_follow_flagreranker_construction(tiny_reranker_dir: Path) -> None:
-    rr = Reranker(tiny_reranker_dir, max_length=MAX_LEN)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_reranker_input_ids_follow_flagreranker_construction(
+    tiny_reranker_dir: Path, onnx_cache: Path, runtime: str
+) -> None:
+    rr = Reranker(tiny_reranker_dir, max_length=MAX_LEN, **_runtime_kwargs(runtime, onnx_cache))
     texts = MULTILINGUAL + SAMPLE_TEXTS
     pairs = [(texts[i], texts[-1 - i]) for i in range(len(texts))]
     features = rr._encode_pairs(pairs)
@@ -132,7 +151,10 @@ def test_reranker_input_ids_follow_flagreranker_construction(tiny_reranker_dir: 
         assert len(ids) <= MAX_LEN or len(q) == 0
 
 
-def test_reranker_scores_match_flagreranker(tiny_reranker_dir: Path) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_reranker_scores_match_flagreranker(
+    tiny_reranker_dir: Path, onnx_cache: Path, runtime: str
+) -> None:
     """Same scores as FlagReranker wherever its transformers-5 path sees the same token ids.
 
     FlagEmbedding 1.4 under transformers 5 rebuilds each pair by decoding the ids to text and
@@ -143,7 +165,12 @@ def test_reranker_scores_match_flagreranker(tiny_reranker_dir: Path) -> None:
     ref_model = FlagEmbedding.FlagReranker(
         str(tiny_reranker_dir), use_fp16=False, devices="cpu", max_length=MAX_LEN
     )
-    rr = Reranker(tiny_reranker_dir, max_length=MAX_LEN, batch_size=4)
+    rr = Reranker(
+        tiny_reranker_dir,
+        max_length=MAX_LEN,
+        batch_size=4,
+        **_runtime_kwargs(runtime, onnx_cache),
+    )
     texts = MULTILINGUAL + SAMPLE_TEXTS
     pairs = [(texts[i], texts[(i * 5 + 1) % len(texts)]) for i in range(len(texts))]
     ref = ref_model.compute_score(pairs, max_length=MAX_LEN)
@@ -157,7 +184,7 @@ def test_reranker_scores_match_flagreranker(tiny_reranker_dir: Path) -> None:
         )["input_ids"]
         if round_trip == ids[1 : ids.index(tok.sep_token_id)] and _roundtrip_ok(tok, ids):
             exact += 1
-            assert a == pytest.approx(b, abs=1e-5), (q, p)
+            assert a == pytest.approx(b, abs=RERANK_ATOL[runtime]), (q, p)
     assert exact >= 0.7 * len(pairs)
     sig = rr.compute_score(pairs, normalize=True)
     np.testing.assert_allclose(sig, 1 / (1 + np.exp(-np.asarray(mine))), atol=1e-6)
