@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,7 @@ class RemoteEncoder:
         self.max_length: int = int(info["max_length"])
         self.query_max_length: int = int(info["query_max_length"])
         self._max_texts = int(info["limits"]["max_texts"])
+        self._max_body = int(info["limits"]["max_body_bytes"])
         self.tokenizer: Any = _RemoteTokenizer(self._client)
 
     def __repr__(self) -> str:
@@ -245,9 +247,9 @@ class RemoteEncoder:
         lex: list[dict[int, float]] | None = [] if sparse else None
         vecs: list[np.ndarray] | None = [] if colbert else None
         lengths = np.zeros(n, dtype=np.int64)
-        for start in range(0, n, bs):
+        for start, end in _spans(items, bs, self._max_body):
             body = {
-                "input": items[start : start + bs],
+                "input": items[start:end],
                 "role": role,
                 "return_dense": bool(return_dense),
                 "return_sparse": sparse,
@@ -321,6 +323,27 @@ class RemoteEncoder:
         return result
 
 
+def _json_size(text: str) -> int:
+    """An upper bound of ``text``'s bytes in a JSON body (``\\uXXXX`` escapes: 6 bytes per
+    UTF-16 unit, 12 per character outside the BMP)."""
+    return 12 * len(text) + 8
+
+
+def _spans(items: list[str], most: int, max_body: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive requests: at most ``most`` texts and about half
+    ``max_body`` bytes each (one text alone is sent whatever its size: the server says
+    when it is too large)."""
+    start, size, budget = 0, 0, max(max_body // 2, 1)
+    for i, t in enumerate(items):
+        cost = _json_size(t)
+        if i > start and (i - start >= most or size + cost > budget):
+            yield start, i
+            start, size = i, 0
+        size += cost
+    if start < len(items):
+        yield start, len(items)
+
+
 def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     known = {"batch_size", "max_length", "return_dense", "return_sparse", "return_colbert"}
     unknown = set(kwargs) - known - {"show_progress"}
@@ -352,6 +375,7 @@ class RemoteReranker:
             raise ValueError(f"{self.url} serves no reranker: start it with --reranker")
         self.model_name: str = info["reranker"]
         self._max_texts = int(info["limits"]["max_texts"])
+        self._max_body = int(info["limits"]["max_body_bytes"])
 
     def __repr__(self) -> str:
         return f"RemoteReranker({self.url!r}, model={self.model_name!r})"
@@ -361,10 +385,11 @@ class RemoteReranker:
 
     def _scores(self, query: str, texts: list[str], normalize: bool) -> list[float]:
         scores = [0.0] * len(texts)
-        for start in range(0, len(texts), self._max_texts):
+        budget = self._max_body - _json_size(query)
+        for start, end in _spans(texts, self._max_texts, budget):
             body = {
                 "query": query,
-                "documents": texts[start : start + self._max_texts],
+                "documents": texts[start:end],
                 "normalize": bool(normalize),
             }
             for r in self._client.request("POST", "/v1/rerank", body)["results"]:
