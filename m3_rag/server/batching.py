@@ -189,7 +189,13 @@ class Batcher:
                     return
                 batch = self._take()
             if batch:
-                self._execute(batch)
+                try:
+                    self._execute(batch)
+                except BaseException as e:  # never a request left waiting, nor a dead worker
+                    err = e if isinstance(e, Exception) else RuntimeError(repr(e))
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(err)
 
     def _take(self) -> list[_Job]:
         """The next batch (called holding the condition)."""
