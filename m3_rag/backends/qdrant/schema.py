@@ -83,7 +83,7 @@ def create_collection(
         )
     }
     if spec.colbert_dim:
-        quant = None
+        quant: Any = None
         if spec.colbert_dtype == "int8":
             quant = models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
