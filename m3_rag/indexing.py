@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
@@ -28,12 +29,12 @@ from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.protocol import Backend, DocumentChecking, Exportable
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
-from m3_rag.codecs import pool_tokens
+from m3_rag.codecs import DEFAULT_CODEC, DEFAULT_POOL_FACTOR, pool_tokens
 from m3_rag.encoder import EncodeOutput
 from m3_rag.encoding import Encoder
 from m3_rag.errors import IndexMismatchError
 from m3_rag.scoring import sparse_matrix
-from m3_rag.spec import IndexSpec, LexicalKind
+from m3_rag.spec import IndexSpec, LexicalKind, SettingMismatchError
 
 __all__ = [
     "ADD_CHUNK",
@@ -43,6 +44,7 @@ __all__ = [
     "lexical_kind",
     "make_analyzer",
     "make_engine",
+    "open_engine",
 ]
 
 ADD_CHUNK = 256  # documents encoded and stored at a time (bounds ingestion memory)
@@ -91,9 +93,9 @@ def index_spec(
     lexical: LexicalKind | None,
     analyzer: Analyzer | None,
     dense_dtype: str,
-    colbert_dtype: str,
+    colbert_dtype: str | None,
     bm25: BM25Params | None,
-    pool_factor: int = 1,
+    pool_factor: int | None = None,
 ) -> IndexSpec:
     """The index a retriever over ``encoder`` needs (BM25 over the analyzer's hashed terms
     has their id space, anything else the model's vocabulary).
@@ -109,11 +111,39 @@ def index_spec(
         lexical,
         vocab_size,
         dense_dtype=dense_dtype,
-        colbert_dtype=colbert_dtype,
-        colbert_pool_factor=pool_factor,
+        colbert_dtype=DEFAULT_CODEC if colbert_dtype is None else colbert_dtype,
+        colbert_pool_factor=DEFAULT_POOL_FACTOR if pool_factor is None else pool_factor,
         bm25=bm25,
         analyzer=analyzer_config(lexical, analyzer),
     )
+
+
+def open_engine(
+    backend: Backend,
+    spec: IndexSpec,
+    settings: Mapping[str, Any],
+    allow_model_mismatch: bool,
+    adopt: Sequence[str] = (),
+) -> tuple[Backend, IndexSpec]:
+    """``backend.open(spec, ...)``, taking the stored value of each setting in ``adopt``
+    (``"colbert_dtype"``, ``"colbert_pool_factor"``: the ones the caller left unset) when
+    the engine holds an index that records another one.
+
+    Returns:
+        The opened backend and the specification it was opened with.
+
+    Raises:
+        IndexMismatchError: another model, or a setting outside ``adopt`` that differs.
+    """
+    for _ in range(len(adopt) + 1):
+        try:
+            return backend.open(spec, settings, allow_model_mismatch=allow_model_mismatch), spec
+        except SettingMismatchError as e:
+            value = e.stored.to_json()[e.key]
+            if e.key not in adopt or spec.to_json()[e.key] == value:
+                raise
+            spec = replace(spec, **{e.key: value})
+    return backend.open(spec, settings, allow_model_mismatch=allow_model_mismatch), spec
 
 
 def make_analyzer(analyzer: Any) -> Analyzer | None:

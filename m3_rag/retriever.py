@@ -20,7 +20,14 @@ from m3_rag.bm25 import BM25Params
 from m3_rag.encoder import EncodeOutput
 from m3_rag.encoding import CrossEncoder, Encoder
 from m3_rag.filters import Filter, check_filter
-from m3_rag.indexing import IndexingMixin, index_spec, lexical_kind, make_analyzer, make_engine
+from m3_rag.indexing import (
+    IndexingMixin,
+    index_spec,
+    lexical_kind,
+    make_analyzer,
+    make_engine,
+    open_engine,
+)
 from m3_rag.reopen import check_encoder, recorded_analyzer, recorded_settings
 
 __all__ = ["HybridRetriever", "SearchHit"]
@@ -66,13 +73,16 @@ class HybridRetriever(IndexingMixin):
             or ``"none"``.
         rerank_top_n: How many fused results the reranker re-scores (at least ``k``).
         dense_dtype: ``"float32"`` or ``"float16"`` storage for dense vectors.
-        colbert_dtype: ColBERT storage code (:mod:`m3_rag.codecs`): ``"float16"`` (default,
-            2 bytes per dimension), ``"float32"``, ``"int8"`` (1 byte per dimension + a
-            float32 scale per vector) or ``"binary"`` (1 bit per dimension, scored against
-            the float query). Recorded in the index; see ``docs/colbert.md``.
+        colbert_dtype: ColBERT storage code (:mod:`m3_rag.codecs`): ``"float16"`` (2 bytes
+            per dimension), ``"float32"``, ``"int8"`` (1 byte per dimension + a float32
+            scale per vector) or ``"binary"`` (1 bit per dimension, scored against the float
+            query). Recorded in the index; ``None`` (default): the code an existing index
+            records, :data:`m3_rag.codecs.DEFAULT_CODEC` for a new one. See
+            ``docs/colbert.md``.
         pool_factor: Token pooling of documents' ColBERT vectors at index time (1: none,
             ``f``: at most ``t // f`` vectors per document by hierarchical clustering;
-            queries are never pooled). Recorded in the index.
+            queries are never pooled). Recorded in the index; ``None`` (default): what an
+            existing index records, :data:`m3_rag.codecs.DEFAULT_POOL_FACTOR` for a new one.
         bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
         analyzer: How the BM25 leg turns text into terms: ``"unicode"`` (default: a
             multilingual :class:`~m3_rag.analysis.UnicodeAnalyzer` with an English Snowball
@@ -106,8 +116,8 @@ class HybridRetriever(IndexingMixin):
         *,
         rerank_top_n: int = 20,
         dense_dtype: str = "float32",
-        colbert_dtype: str = "float16",
-        pool_factor: int = 1,
+        colbert_dtype: str | None = None,
+        pool_factor: int | None = None,
         bm25: BM25Params | None = None,
         backend: Backend | None = None,
         analyzer: str | Analyzer = "unicode",
@@ -135,13 +145,18 @@ class HybridRetriever(IndexingMixin):
         spec = index_spec(
             encoder, self.lexical, self.analyzer, dense_dtype, colbert_dtype, bm25, pool_factor
         )
-        self.pool_factor = spec.colbert_pool_factor
         if source is not None and not isinstance(source, Mapping):
             raise TypeError(f"source must be a mapping or None, got {type(source).__name__}")
         self.source = None if source is None else dict(source)
-        self.backend = make_engine(backend).open(
-            spec, self._settings(), allow_model_mismatch=bool(allow_model_mismatch)
+        unset = [
+            k
+            for k, v in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", pool_factor))
+            if v is None
+        ]
+        self.backend, spec = open_engine(
+            make_engine(backend), spec, self._settings(), bool(allow_model_mismatch), unset
         )
+        self.pool_factor = spec.colbert_pool_factor
         self._lock = threading.RLock()  # writes only: searches never wait for it
 
     def __len__(self) -> int:

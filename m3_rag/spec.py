@@ -23,6 +23,7 @@ __all__ = [
     "LEXICAL_KINDS",
     "IndexSpec",
     "LexicalKind",
+    "SettingMismatchError",
 ]
 
 LexicalKind = Literal["m3", "bm25"]
@@ -41,6 +42,20 @@ _CHECKED = (
     "bm25",
     "analyzer",
 )
+
+
+class SettingMismatchError(IndexMismatchError):
+    """One setting of a stored index differs (:meth:`IndexSpec.check_stored`).
+
+    Attributes:
+        key: The setting (a key of :meth:`IndexSpec.to_json`).
+        stored: The stored specification.
+    """
+
+    def __init__(self, message: str, key: str, stored: IndexSpec) -> None:
+        super().__init__(message)
+        self.key = key
+        self.stored = stored
 
 
 @dataclass(frozen=True)
@@ -182,7 +197,8 @@ class IndexSpec:
 
         Raises:
             IndexFormatError: ``stored`` is not a valid record.
-            IndexMismatchError: another model (unless allowed) or another setting, named.
+            IndexMismatchError: another model (unless allowed); a
+                :class:`SettingMismatchError` for another setting, named.
         """
         other = IndexSpec.from_json(stored, where)
         if other.model != self.model and not allow_model_mismatch:
@@ -193,9 +209,11 @@ class IndexSpec:
         mine, theirs = self.to_json(), other.to_json()
         for key in _CHECKED:
             if mine[key] != theirs[key]:
-                raise IndexMismatchError(
+                raise SettingMismatchError(
                     f"{where} has {key}={theirs[key]!r}, this retriever needs {mine[key]!r}: "
-                    "open it with the settings it was built with"
+                    "open it with the settings it was built with",
+                    key,
+                    other,
                 )
         return other
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from m3_rag.codecs.base import ColbertCodec, codec_names, get_codec, register_codec
+from m3_rag.codecs.base import (
+    DEFAULT_CODEC,
+    DEFAULT_POOL_FACTOR,
+    ColbertCodec,
+    codec_names,
+    get_codec,
+    register_codec,
+)
 from m3_rag.codecs.builtin import (
     BinaryCodec,
     Float16Codec,
@@ -13,6 +20,8 @@ from m3_rag.codecs.builtin import (
 from m3_rag.codecs.pooling import check_pool_factor, pool_tokens
 
 __all__ = [
+    "DEFAULT_CODEC",
+    "DEFAULT_POOL_FACTOR",
     "BinaryCodec",
     "ColbertCodec",
     "Float16Codec",

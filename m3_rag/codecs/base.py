@@ -23,7 +23,18 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-__all__ = ["ColbertCodec", "codec_names", "get_codec", "register_codec"]
+__all__ = [
+    "DEFAULT_CODEC",
+    "DEFAULT_POOL_FACTOR",
+    "ColbertCodec",
+    "codec_names",
+    "get_codec",
+    "register_codec",
+]
+
+# what a new index of HybridRetriever stores when no codec is chosen (docs/colbert.md)
+DEFAULT_CODEC = "float16"
+DEFAULT_POOL_FACTOR = 1
 
 
 class ColbertCodec(ABC):

@@ -500,12 +500,15 @@ def test_pooled_binary_colbert_stores_half_the_vectors_and_reopens(
     assert loaded.pool_factor == 2 and loaded.backend.spec.colbert_dtype == "binary"  # type: ignore[attr-defined]
     for q in SAMPLE_TEXTS[:3]:
         assert disk.search(q, k=5) == loaded.search(q, k=5) == again.search(q, k=5)
+    # unset: what the index records; set: checked against it
+    adopted = HybridRetriever(tiny_encoder, backend=LocalBackend(tmp_path / "bin"))
+    assert adopted.pool_factor == 2
+    assert adopted.backend.spec.colbert_dtype == "binary"  # type: ignore[attr-defined]
+    assert adopted.search(SAMPLE_TEXTS[0], k=5) == disk.search(SAMPLE_TEXTS[0], k=5)
     with pytest.raises(IndexMismatchError, match="colbert_pool_factor"):
-        HybridRetriever(
-            tiny_encoder, colbert_dtype="binary", backend=LocalBackend(tmp_path / "bin")
-        )
+        HybridRetriever(tiny_encoder, pool_factor=1, backend=LocalBackend(tmp_path / "bin"))
     with pytest.raises(IndexMismatchError, match="colbert_dtype"):
-        HybridRetriever(tiny_encoder, pool_factor=2, backend=LocalBackend(tmp_path / "bin"))
+        HybridRetriever(tiny_encoder, colbert_dtype="int8", backend=LocalBackend(tmp_path / "bin"))
     with pytest.raises(ValueError, match="pool_factor must be an int >= 1"):
         HybridRetriever(tiny_encoder, pool_factor=0)
 
