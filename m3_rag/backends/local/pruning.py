@@ -232,7 +232,8 @@ def _probe(
     b0, b1 = int(blocks.bptr[t]), int(blocks.bptr[t + 1])
     if idx is None:
         idx = np.searchsorted(blocks.first[b0:b1], cand, side="right") - 1
-    need = np.unique(idx[idx >= 0]) + b0
+    need = idx[idx >= 0]  # non-decreasing (``cand`` is sorted): distinct blocks by diff
+    need = need[np.concatenate([[True], need[1:] != need[:-1]])[: len(need)]] + b0
     starts, stops = blocks.start[need], blocks.stop[need]
     lengths = stops - starts
     a, b = int(blocks.start[b0]), int(blocks.stop[b1 - 1])
@@ -361,12 +362,7 @@ def top_n(
         j += 1
     ne = order[j:]
     # candidates: rows of the essential terms, allowed, with a positive partial score
-    total = sum(len(r) for r, _ in ess.values())
-    if total * 16 < len(acc):
-        cand = np.unique(np.concatenate([r for r, _ in ess.values()] or [np.zeros(0, np.int64)]))
-        cand = cand[acc[cand] > 0]
-    else:
-        cand = np.flatnonzero(acc > 0)
+    cand = np.flatnonzero(acc > 0)
     if allowed is not None:
         cand = cand[allowed[cand]]
     part = acc[cand]
