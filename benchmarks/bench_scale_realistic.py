@@ -13,7 +13,8 @@ How the documents are made (all deterministic, seed 0):
   rescaled to mean 250, clipped to ``[16, 512]``. Texts are the drawn passages (rag: drawn
   passages joined to 1,000 characters), so ``docs.jsonl`` holds real text.
 * **ColBERT**: ``count - 1`` vectors per document (BGE-M3 drops CLS) before pooling, 1024
-  dims, in the retriever's default codec and pool factor (``--colbert``/``--pool-factor``
+  dims, in the retriever's default codec and pool factor for a new index
+  (``m3_rag.codecs.DEFAULT_CODEC`` / ``DEFAULT_POOL_FACTOR``; ``--colbert``/``--pool-factor``
   override). Ward pooling (``m3_rag.codecs.pool_tokens``) costs milliseconds per document in
   Python, hours at 1M, so the vectors are generated **already pooled**, ``max(1,
   (count - 1) // pool_factor)`` per document, with cluster structure (each the normalised
@@ -49,7 +50,6 @@ equal), plus the same with BM25 over the same tokens (``--bm25``).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -71,6 +71,7 @@ from m3_rag.backends.local.search import _lexical_query, _lexical_scores, masks
 from m3_rag.backends.local.segment import LexicalPostings
 from m3_rag.backends.validate import top_k
 from m3_rag.bm25 import BM25Params, BM25Stats, bm25_tf
+from m3_rag.codecs import DEFAULT_CODEC, DEFAULT_POOL_FACTOR
 from m3_rag.encoder import EncodeOutput
 from m3_rag.testing import build_m3_checkpoint
 
@@ -340,9 +341,8 @@ def bm25_leg(
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     fix_mmap_threshold()  # an ingestion process, as `m3-rag index`
-    defaults = inspect.signature(HybridRetriever.__init__).parameters
-    colbert = args.colbert or defaults["colbert_dtype"].default
-    pool = args.pool_factor or defaults["pool_factor"].default
+    colbert = args.colbert or DEFAULT_CODEC
+    pool = args.pool_factor or DEFAULT_POOL_FACTOR
     tokens = Tokens()
     corpus = Corpus(tokens, args.n, args.profile, pool)
     queries = corpus.queries()
@@ -414,6 +414,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "n": args.n,
         "colbert": colbert,
         "pool_factor": pool,
+        "retriever_default_at_run": f"{DEFAULT_CODEC} x{DEFAULT_POOL_FACTOR}",
         "vectors_pooled_in_process": bool(args.pool_in_process),
         "tokens_per_doc_mean": round(tokens_total / args.n, 1),
         "colbert_vectors_per_doc_stored": round(vecs_total / args.n, 1),
