@@ -96,6 +96,15 @@ class Server:
                 return float(line.split()[1])
         raise KeyError(name)
 
+    def wait_idle(self, deadline_s: float = 120.0) -> None:
+        """Until no model request is in progress (a request is released just after its
+        answer is sent, so a client can see its answer a moment before)."""
+        end = time.monotonic() + deadline_s
+        while self.metric("m3rag_queue_depth") != 0:
+            if time.monotonic() > end:
+                raise AssertionError("model requests still in progress")
+            time.sleep(0.05)
+
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it lingers."""
         if self.proc.poll() is None:

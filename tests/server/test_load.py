@@ -94,4 +94,4 @@ def test_load_2000_requests_16_clients_no_server_error(server: Server) -> None:
     assert all(400 <= s < 500 for valid, s in results if not valid), statuses
     assert sum(not valid for valid, _ in results) > 50  # the mix did hold malformed ones
     assert rss_after - rss_before < RSS_GROWTH_LIMIT
-    assert server.client.get("/health").json()["queue_depth"] == 0
+    server.wait_idle()  # every admitted request released

@@ -72,6 +72,7 @@ def test_every_route_but_health_needs_the_key(server: Server, method: str, path:
 def test_health_is_open_and_describes_the_server(server: Server, tiny_m3_dir: Path) -> None:
     import httpx
 
+    server.wait_idle()
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == str(tiny_m3_dir)
     assert health["reranker"] is not None and isinstance(health["index"]["documents"], int)
