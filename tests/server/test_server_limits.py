@@ -77,7 +77,7 @@ def test_full_server_answers_503_then_recovers(small: Server) -> None:
         holder.close()  # the client goes away mid-body
     _until(lambda: small.metric("m3rag_queue_depth") == 0, "the place freed")
     assert small.post("/v1/embeddings", {"input": "x"}).status_code == 200
-    assert 'status="499"' in small.client.get("/metrics").text  # counted as client gone
+    _until(lambda: 'status="499"' in small.client.get("/metrics").text, "a 499 (client gone)")
 
 
 def test_a_body_that_never_arrives_is_a_408_and_frees_its_place(small: Server) -> None:
