@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from _serving import ROOT, Server
 
+from m3_rag.remote import RemoteEncoder, RemoteError
+
 DEADLINE_S = 120.0
 BODY_TIMEOUT_S = 15  # the holder below does its checks well within it
 
@@ -71,6 +73,11 @@ def test_full_server_answers_503_then_recovers(small: Server) -> None:
             assert resp.status_code == 503, resp.text
             assert resp.headers["retry-after"] == "1"
             assert resp.json()["error"]["type"] == "server_busy"
+        busy = RemoteEncoder(small.url, retries=0)  # /v1/models is not a model route
+        with pytest.raises(RemoteError, match="503") as err:
+            busy.encode(["x"])
+        assert err.value.status == 503
+        busy.close()
         health = small.client.get("/health").json()  # not a model route: always answered
         assert health["queue_depth"] == 1 and health["index"]["documents"] == 0  # nothing added
     finally:
