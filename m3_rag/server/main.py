@@ -6,11 +6,21 @@ import argparse
 import os
 import socket
 import sys
+from dataclasses import replace
 from typing import Any
 
 __all__ = ["ServeError", "run_from_args"]
 
 _LOAD_ERRORS = (OSError, ValueError, TypeError, RuntimeError, AssertionError)
+_KNOBS = (
+    "max_queue",
+    "max_wait_ms",
+    "max_batch_tokens",
+    "max_body_bytes",
+    "max_texts",
+    "max_chars",
+    "body_timeout_s",
+)
 
 
 class ServeError(ValueError):
@@ -69,8 +79,16 @@ def build_app(args: argparse.Namespace, runtime: dict[str, Any] | None = None) -
     except ValueError as e:
         raise ServeError(str(e)) from None
     key = _api_key(getattr(args, "api_key_env", None))
+    # flags, when the parser declares them (--max-queue ...), override the environment
+    changes: dict[str, Any] = {
+        f: getattr(args, f) for f in _KNOBS if getattr(args, f, None) is not None
+    }
     if key is not None:
-        config = ServerConfig(**{**config.__dict__, "api_key": key})
+        changes["api_key"] = key
+    try:
+        config = replace(config, **changes)
+    except ValueError as e:
+        raise ServeError(str(e)) from None
     try:
         enc = M3Encoder(
             args.model,
