@@ -26,6 +26,8 @@ from m3_rag.cli.commands import (
     cmd_search,
     one_line,
 )
+from m3_rag.codecs import DEFAULT_CODEC, DEFAULT_POOL_FACTOR
+from m3_rag.spec import COLBERT_DTYPES
 
 __all__ = ["build_parser", "main"]
 
@@ -130,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--compact",
         action="store_true",
         help="merge the index into one segment at the end (fewer files, faster searches)",
+    )
+    p.add_argument(
+        "--colbert",
+        choices=COLBERT_DTYPES,
+        help=f"how ColBERT vectors are stored (default for a new index: {DEFAULT_CODEC}; "
+        "a resumed index keeps its own); see docs/colbert.md",
+    )
+    p.add_argument(
+        "--pool-factor",
+        type=_count(1),
+        help="token pooling of each passage's ColBERT vectors: at most t // N vectors are "
+        f"kept (default for a new index: {DEFAULT_POOL_FACTOR}; 1: no pooling; a resumed "
+        "index keeps its own)",
     )
     p.set_defaults(func=cmd_index)
 

@@ -215,6 +215,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             compact=args.compact,
             progress=True,
             on_info=_info,
+            colbert=args.colbert,
+            pool_factor=args.pool_factor,
         )
     except KeyboardInterrupt:
         if args.force:
@@ -229,7 +231,19 @@ def cmd_index(args: argparse.Namespace) -> int:
         f"indexed {report.added} passages in {report.seconds:.1f}s ({report.count} in the "
         f"index) -> {report.out} ({report.description})"
     )
+    codes = ""
+    if report.colbert is not None:
+        codes = f"; ColBERT {report.colbert[0]}, pool factor {report.colbert[1]}"
+    print(f"index size: {_size(report.bytes)} ({report.bytes} bytes on disk{codes})")
     return 0
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in decimal units (1 MB = 10**6 bytes)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

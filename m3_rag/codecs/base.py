@@ -18,10 +18,12 @@ Adding a codec::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_CODEC",
@@ -71,6 +73,8 @@ class ColbertCodec(ABC):
     def prepare(self, query: np.ndarray, dim: int) -> Any:
         """Whatever :meth:`similarities` needs of one ``[q, dim]`` float32 query, computed
         once per search (default: the transposed query, a ``[dim, q]`` tensor)."""
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).T
 
     def similarities(
@@ -84,6 +88,8 @@ class ColbertCodec(ABC):
             scales: ``[n]`` float32 scales (scaled codecs), else ``None``.
             out: ``[n, q]`` float32, written in place.
         """
+        import torch
+
         torch.mm(codes.float(), prepared, out=out)
         if scales is not None:  # (scale * codes) . q == scale * (codes . q)
             out *= scales[:, None]

@@ -8,12 +8,14 @@ dimension).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from m3_rag.codecs.base import ColbertCodec, register_codec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BinaryCodec", "Float16Codec", "Float32Codec", "Int8Codec", "quantize_int8"]
 
@@ -102,6 +104,8 @@ class BinaryCodec(ColbertCodec):
         return (bits.astype(np.float32) * 2 - 1) / np.float32(math.sqrt(dim))
 
     def prepare(self, query: np.ndarray, dim: int) -> Any:
+        import torch
+
         q = np.ascontiguousarray(query, dtype=np.float32)
         width = self.width(dim)
         padded = np.zeros((len(q), width * 8), np.float32)  # padding bits are 0: no term
@@ -115,6 +119,8 @@ class BinaryCodec(ColbertCodec):
     def similarities(
         self, prepared: Any, codes: torch.Tensor, scales: torch.Tensor | None, out: torch.Tensor
     ) -> None:
+        import torch
+
         lut, base, total, inv = prepared
         if len(codes) == 0:
             return

@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ from m3_rag.ingest.replace import recover_replacement, replace_index, staging
 from m3_rag.persist import check_target, is_index
 from m3_rag.retriever import HybridRetriever
 from m3_rag.sources import ENCODING_ERRORS, TEXT_GLOBS, Record, check_chunking, iter_source
+from m3_rag.spec import SettingMismatchError
 
 __all__ = [
     "IngestPlan",
     "IngestReport",
     "check_source",
+    "index_bytes",
     "index_source",
     "plan_index",
     "run_index",
@@ -103,6 +106,8 @@ class IngestReport:
         count: Documents in the index at the end.
         seconds: Time spent encoding and committing.
         description: The retriever over the index, as ``repr`` shows it.
+        bytes: The index's size on disk (every file under its directory), at the end.
+        colbert: The index's ColBERT code and pool factor (``None`` without ColBERT).
     """
 
     out: Path
@@ -112,6 +117,8 @@ class IngestReport:
     count: int
     seconds: float
     description: str
+    bytes: int = 0
+    colbert: tuple[str, int] | None = None
 
 
 def source_key(
@@ -243,6 +250,8 @@ def run_index(
     compact: bool = False,
     progress: bool = False,
     on_info: Notify | None = None,
+    colbert: str | None = None,
+    pool_factor: int | None = None,
 ) -> IngestReport:
     """Encode and commit a planned ingestion, ``commit_every`` passages per commit.
 
@@ -259,24 +268,42 @@ def run_index(
         compact: Merge the index into one segment at the end.
         progress: A progress bar on stderr.
         on_info: Called with a line when resuming.
+        colbert, pool_factor: The ColBERT code and token pooling of a new index
+            (``None``: :data:`~m3_rag.codecs.DEFAULT_CODEC`,
+            :data:`~m3_rag.codecs.DEFAULT_POOL_FACTOR`); a resumed index keeps what it
+            records, and refuses another value given here.
 
     Raises:
         ValueError, TypeError: bad options, or the index at ``plan.out`` was built for
-            another model. WriteConflictError: another ``force`` run is building the same
-            index. OSError: the disk.
+            another model or another ColBERT code or pool factor. WriteConflictError:
+            another ``force`` run is building the same index. OSError: the disk.
         KeyboardInterrupt: passed on, once the half-built index of a ``force`` run is
             removed.
     """
     check_count(commit_every, "commit_every", minimum=1)
     check_count(batch_size, "batch_size", minimum=1)
+    opts = _Options(commit_every, batch_size, compact, progress, on_info, colbert, pool_factor)
     if not plan.force:
         check_target(plan.out)  # nothing else was written there since the plan
-        return _build(plan, plan.out, encoder, commit_every, batch_size, compact, progress, on_info)
+        report = _build(plan, plan.out, encoder, opts)
+        return replace(report, bytes=index_bytes(plan.out))
     with staging(plan.out) as stage:
-        report = _build(plan, stage, encoder, commit_every, batch_size, compact, progress, on_info)
+        report = _build(plan, stage, encoder, opts)
         with _sigint_deferred():  # Ctrl-C now would leave the message about the disk wrong
             replace_index(stage, plan.out)
-    return report
+    return replace(report, bytes=index_bytes(plan.out))
+
+
+def index_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of every regular file under ``path`` (symlinks not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed meanwhile (an old generation)
+                st = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def index_source(
@@ -295,6 +322,8 @@ def index_source(
     progress: bool = False,
     on_warning: Notify | None = None,
     on_info: Notify | None = None,
+    colbert: str | None = None,
+    pool_factor: int | None = None,
 ) -> IngestReport:
     """:func:`plan_index` then :func:`run_index` (see them for the arguments and errors)."""
     plan = plan_index(
@@ -315,10 +344,21 @@ def index_source(
         compact=compact,
         progress=progress,
         on_info=on_info,
+        colbert=colbert,
+        pool_factor=pool_factor,
     )
 
 
 # ------------------------------------------------------------------ internals
+@dataclass(frozen=True)
+class _Options:
+    commit_every: int
+    batch_size: int
+    compact: bool
+    progress: bool
+    on_info: Notify | None
+    colbert: str | None
+    pool_factor: int | None
 def _check_out(out: Path, source: Path) -> None:
     check_target(out)  # never write into a directory that is not an index
     try:
@@ -351,34 +391,51 @@ def _resumable(out: Path, key: dict[str, Any]) -> bool:
     return True
 
 
-def _build(
-    plan: IngestPlan,
-    target: Path,
-    encoder: Encoder,
-    commit_every: int,
-    batch_size: int,
-    compact: bool,
-    progress: bool,
-    on_info: Notify | None,
-) -> IngestReport:
+def _build(plan: IngestPlan, target: Path, encoder: Encoder, o: _Options) -> IngestReport:
     t = time.perf_counter()
     # the source is recorded from the first commit: an interruption at any point resumes
-    r = HybridRetriever(encoder, backend=LocalBackend(target), source=plan.key)
+    try:
+        r = HybridRetriever(
+            encoder,
+            backend=LocalBackend(target),
+            source=plan.key,
+            colbert_dtype=o.colbert,
+            pool_factor=o.pool_factor,
+        )
+    except SettingMismatchError as e:
+        if e.key not in ("colbert_dtype", "colbert_pool_factor"):
+            raise
+        raise ValueError(
+            f"{plan.out} was built with --colbert {e.stored.colbert_dtype} --pool-factor "
+            f"{e.stored.colbert_pool_factor}: resume it with those (or leave them out), or "
+            "pass --force to rebuild it with others"
+        ) from None
     before = len(r)
-    if plan.resume and on_info is not None:
-        on_info(f"resuming: {before} passages already in {plan.out}")
+    if plan.resume and o.on_info is not None:
+        o.on_info(f"resuming: {before} passages already in {plan.out}")
     added = r.add_documents(
         plan.records(),
         total=plan.total,
-        chunk_size=commit_every,
-        batch_size=batch_size,
+        chunk_size=o.commit_every,
+        batch_size=o.batch_size,
         skip_existing=True,
-        show_progress=progress,
+        show_progress=o.progress,
     )
-    if compact and isinstance(r.backend, Compactable):
+    if o.compact and isinstance(r.backend, Compactable):
         r.backend.compact()
+    spec = r.backend.spec if isinstance(r.backend, LocalBackend) else None
+    colbert = None
+    if spec is not None and spec.colbert_dim:
+        colbert = (spec.colbert_dtype, spec.colbert_pool_factor)
     return IngestReport(
-        plan.out, added, plan.total, before, len(r), time.perf_counter() - t, repr(r)
+        plan.out,
+        added,
+        plan.total,
+        before,
+        len(r),
+        time.perf_counter() - t,
+        repr(r),
+        colbert=colbert,
     )
 
 

@@ -223,3 +223,32 @@ def test_migrate_a_format2_snapshot(
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "Traceback" not in err and message in err, (argv, err)
     assert not (tmp_path / "n1").exists() and not (tmp_path / "n2").exists()
+
+
+def test_index_colbert_options_size_and_resume(
+    tiny_m3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--colbert and --pool-factor are recorded in a new index; the size on disk is printed;
+    a rerun resumes with the recorded ones, and refuses others (one line, exit 2)."""
+    from m3_rag.backends.registry import open_saved
+    from m3_rag.ingest import index_bytes
+
+    src = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"_id": f"d{i}", "text": t}) for i, t in enumerate(SAMPLE_TEXTS)]
+    src.write_text("\n".join(lines[:10]), encoding="utf-8")
+    out = tmp_path / "idx"
+    args = ["index", str(src), "--out", str(out), "--model", str(tiny_m3_dir)]
+    assert main([*args, "--colbert", "binary", "--pool-factor", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    spec = open_saved(out).spec
+    assert (spec.colbert_dtype, spec.colbert_pool_factor) == ("binary", 2)
+    assert printed.startswith("index size: ") and "ColBERT binary, pool factor 2" in printed
+    assert f"({index_bytes(out)} bytes on disk" in printed
+    src.write_text("\n".join(lines), encoding="utf-8")  # more passages: a rerun resumes
+    assert main([*args, "--colbert", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--colbert binary --pool-factor 2" in err and len(err.splitlines()) == 1
+    assert main(args) == 0  # the recorded settings
+    assert "ColBERT binary, pool factor 2" in capsys.readouterr().out
+    assert len(open_saved(out).backend) == len(SAMPLE_TEXTS)
+    assert main([*args, "--pool-factor", "0"]) == 2  # refused by the parser
