@@ -66,6 +66,7 @@ import scipy.sparse as sp
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag._memory import fix_mmap_threshold
 from m3_rag.backends.local import pruning
+from m3_rag.backends.local.diskarray import open_array
 from m3_rag.backends.local.engine import LocalBackend
 from m3_rag.backends.local.search import _lexical_query, _lexical_scores, masks
 from m3_rag.backends.local.segment import LexicalPostings
@@ -298,36 +299,36 @@ def lexical_leg(backend: LocalBackend, queries: list[EncodeOutput], n_cand: int)
     }
 
 
-def bm25_leg(
-    counts: list[sp.csr_matrix], queries: list[EncodeOutput], n_cand: int
+def _leg(
+    lex: LexicalPostings,
+    queries: list[EncodeOutput],
+    n_cand: int,
+    bm25: pruning.BM25Doc | None,
+    weights: Any = None,
 ) -> dict[str, Any]:
-    """The same comparison over BM25 term counts of the same tokens (in RAM)."""
-    lex = LexicalPostings.from_csr(sp.vstack(counts, format="csr"))
-    stats = BM25Stats().updated(
-        lex.terms,
-        np.diff(lex.tptr),
-        len(lex.length),
-        float(np.asarray(lex.length, np.float64).sum()),
-        1,
-    )
-    p = BM25Params()
-    doc = pruning.BM25Doc(stats.avgdl, p)
+    """Exhaustive (the engine's arithmetic) vs pruned top ``n_cand`` on ``lex``, checked
+    equal: postings read and milliseconds per query."""
     read, exh, t_p, t_e = [], [], [], []
     for q in queries:
         assert q.sparse is not None
         terms = np.array(sorted(q.sparse[0]), np.int64)
-        w = stats.idf(terms, p)
+        w = np.array([q.sparse[0][int(t)] for t in terms]) if weights is None else weights(terms)
         t = time.perf_counter()
         out = np.zeros(len(lex.length), np.float32)
         for qi, rows, values in lex.term_postings(terms):
-            length = np.asarray(lex.length[rows], np.float64)
-            out[rows] += (w[qi] * bm25_tf(values, length, doc.avgdl, p)).astype(np.float32)
+            if bm25 is None:
+                out[rows] += np.float32(w[qi]) * values
+            else:
+                length = np.asarray(lex.length[rows], np.float64)
+                tf = bm25_tf(values, length, bm25.avgdl, bm25.params)
+                out[rows] += (w[qi] * tf).astype(np.float32)
         want = top_k(out, n_cand, out > 0)
         t_e.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
-        got = pruning.top_n(lex, terms, w, n_cand, bm25=doc)
+        got = pruning.top_n(lex, terms, w, n_cand, bm25=bm25)
         t_p.append((time.perf_counter() - t) * 1000)
         assert got is not None and np.array_equal(got.rows, want)
+        assert got.scores.tobytes() == out[want].tobytes()
         read.append(got.read)
         exh.append(got.exhaustive)
     return {
@@ -336,7 +337,65 @@ def bm25_leg(
         "postings_ratio": round(float(np.sum(read) / max(1, np.sum(exh))), 4),
         "ms_exhaustive_p50": round(float(np.percentile(t_e, 50)), 2),
         "ms_pruned_p50": round(float(np.percentile(t_p, 50)), 2),
+        "ms_exhaustive_p95": round(float(np.percentile(t_e, 95)), 2),
+        "ms_pruned_p95": round(float(np.percentile(t_p, 95)), 2),
     }
+
+
+def _leg_bm25(lex: LexicalPostings, queries: list[EncodeOutput], n_cand: int) -> dict[str, Any]:
+    """:func:`_leg` over BM25 term counts (query terms counted once, Okapi IDF)."""
+    n, total = len(lex.length), float(np.asarray(lex.length, np.float64).sum())
+    stats = BM25Stats().updated(lex.terms, np.diff(lex.tptr), n, total, 1)
+    p = BM25Params()
+    return _leg(lex, queries, n_cand, pruning.BM25Doc(stats.avgdl, p), lambda t: stats.idf(t, p))
+
+
+def bm25_leg(
+    counts: list[sp.csr_matrix], queries: list[EncodeOutput], n_cand: int
+) -> dict[str, Any]:
+    """The same comparison over BM25 term counts of the same tokens (in RAM)."""
+    return _leg_bm25(LexicalPostings.from_csr(sp.vstack(counts, format="csr")), queries, n_cand)
+
+
+def lexical_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """``--lexical-only``: the lexical leg alone at ``--n`` documents (no index: the postings
+    built in RAM as a compacted segment holds them, then read from ``.npy`` files on demand
+    as the engine reads arrays over 32 MB), exhaustive vs pruned, M3 weights and BM25."""
+    tokens = Tokens()
+    corpus = Corpus(tokens, args.n, args.profile, 1)
+    queries = corpus.queries()
+    weights, counts = [], []
+    t0 = time.perf_counter()
+    for s in range(0, args.n, 20_000):
+        m = min(20_000, args.n - s)
+        rng = np.random.default_rng([corpus.seed, s, 1])
+        c = corpus.lexical(rng, corpus.lengths(rng, m)[0])
+        counts.append(c)
+        w = c.copy()
+        w.data = (tokens.term_weight[w.indices] * rng.uniform(0.7, 1.0, len(w.data))).astype(
+            np.float32
+        )
+        weights.append(w)
+    lex = LexicalPostings.from_csr(sp.vstack(weights, format="csr"))
+    del weights
+    build_s = time.perf_counter() - t0
+    arrays = lex.arrays()
+    for name in ("trows", "tdata"):
+        np.save(root / f"{name}.npy", arrays[name])
+        fd = os.open(root / f"{name}.npy", os.O_RDONLY)
+        arrays[name] = open_array(root / f"{name}.npy", fd)
+    on_disk = LexicalPostings(**arrays)
+    del lex, arrays
+    row: dict[str, Any] = {"profile": args.profile, "n": args.n, "lexical_only": True}
+    row["postings_per_doc"] = round(len(on_disk.indices) / args.n, 1)
+    row["build_s"] = round(build_s, 1)
+    row["lexical_m3_pread"] = _leg(on_disk, queries, 100, None)
+    lex_counts = LexicalPostings.from_csr(sp.vstack(counts, format="csr"))
+    del counts
+    row["lexical_bm25_in_ram"] = _leg_bm25(lex_counts, queries, 100)
+    row["peak_rss_gib"] = round(_rss_gib(), 2)
+    row["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    return row
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -454,6 +513,7 @@ def main() -> None:
     ap.add_argument("--pool-factor", type=int, default=None, help="(default: the retriever's)")
     ap.add_argument("--pool-in-process", action="store_true", help="real Ward pooling (slow)")
     ap.add_argument("--bm25", action="store_true", help="also BM25 pruning figures (RAM)")
+    ap.add_argument("--lexical-only", action="store_true", help="only the lexical leg")
     ap.add_argument("--cold", type=int, default=50, help="cold queries")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the index")
@@ -462,7 +522,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     try:
-        row = run(args, root)
+        row = lexical_only(args, root) if args.lexical_only else run(args, root)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -470,7 +530,8 @@ def main() -> None:
     row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for k, v in row.items():
         print(f"{k:>34}  {v}")
-    out = ROOT / "benchmarks" / "results" / f"scale_realistic_{args.profile}_{args.n}.json"
+    tag = "_lexical" if args.lexical_only else ""
+    out = ROOT / "benchmarks" / "results" / f"scale_realistic_{args.profile}_{args.n}{tag}.json"
     out.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
     print(f"-> {out}")
 
