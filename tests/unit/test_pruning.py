@@ -184,6 +184,12 @@ def test_pruning_skips_a_frequent_light_term() -> None:
     # the rare term whole, then a block of the frequent one per candidate within its bound
     assert got.read < 300 + 20 * pruning.BLOCK < got.exhaustive / 4
     assert got.essential == 1
+    # a few rows' scores: only the blocks holding them are read
+    rows = np.array([19999, 5, int(rare[0]), 5])
+    want = reference(docs, lex, np.array([0, 1]), np.array([0.1, 0.3]), None)[rows]
+    assert pruning.row_scores(lex, np.array([0, 1]), np.array([0.1, 0.3]), rows).tobytes() == (
+        want.tobytes()
+    )
 
 
 def _on_disk(lex: LexicalPostings, tmp: Path, how: str) -> LexicalPostings:
@@ -249,6 +255,11 @@ def test_falls_back_where_pruning_is_not_exact() -> None:
     broken = LexicalPostings(**(lex.arrays() | {"tdata": tdata}))
     assert pruning.top_n(broken, t, np.ones(3), 10) is None
     assert pruning.top_n(broken, np.array([5], np.int64), np.ones(1), 10) is not None
+    # float32 sums that could overflow, and values not stored as float32
+    big = LexicalPostings.from_csr(sp.csr_matrix(np.full((4, 2), 2.0, np.float32)))
+    assert pruning.top_n(big, np.array([0, 1]), np.full(2, 3e38), 10) is None
+    wide = LexicalPostings(**(lex.arrays() | {"tdata": np.asarray(lex.tdata, np.float64)}))
+    assert pruning.top_n(wide, t, np.ones(3), 10) is None
     # a term no row holds, and an empty query: nothing, exactly
     empty = pruning.top_n(lex, np.array([VOCAB + 9], np.int64), np.ones(1), 10)
     assert empty is not None and len(empty.rows) == 0 and empty.exhaustive == 0

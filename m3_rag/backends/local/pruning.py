@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -230,23 +230,37 @@ def _probe(
     reading only the blocks that may hold them (the whole term when that is less work).
     ``idx``: the block of the term each candidate falls in, when known."""
     b0, b1 = int(blocks.bptr[t]), int(blocks.bptr[t + 1])
-    if idx is None:
-        idx = np.searchsorted(blocks.first[b0:b1], cand, side="right") - 1
-    need = idx[idx >= 0]  # non-decreasing (``cand`` is sorted): distinct blocks by diff
-    need = need[np.concatenate([[True], need[1:] != need[:-1]])[: len(need)]] + b0
-    starts, stops = blocks.start[need], blocks.stop[need]
-    lengths = stops - starts
     a, b = int(blocks.start[b0]), int(blocks.stop[b1 - 1])
-    if int(lengths.sum()) * 2 >= b - a:  # most of the term: one read of it
+    if _whole(len(cand), b - a):
         rows = np.asarray(lex.trows[a:b], np.int64)
         vals = np.asarray(lex.tdata[a:b])
+        n_rows = len(lex.length)
+        if len(cand) * 16 >= n_rows:  # many candidates: a dense lookup, not a search each
+            where = np.full(n_rows, -1, np.int64)
+            where[rows] = np.arange(len(rows))
+            at = where[cand]
+            hit = at >= 0
+            at = at[hit]
+            return _Probe(cand[hit], _contrib(w, rows[at], vals[at], lex, bm25), len(rows))
     else:
+        if idx is None:
+            idx = np.searchsorted(blocks.first[b0:b1], cand, side="right") - 1
+        need = idx[idx >= 0]  # non-decreasing (``cand`` is sorted): distinct blocks by diff
+        need = need[np.concatenate([[True], need[1:] != need[:-1]])[: len(need)]] + b0
+        starts = blocks.start[need]
+        lengths = blocks.stop[need] - starts
         rows = np.asarray(read_ranges(lex.trows, starts, lengths), np.int64)
         vals = np.asarray(read_ranges(lex.tdata, starts, lengths))
     pos = np.minimum(np.searchsorted(rows, cand), max(len(rows) - 1, 0))
     hit = (rows[pos] == cand) if len(rows) else np.zeros(len(cand), bool)
     at = pos[hit]
     return _Probe(cand[hit], _contrib(w, rows[at], vals[at], lex, bm25), len(rows))
+
+
+def _whole(k: int, postings: int) -> bool:
+    """Whether ``k`` candidates are probed by reading a term of ``postings`` whole (their
+    blocks would hold a good part of it)."""
+    return k * BLOCK >= postings // 2
 
 
 def _add_sorted(s: np.ndarray, rows: np.ndarray, src_rows: np.ndarray, src: np.ndarray) -> None:
@@ -376,16 +390,18 @@ def top_n(
         cand, part = cand[keep], part[keep]
         if len(cand) == 0:
             break
-        # this term's block maximum at each candidate, instead of its maximum
         t, w = int(ts[i]), float(weights[qs[i]])
-        b0, b1 = int(blocks.bptr[t]), int(blocks.bptr[t + 1])
-        idx = np.searchsorted(blocks.first[b0:b1], cand, side="right") - 1
-        bb = _bound(w, blocks.vmax[b0:b1], blocks.lmin[b0:b1], bm25)
-        here = np.where(idx >= 0, bb[np.maximum(idx, 0)], 0.0)
-        keep = (part + here + rest_ne[k + 1]) * (1 + gamma) + tiny >= theta
-        cand, part, idx = cand[keep], part[keep], idx[keep]
-        if len(cand) == 0:
-            break
+        idx = None
+        if not _whole(len(cand), int(tptr[t + 1]) - int(tptr[t])):
+            # this term's block maximum at each candidate, instead of its maximum
+            b0, b1 = int(blocks.bptr[t]), int(blocks.bptr[t + 1])
+            idx = np.searchsorted(blocks.first[b0:b1], cand, side="right") - 1
+            bb = _bound(w, blocks.vmax[b0:b1], blocks.lmin[b0:b1], bm25)
+            here = np.where(idx >= 0, bb[np.maximum(idx, 0)], 0.0)
+            keep = (part + here + rest_ne[k + 1]) * (1 + gamma) + tiny >= theta
+            cand, part, idx = cand[keep], part[keep], idx[keep]
+            if len(cand) == 0:
+                break
         p = _probe(lex, blocks, t, w, cand, bm25, idx)
         probes[i] = p
         read += p.read
@@ -400,10 +416,3 @@ def top_n(
     check_finite(s, where)
     top = top_k(s, n, s > 0)
     return LexicalTop(cand[top], s[top], read, exhaustive, len(ess))
-
-
-def exhaustive_postings(lex: LexicalPostings, terms: np.ndarray) -> int:
-    """Postings the exhaustive leg reads for query ``terms``."""
-    _, ts = _found(lex, np.asarray(terms, np.int64))
-    tptr: Any = lex.tptr
-    return int(sum(int(tptr[t + 1]) - int(tptr[t]) for t in ts.tolist()))
