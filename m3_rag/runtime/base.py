@@ -116,17 +116,15 @@ class Runtime(ABC):
         if q is not None and not isinstance(q, str):
             raise TypeError(f"quantize must be None or a str, got {type(q).__name__}")
         if q is not None and q not in self.quantizations:
-            hint = (
-                f"runtime={self.name!r} accepts quantize={list(self.quantizations)} or None"
-                if self.quantizations
-                else f"runtime={self.name!r} runs unquantised: pass quantize=None"
+            if q == "int8" and self.name != "onnx":
+                raise RuntimeOptionError(
+                    f"quantize='int8' runs on the ONNX runtime, not runtime={self.name!r}: "
+                    "pass runtime='onnx' (CLI: add --runtime onnx)"
+                )
+            accepted = ", ".join(repr(x) for x in self.quantizations) or "nothing else"
+            raise RuntimeOptionError(
+                f"quantize={q!r}: runtime={self.name!r} accepts None or {accepted}"
             )
-            onnx = (
-                ""
-                if self.name == "onnx"
-                else " (int8 runs on runtime='onnx'; CLI: add --runtime onnx)"
-            )
-            raise RuntimeOptionError(f"quantize={q!r} is not available: {hint}{onnx}")
         t = options.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise RuntimeOptionError(f"threads must be a positive int or None, got {t!r}")
