@@ -236,6 +236,9 @@ def test_row_scores_equal_exhaustive(lexical: str) -> None:
         want = reference(docs, lex, terms, w, bm25)[rows]
         got = pruning.row_scores(lex, terms, w, rows, bm25=bm25)
         assert got.tobytes() == want.tobytes()
+        every = np.arange(2500)[::-1]  # many rows: looked up densely
+        want = reference(docs, lex, terms, w, bm25)[every]
+        assert pruning.row_scores(lex, terms, w, every, bm25=bm25).tobytes() == want.tobytes()
     assert len(pruning.row_scores(lex, np.array([1]), np.array([1.0]), np.zeros(0, np.int64))) == 0
 
 

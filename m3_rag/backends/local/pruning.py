@@ -377,10 +377,23 @@ def top_n(
     ne = order[j:]
     # candidates: rows of the essential terms, allowed, with a positive partial score
     cand = np.flatnonzero(acc > 0)
+    if ne and len(cand) * 16 >= len(acc):  # most rows are candidates: probing costs more
+        for i in ne:  # than reading the other terms whole
+            t = int(ts[i])
+            a, b = int(tptr[t]), int(tptr[t + 1])
+            rows = np.asarray(lex.trows[a:b], np.int64)
+            c = _contrib(float(weights[qs[i]]), rows, lex.tdata[a:b], lex, bm25)
+            acc[rows] += c
+            ess[i] = (rows, c)
+            read += b - a
+        ne = []
+        cand = np.flatnonzero(acc > 0)
     if allowed is not None:
         cand = cand[allowed[cand]]
     part = acc[cand]
     del acc
+    if not ne:
+        theta = max(theta, _nth(part, n) * (1 - gamma) - tiny)
     # rest_ne[k]: bound of what terms ne[k:] can still add (sums of non-negative terms: their
     # float64 rounding is far inside the margin)
     rest_ne = np.concatenate([np.cumsum(ub[ne][::-1])[::-1], [0.0]]) if ne else np.zeros(1)
