@@ -181,8 +181,9 @@ def test_pruning_skips_a_frequent_light_term() -> None:
     lex = LexicalPostings.from_csr(docs)
     got = _check(docs, lex, np.array([0, 1]), np.array([0.1, 0.3]), 10, None, None)
     assert got.exhaustive == n + 300
-    # the rare term whole, then a block of the frequent one per candidate within its bound
-    assert got.read < 300 + 20 * pruning.BLOCK < got.exhaustive / 4
+    # the rare term whole, then the blocks of the frequent one holding the candidates
+    # within its bound (blocks close together read as one range)
+    assert got.read < got.exhaustive / 4
     assert got.essential == 1
     # a few rows' scores: only the blocks holding them are read
     rows = np.array([19999, 5, int(rare[0]), 5])

@@ -48,6 +48,7 @@ from m3_rag.bm25 import BM25Params, bm25_tf
 __all__ = ["BLOCK", "BM25Doc", "LexicalTop", "TermBlocks", "row_scores", "term_blocks", "top_n"]
 
 BLOCK = 128  # postings per block: a probe reads at most this many per (candidate, term)
+_GAP = 8 * BLOCK  # probed blocks closer than this are read as one range
 _CHUNK = 1 << 22  # postings read at a time while computing the block bounds
 _U = 2.0**-24  # float32 unit roundoff
 _TINY = 2.0**-148
@@ -247,8 +248,12 @@ def _probe(
             idx = np.searchsorted(blocks.first[b0:b1], cand, side="right") - 1
         need = idx[idx >= 0]  # non-decreasing (``cand`` is sorted): distinct blocks by diff
         need = need[np.concatenate([[True], need[1:] != need[:-1]])[: len(need)]] + b0
-        starts = blocks.start[need]
-        lengths = blocks.stop[need] - starts
+        # blocks less than _GAP postings apart are read as one range (a read per block
+        # costs more than the postings between them)
+        gap = blocks.start[need[1:]] - blocks.stop[need[:-1]]
+        cut = np.concatenate([[0], np.flatnonzero(gap > _GAP) + 1])
+        starts = blocks.start[need[cut]]
+        lengths = blocks.stop[need[np.concatenate([cut[1:] - 1, [len(need) - 1]])]] - starts
         rows = np.asarray(read_ranges(lex.trows, starts, lengths), np.int64)
         vals = np.asarray(read_ranges(lex.tdata, starts, lengths))
     pos = np.minimum(np.searchsorted(rows, cand), max(len(rows) - 1, 0))
