@@ -132,7 +132,27 @@ def test_int8_is_close_on_real_minilm_weights(minilm_dir: Path, cache: Path) -> 
     out = M3Encoder(minilm_dir, runtime="onnx", quantize="int8", onnx_cache_dir=cache).encode(TEXTS)
     assert out.dense is not None and ref.dense is not None
     cos = _cosines(out.dense, ref.dense)
-    assert cos.mean() > 0.99 and cos.min() > 0.97, cos
+    assert cos.mean() > 0.98 and cos.min() > 0.95, cos  # measured: bench_int8_fidelity.py
+
+
+@pytest.mark.parametrize("recipe", ["channel", "block32", "channel-ffn-out-fp32"])
+def test_each_int8_recipe_builds_its_own_entry(
+    tiny_m3_dir: Path,
+    tiny_encoder: M3Encoder,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    recipe: str,
+) -> None:
+    from m3_rag.runtime.quantize import RECIPES
+
+    monkeypatch.setattr(onnx_runtime.OnnxRuntime, "recipe", RECIPES[recipe])
+    enc = M3Encoder(
+        tiny_m3_dir, runtime="onnx", quantize="int8", onnx_cache_dir=cache, max_length=64
+    )
+    assert list(cache.glob(f"*/hidden-int8-{recipe}/meta.json"))
+    ref, out = tiny_encoder.encode(TEXTS), enc.encode(TEXTS)
+    assert out.dense is not None and ref.dense is not None
+    assert _cosines(out.dense, ref.dense).min() > 0.9  # a random tiny model: a loose bound
 
 
 # ---------------------------------------------------------------------------- the cache
