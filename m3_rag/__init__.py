@@ -11,6 +11,7 @@ from m3_rag.errors import (
     IndexMismatchError,
     WriteConflictError,
 )
+from m3_rag.remote import RemoteEncoder, RemoteReranker
 from m3_rag.rerank import Reranker, RerankResult
 from m3_rag.retriever import HybridRetriever, SearchHit
 
@@ -26,6 +27,8 @@ __all__ = [
     "IndexFormatError",
     "IndexMismatchError",
     "M3Encoder",
+    "RemoteEncoder",
+    "RemoteReranker",
     "RerankResult",
     "Reranker",
     "SearchHit",

@@ -28,6 +28,33 @@ def add_parser(sub: Any, common: Callable[..., None], count: Callable[[int], Any
         help="name of an environment variable holding the API key; every route but "
         "/health then needs 'Authorization: Bearer <key>'",
     )
+    # limits and batching (defaults: m3_rag.server.config.ServerConfig, or the
+    # M3_RAG_SERVE_* environment variables; a flag overrides both)
+    p.add_argument(
+        "--max-queue",
+        type=count(1),
+        help="model requests in progress at once; 503 + Retry-After beyond (default 64)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        help="longest wait for more requests to merge into one model call (default 5)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=count(1),
+        help="tokens per merged model call and per forward pass (default 16384)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=count(1), help="largest request body; 413 beyond (default 16 MiB)"
+    )
+    p.add_argument("--max-texts", type=count(1), help="texts per request (default 2048)")
+    p.add_argument("--max-chars", type=count(1), help="characters per text (default 65536)")
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        help="seconds a client may take to send its body; 408 after (default 30)",
+    )
     p.set_defaults(func=cmd_serve)
 
 

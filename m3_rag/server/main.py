@@ -12,15 +12,6 @@ from typing import Any
 __all__ = ["ServeError", "run_from_args"]
 
 _LOAD_ERRORS = (OSError, ValueError, TypeError, RuntimeError, AssertionError)
-_KNOBS = (
-    "max_queue",
-    "max_wait_ms",
-    "max_batch_tokens",
-    "max_body_bytes",
-    "max_texts",
-    "max_chars",
-    "body_timeout_s",
-)
 
 
 class ServeError(ValueError):
@@ -30,14 +21,6 @@ class ServeError(ValueError):
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
-
-
-def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    """``--runtime`` / ``--int8`` as model keyword arguments (as the other commands)."""
-    runtime, int8 = getattr(args, "runtime", "torch"), getattr(args, "int8", False)
-    if runtime == "torch" and not int8:
-        return {}
-    return {"runtime": runtime, "quantize": "int8" if int8 else None}
 
 
 def _api_key(var: str | None) -> str | None:
@@ -63,8 +46,9 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_app(args: argparse.Namespace, runtime: dict[str, Any] | None = None) -> Any:
-    """The app the options describe (model, reranker and index loaded).
+def build_app(args: argparse.Namespace, runtime: dict[str, Any]) -> Any:
+    """The app the options describe (model, reranker and index loaded); ``runtime``: the
+    ``M3Encoder`` / ``Reranker`` runtime keyword arguments (``m3_rag.cli.commands.runtime_kwargs``).
 
     Raises:
         ServeError: a bad option, or something that cannot be loaded.
@@ -73,16 +57,23 @@ def build_app(args: argparse.Namespace, runtime: dict[str, Any] | None = None) -
     from m3_rag.server.app import create_app
     from m3_rag.server.config import ServerConfig
 
-    kwargs = _runtime(args) if runtime is None else runtime
+    kwargs = runtime
     try:
         config = ServerConfig.from_env()
     except ValueError as e:
         raise ServeError(str(e)) from None
-    key = _api_key(getattr(args, "api_key_env", None))
-    # flags, when the parser declares them (--max-queue ...), override the environment
-    changes: dict[str, Any] = {
-        f: getattr(args, f) for f in _KNOBS if getattr(args, f, None) is not None
+    key = _api_key(args.api_key_env)
+    # the flags (--max-queue ...), where given, override the environment
+    knobs = {
+        "max_queue": args.max_queue,
+        "max_wait_ms": args.max_wait_ms,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_body_bytes": args.max_body_bytes,
+        "max_texts": args.max_texts,
+        "max_chars": args.max_chars,
+        "body_timeout_s": args.body_timeout_s,
     }
+    changes: dict[str, Any] = {f: v for f, v in knobs.items() if v is not None}
     if key is not None:
         changes["api_key"] = key
     try:
@@ -114,7 +105,7 @@ def build_app(args: argparse.Namespace, runtime: dict[str, Any] | None = None) -
         raise ServeError(f"--index {args.index}: {_one_line(e)}") from None
 
 
-def run_from_args(args: argparse.Namespace, runtime: dict[str, Any] | None = None) -> int:
+def run_from_args(args: argparse.Namespace, runtime: dict[str, Any]) -> int:
     """Serve until SIGINT/SIGTERM; prints ``m3-rag serve: listening on http://HOST:PORT``
     once the socket is bound (``--port 0`` picks a free port and prints it).
 
