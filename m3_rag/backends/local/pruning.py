@@ -373,7 +373,9 @@ def top_n(
         ess[i] = (rows, c)
         read += b - a
         new = rows if allowed is None else rows[allowed[rows]]
-        pool = np.union1d(pool, new[top_k(acc[new], n)])  # the rest of new cannot be better
+        if len(new) > n:  # the rest of new cannot be better (ties: the same n-th value)
+            new = new[np.argpartition(acc[new], len(new) - n)[len(new) - n :]]
+        pool = np.union1d(pool, new)
         if len(pool) > n:
             pool = pool[top_k(acc[pool], n)]
             pool.sort()
@@ -382,7 +384,7 @@ def top_n(
     ne = order[j:]
     # candidates: rows of the essential terms, allowed, with a positive partial score
     cand = np.flatnonzero(acc > 0)
-    if ne and len(cand) * 16 >= len(acc):  # most rows are candidates: probing costs more
+    if ne and len(cand) * 4 >= len(acc):  # most rows are candidates: probing costs more
         for i in ne:  # than reading the other terms whole
             t = int(ts[i])
             a, b = int(tptr[t]), int(tptr[t + 1])
