@@ -287,7 +287,8 @@ def test_a_format1_collection_still_opens_and_works(
     engine; opening changes neither its layout nor its record. New collections name the
     field ``lexical`` and record ``spec.to_json()`` with format 2."""
     uri = str(tmp_path / "m.db")
-    ref = HybridRetriever(tiny_encoder, lexical=lexical)
+    # float16 ColBERT, unpooled: what the previous version stored
+    ref = HybridRetriever(tiny_encoder, lexical=lexical, colbert_dtype="float16", pool_factor=1)
     spec = ref.backend.spec  # type: ignore[attr-defined]
     _create_format1(uri, "old", spec)
     old = HybridRetriever(tiny_encoder, lexical=lexical, backend=MilvusBackend(uri, "old"))

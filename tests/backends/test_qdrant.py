@@ -327,7 +327,12 @@ def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
     for x, y in zip(ref.search("capital", k=4), r.search("capital", k=4), strict=True):
         assert x.id == y.id
         assert y.scores["colbert"] == pytest.approx(x.scores["colbert"], rel=1e-5, abs=1e-5)
-    plain = HybridRetriever(tiny_encoder, backend=QdrantBackend(client=client, collection="f16"))
+    plain = HybridRetriever(
+        tiny_encoder,
+        colbert_dtype="float16",
+        pool_factor=1,
+        backend=QdrantBackend(client=client, collection="f16"),
+    )
     assert plain.backend.spec.colbert_dtype == "float16"  # type: ignore[attr-defined]
     assert client.get_collection("f16").config.params.vectors["colbert"].quantization_config is None
     binary = HybridRetriever(
@@ -399,8 +404,12 @@ def test_a_format1_collection_still_opens_and_works(tiny_encoder: M3Encoder, lex
     settings, takes writes and searches as a new collection does; opening changes neither
     its record nor its quantisation."""
     client = QdrantClient(":memory:")
-    new = HybridRetriever(
-        tiny_encoder, lexical=lexical, backend=QdrantBackend(client=client, collection="new")
+    new = HybridRetriever(  # float16 ColBERT, unpooled: what the previous version stored
+        tiny_encoder,
+        lexical=lexical,
+        colbert_dtype="float16",
+        pool_factor=1,
+        backend=QdrantBackend(client=client, collection="new"),
     )
     spec = new.backend.spec  # type: ignore[attr-defined]
     _create_format1(client, "old", spec)

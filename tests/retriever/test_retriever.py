@@ -68,7 +68,9 @@ def _brute_force(
 def test_search_equals_brute_force_when_candidates_cover_the_corpus(
     tiny_encoder: M3Encoder,
 ) -> None:
-    r = HybridRetriever(tiny_encoder, candidates=len(SAMPLE_TEXTS), colbert_dtype="float32")
+    r = HybridRetriever(
+        tiny_encoder, candidates=len(SAMPLE_TEXTS), colbert_dtype="float32", pool_factor=1
+    )
     r.add_texts(SAMPLE_TEXTS, ids=IDS)
     for query in ("capital of France", "机器学习", SAMPLE_TEXTS[14]):
         hits = r.search(query, k=5)
@@ -301,8 +303,8 @@ def test_save_load_round_trip(tiny_encoder: M3Encoder, tmp_path: Path) -> None:
 def test_int8_colbert_saves_loads_and_ranks_like_float16(
     tiny_encoder: M3Encoder, tmp_path: Path
 ) -> None:
-    half = HybridRetriever(tiny_encoder, weights=(0, 0, 1))
-    small = HybridRetriever(tiny_encoder, weights=(0, 0, 1), colbert_dtype="int8")
+    half = HybridRetriever(tiny_encoder, weights=(0, 0, 1), colbert_dtype="float16", pool_factor=1)
+    small = HybridRetriever(tiny_encoder, weights=(0, 0, 1), colbert_dtype="int8", pool_factor=1)
     for r in (half, small):
         r.add_texts(SAMPLE_TEXTS, ids=[str(i) for i in range(len(SAMPLE_TEXTS))])
     small.save(tmp_path / "i8")
@@ -347,10 +349,13 @@ def test_load_refuses_other_models_and_corruption(
 
 
 def test_load_converts_a_format2_snapshot_and_refuses_a_tampered_one(
-    retriever: HybridRetriever, tiny_encoder: M3Encoder, tmp_path: Path
+    tiny_encoder: M3Encoder, tmp_path: Path
 ) -> None:
-    """An index saved by m3-rag 0.1 (format 2) loads into RAM with identical results, once
-    every checksum is verified; a tampered one is an IndexFormatError naming the file."""
+    """An index saved by m3-rag 0.1 (format 2: float16 or int8 ColBERT, unpooled) loads
+    into RAM with identical results, once every checksum is verified; a tampered one is an
+    IndexFormatError naming the file."""
+    retriever = HybridRetriever(tiny_encoder, candidates=5, colbert_dtype="float16", pool_factor=1)
+    retriever.add_texts(SAMPLE_TEXTS, metadatas=META, ids=IDS)
     old = tmp_path / "old"
     snap = write_format2(old, retriever.backend, retriever._settings())
     loaded = HybridRetriever.load(old, tiny_encoder)
