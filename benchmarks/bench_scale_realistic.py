@@ -43,8 +43,13 @@ postings read and time, exhaustive (the engine's ``_lexical_scores`` + ``top_k``
 ``m3_rag.backends.local.pruning.top_n`` called on the built index's segments (checked
 equal), plus the same with BM25 over the same tokens (``--bm25``).
 
-    python benchmarks/bench_scale_realistic.py --n 100000 --profile msmarco
-    python benchmarks/bench_scale_realistic.py --n 100000 --profile rag
+``--lexical-only`` builds only the lexical postings (M3 weights read from ``.npy`` files on
+demand, BM25 counts in RAM) and measures that leg, exhaustive vs pruned: the 1M figure
+without the 1M index (``scale_realistic_<profile>_<n>_lexical.json``).
+
+    python benchmarks/bench_scale_realistic.py --n 100000 --profile msmarco --bm25
+    python benchmarks/bench_scale_realistic.py --n 100000 --profile rag --chunk 1000 --bm25
+    python benchmarks/bench_scale_realistic.py --n 1000000 --lexical-only
 """
 
 from __future__ import annotations
