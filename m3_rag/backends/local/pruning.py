@@ -16,7 +16,9 @@ adds each term's float32 contributions into a float32 accumulator, in query orde
 3. **Candidates** (rows of the essential terms, allowed, score > 0) whose score plus the
    block maxima of the non-essential terms' blocks they would fall in stays below ``theta``
    are dropped; the others are **probed**: only the blocks holding them are read
-   (``np.searchsorted`` on the block rows), term by term, pruning again after each.
+   (``np.searchsorted`` on the block rows; blocks close together as one range; the whole
+   term when they would cover half of it), term by term, pruning again after each. When
+   the candidates are a quarter of the rows or more, the other terms are read whole.
 4. The survivors' scores are summed **in query order in float32** from the very float32
    contributions the exhaustive leg computes, so they are bit-identical to it; every row
    dropped has a score strictly below the ``n``-th best, so the top ``n`` (ties by row, as
