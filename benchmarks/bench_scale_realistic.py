@@ -273,7 +273,8 @@ def lexical_leg(backend: LocalBackend, queries: list[EncodeOutput], n_cand: int)
                 continue
             t = time.perf_counter()
             s = _lexical_scores(seg, lq, view, spec)
-            ok = s > 0 if allowed[i] is None else (s > 0) & allowed[i]
+            mask = allowed[i]
+            ok = s > 0 if mask is None else (s > 0) & mask
             want = top_k(s, n_cand, ok)
             t_e += time.perf_counter() - t
             t = time.perf_counter()
@@ -384,7 +385,7 @@ def lexical_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     lex = LexicalPostings.from_csr(sp.vstack(weights, format="csr"))
     del weights
     build_s = time.perf_counter() - t0
-    arrays = lex.arrays()
+    arrays: dict[str, Any] = lex.arrays()
     for name in ("trows", "tdata"):
         np.save(root / f"{name}.npy", arrays[name])
         fd = os.open(root / f"{name}.npy", os.O_RDONLY)
