@@ -359,6 +359,8 @@ class _Options:
     on_info: Notify | None
     colbert: str | None
     pool_factor: int | None
+
+
 def _check_out(out: Path, source: Path) -> None:
     check_target(out)  # never write into a directory that is not an index
     try:
