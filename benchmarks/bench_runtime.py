@@ -118,7 +118,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         del enc
     if args.reranker:
         rr = Reranker(args.reranker, **({"threads": 2} | kwargs if onnx else kwargs))
-        passages = _texts(rr.tokenizer, 100, 32, 256, 1)
+        passages = _texts(rr.tokenizer, 100, 32, args.rerank_max_tokens, 1)
         rr.compute_score([(QUERY, passages[0])])
         t = time.perf_counter()
         rr.rerank(QUERY, passages)
@@ -167,6 +167,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=20, help="timed single queries per setting")
     ap.add_argument("--docs", type=int, default=32, help="mixed-length documents to encode")
+    ap.add_argument(
+        "--rerank-max-tokens", type=int, default=256, help="candidates are 32..N tokens long"
+    )
     ap.add_argument(
         "--long", default="", help="token counts of one long document, e.g. 2048,4096,8192"
     )
@@ -250,6 +253,8 @@ def main() -> None:
                     str(args.repeats),
                     "--docs",
                     str(args.docs),
+                    "--rerank-max-tokens",
+                    str(args.rerank_max_tokens),
                 ]
                 if reranker:
                     argv += ["--reranker", reranker]
