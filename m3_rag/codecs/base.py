@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 # what a new index of HybridRetriever stores when no codec is chosen (docs/colbert.md)
-DEFAULT_CODEC = "float16"
+DEFAULT_CODEC = "int8"
 DEFAULT_POOL_FACTOR = 1
 
 
