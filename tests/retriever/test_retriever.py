@@ -648,3 +648,26 @@ def test_add_from_copies_encodings_and_refuses_other_indexes(
 def test_an_object_that_is_not_a_backend_is_a_type_error(tiny_encoder) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TypeError, match=r"must implement m3_rag\.backends\.Backend"):
         HybridRetriever(tiny_encoder, backend=object())  # type: ignore[arg-type]
+
+
+def test_adapters_pass_the_colbert_code_and_pool_factor_through(tiny_encoder: M3Encoder) -> None:
+    """LangChain and LlamaIndex hand their retriever kwargs to HybridRetriever unchanged."""
+    from langchain_m3rag import M3Retriever
+    from langchain_m3rag import M3VectorStore as LangChainStore
+    from llama_index.core.schema import TextNode
+    from llama_index_m3rag import M3Retriever as LlamaRetriever
+    from llama_index_m3rag import M3VectorStore as LlamaStore
+
+    kw = {"colbert_dtype": "binary", "pool_factor": 2}
+    lc = M3Retriever.from_texts(SAMPLE_TEXTS[:3], tiny_encoder, retriever_kwargs=kw)
+    nodes = [TextNode(text=t, id_=f"n{i}") for i, t in enumerate(SAMPLE_TEXTS[:3])]
+    li = LlamaRetriever.from_nodes(nodes, tiny_encoder, retriever_kwargs=kw)
+    cores = [
+        lc.retriever,
+        li.retriever,
+        LangChainStore.from_encoder(tiny_encoder, **kw).retriever,
+        LlamaStore.from_encoder(tiny_encoder, **kw)._retriever,
+    ]
+    for core in cores:
+        spec = core.backend.spec
+        assert (spec.colbert_dtype, spec.colbert_pool_factor, core.pool_factor) == ("binary", 2, 2)
