@@ -33,7 +33,8 @@ How the documents are made (all deterministic, seed 0):
   (their token ids as lexical terms, weighted as above; ``count - 1`` ColBERT vectors), twice
   with different dense vectors: 200 queries.
 
-Reported (table and ``benchmarks/results/scale_realistic_<profile>_<n>.json``): bytes per
+Reported (table and JSON,
+``benchmarks/results/scale_realistic_<profile>_<n>_<codec>x<pool>.json``): bytes per
 document on disk (and per file kind), peak RSS of this process (``ru_maxrss``: generation
 included) after ingestion, compaction and search, hybrid search p50/p95 warm (all three
 legs, k=10, 100 candidates per leg) and cold (each file of the index dropped from the page
@@ -536,7 +537,7 @@ def main() -> None:
     row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for k, v in row.items():
         print(f"{k:>34}  {v}")
-    tag = "_lexical" if args.lexical_only else ""
+    tag = "_lexical" if args.lexical_only else f"_{row['colbert']}x{row['pool_factor']}"
     out = ROOT / "benchmarks" / "results" / f"scale_realistic_{args.profile}_{args.n}{tag}.json"
     out.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
     print(f"-> {out}")
