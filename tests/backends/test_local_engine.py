@@ -121,7 +121,9 @@ def test_settings_that_do_not_fit_the_directory_are_refused(
 ) -> None:
     HybridRetriever(tiny_encoder, backend=LocalBackend(tmp_path / "idx")).add_texts(["x"])
     with pytest.raises(ValueError, match="colbert_dtype"):
-        HybridRetriever(tiny_encoder, colbert_dtype="int8", backend=LocalBackend(tmp_path / "idx"))
+        HybridRetriever(
+            tiny_encoder, colbert_dtype="binary", backend=LocalBackend(tmp_path / "idx")
+        )
     with pytest.raises(ValueError, match="lexical"):
         HybridRetriever(tiny_encoder, lexical="bm25", backend=LocalBackend(tmp_path / "idx"))
     (tmp_path / "notes").mkdir()

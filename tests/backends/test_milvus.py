@@ -172,7 +172,7 @@ def test_collection_of_another_model_is_refused(
     with pytest.raises(IndexMismatchError, match="lexical"):
         HybridRetriever(tiny_encoder, lexical="bm25", backend=MilvusBackend(uri, "c"))
     with pytest.raises(IndexMismatchError, match="colbert_dtype"):
-        HybridRetriever(tiny_encoder, colbert_dtype="int8", backend=MilvusBackend(uri, "c"))
+        HybridRetriever(tiny_encoder, colbert_dtype="binary", backend=MilvusBackend(uri, "c"))
     copy = tmp_path / "same-model-elsewhere"
     shutil.copytree(tiny_m3_dir, copy)
     same = M3Encoder(copy, device="cpu", max_length=64)
@@ -312,6 +312,7 @@ def test_a_format1_collection_still_opens_and_works(
         HybridRetriever(tiny_encoder, lexical=other, backend=MilvusBackend(uri, "old"))
 
     new = HybridRetriever(tiny_encoder, lexical=lexical, backend=MilvusBackend(uri, "new"))
+    spec = new.backend.spec  # type: ignore[attr-defined]  # the defaults of a new index
     new.add_texts(SAMPLE_TEXTS[:3], METAS[:3], IDS[:3])
     assert isinstance(new.backend, MilvusBackend)
     new.backend.close()

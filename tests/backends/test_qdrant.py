@@ -241,7 +241,7 @@ def test_reopen_checks_the_configuration(
         HybridRetriever(
             tiny_encoder,
             lexical="bm25",
-            colbert_dtype="int8",
+            colbert_dtype="binary",
             backend=QdrantBackend(client=again.client, collection="docs"),
         )
     meta = again.client.get_collection("docs").config.metadata
