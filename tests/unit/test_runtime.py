@@ -24,6 +24,7 @@ from m3_rag.runtime import (
     runtime_names,
 )
 from m3_rag.runtime.cache import checkpoint_hash, get_or_build
+from m3_rag.runtime.quantize import DEFAULT_RECIPE
 from m3_rag.testing import SAMPLE_TEXTS
 
 require("onnxruntime", "the ONNX runtime's tests: pip install -e '.[onnx]'")
@@ -180,7 +181,8 @@ def test_second_start_reuses_the_export(
     assert len(exports) == 1  # int8 is quantised from the cached fp32 export
     after = (entry / "model.onnx").stat()
     assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    assert [p.name for p in _entries(tmp_path)] == ["hidden-fp32", "hidden-int8-channel"]
+    names = [p.name for p in _entries(tmp_path)]
+    assert names == ["hidden-fp32", f"hidden-int8-{DEFAULT_RECIPE.name}"]
     assert not [p for p in tmp_path.rglob(".*") if ".tmp-" in p.name]  # no leftover builds
     assert again.encode(["x"]).dense is not None and int8.encode(["x"]).dense is not None
     meta = json.loads((entry / "meta.json").read_text())
