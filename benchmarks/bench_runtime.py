@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, str]] = {
     "torch fp32": {},
     "onnx fp32": {"runtime": "onnx"},
-    "onnx int8": {"runtime": "onnx", "quantize": "int8", "recipe": "channel"},
+    "onnx int8 channel": {"runtime": "onnx", "quantize": "int8", "recipe": "channel"},
     "onnx int8 block32": {"runtime": "onnx", "quantize": "int8", "recipe": "block32"},
 }
 QUERY = "What is the capital of France and how many people live in the city today?"
