@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from m3_rag.backends.local import pruning
 from m3_rag.backends.local.segment import Segment, check_finite
 from m3_rag.backends.local.view import View
 from m3_rag.backends.protocol import Candidates, DocBatch
@@ -37,6 +38,10 @@ __all__ = [
 ]
 
 EXACT_FILTERED = 20_000  # a filter leaving fewer rows than this scans them exactly
+# M3 lexical top-n of segments this large by exact dynamic pruning (pruning.top_n): equal
+# time at 100k rows, half at 1M (benchmarks/bench_scale_realistic.py --lexical-only); BM25's
+# bound is too loose to pay (its p95 was 1.5x the exhaustive leg's at 1M)
+PRUNE_ROWS = 100_000
 
 
 def masks(view: View, flt: Filter) -> list[np.ndarray | None]:
@@ -75,6 +80,7 @@ def candidates(
     lex_full: list[np.ndarray | None] = []
     l_rows, l_scores = [], []
     lq = _lexical_query(view, spec, lexical_query) if use_lex else None
+    bm25 = _bm25_doc(view, spec)
     for i, seg in enumerate(view.segments):
         allowed = allowed_rows[i]
         if allowed is not None and not allowed.any():
@@ -85,6 +91,15 @@ def candidates(
         d_scores.append(scores)
         if lq is None or seg.lexical is None:
             lex_full.append(None)
+            continue
+        pruned = None
+        if bm25 is None and len(seg) >= PRUNE_ROWS:
+            where = seg.file("lex_tdata.npy")
+            pruned = pruning.top_n(seg.lexical, lq[0], lq[1], n, allowed, bm25=bm25, where=where)
+        if pruned is not None:  # exact: the rows and float32 scores of the exhaustive leg
+            lex_full.append(None)  # the other candidates' lexical scores are probed below
+            l_rows.append(pruned.rows + bases[i])
+            l_scores.append(pruned.scores)
             continue
         s = _lexical_scores(seg, lq, view, spec)
         lex_full.append(s)
@@ -103,9 +118,13 @@ def candidates(
     for i in np.unique(seg_of).tolist():
         at = np.flatnonzero(seg_of == i)
         dense[at] = _dense(view.segments[i], q, local[at])
-        full = lex_full[i]
+        full, seg = lex_full[i], view.segments[i]
         if lexical is not None and full is not None:
             lexical[at] = full[local[at]]
+        elif lexical is not None and lq is not None and seg.lexical is not None:
+            lexical[at] = pruning.row_scores(
+                seg.lexical, lq[0], lq[1], local[at], bm25=bm25, where=seg.file("lex_tdata.npy")
+            )
     return Candidates(
         ids=[view.segments[s].ids[r] for s, r in zip(seg_of.tolist(), local.tolist(), strict=True)],
         dense=dense,
@@ -158,6 +177,13 @@ def _lexical_query(
     if spec.lexical == "bm25" and view.stats is not None:
         weights = weights * view.stats.idf(terms, spec.bm25_params)
     return terms, weights
+
+
+def _bm25_doc(view: View, spec: IndexSpec) -> pruning.BM25Doc | None:
+    """The BM25 document side :func:`_lexical_scores` scores with (``None``: M3 weights)."""
+    if spec.lexical == "bm25" and view.stats is not None:
+        return pruning.BM25Doc(view.stats.avgdl, spec.bm25_params)
+    return None
 
 
 def _lexical_scores(
