@@ -308,19 +308,15 @@ class RemoteEncoder:
             max_length=max_passage_length or self.max_length,
         )
         assert q.dense is not None and d.dense is not None
-        dense = scoring.pairwise_dense(q.dense, d.dense)
-        result: dict[str, list[float]] = {"dense": dense.tolist()}
-        if q.sparse is None or d.sparse is None or q.colbert is None or d.colbert is None:
-            return result
-        sparse = scoring.pairwise_sparse(q.sparse, d.sparse)
-        colbert = scoring.pairwise_colbert(q.colbert, d.colbert)
-        result["sparse"] = sparse.tolist()
-        result["colbert"] = colbert.tolist()
-        result["sparse+dense"] = ((w[1] * sparse + w[0] * dense) / (w[0] + w[1])).tolist()
-        result["colbert+sparse+dense"] = (
-            (w[0] * dense + w[1] * sparse + w[2] * colbert) / sum(w)
-        ).tolist()
-        return result
+        sparse = colbert = None
+        if (
+            q.sparse is not None
+            and d.sparse is not None
+            and q.colbert is not None
+            and d.colbert is not None
+        ):
+            sparse, colbert = (q.sparse, d.sparse), (q.colbert, d.colbert)
+        return scoring.pair_mode_scores(w, (q.dense, d.dense), sparse, colbert)
 
 
 def _json_size(text: str) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "colbert_scores_rows",
     "dense_scan",
     "dense_scores",
+    "pair_mode_scores",
     "pairwise_colbert",
     "pairwise_dense",
     "pairwise_sparse",
@@ -336,3 +337,37 @@ def rrf_fusion(
     if fused is None:
         raise ValueError("rrf_fusion needs at least one mode with a non-zero weight")
     return fused.astype(np.float32)
+
+
+def pair_mode_scores(
+    weights: Sequence[float],
+    dense: tuple[np.ndarray, np.ndarray],
+    sparse: tuple[Sequence[Mapping[int, float]], Sequence[Mapping[int, float]]] | None,
+    colbert: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None,
+) -> dict[str, list[float]]:
+    """``BGEM3FlagModel.compute_score``'s modes for ``n`` (query, passage) pairs, from their
+    encodings (each argument: the queries' then the passages').
+
+    Args:
+        weights: ``(dense, sparse, colbert)`` weights of the combined modes (checked; dense
+            + sparse > 0).
+        dense: ``[n, d]`` and ``[n, d]`` unit vectors.
+        sparse, colbert: The lexical weights and ColBERT matrices, ``None`` for a dense-only
+            model.
+
+    Returns:
+        ``{'dense', 'sparse', 'colbert', 'sparse+dense', 'colbert+sparse+dense'}`` -> ``n``
+        scores (``{'dense'}`` only for a dense-only model).
+    """
+    w = weights
+    d = pairwise_dense(dense[0], dense[1])
+    result: dict[str, list[float]] = {"dense": d.tolist()}
+    if sparse is None or colbert is None:
+        return result
+    lex = pairwise_sparse(sparse[0], sparse[1])
+    col = pairwise_colbert(colbert[0], colbert[1])
+    result["sparse"] = lex.tolist()
+    result["colbert"] = col.tolist()
+    result["sparse+dense"] = ((w[1] * lex + w[0] * d) / (w[0] + w[1])).tolist()
+    result["colbert+sparse+dense"] = ((w[0] * d + w[1] * lex + w[2] * col) / sum(w)).tolist()
+    return result

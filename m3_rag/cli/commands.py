@@ -79,10 +79,22 @@ def _check_device(device: str | None) -> None:
 def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``--runtime`` / ``--int8`` as ``M3Encoder`` / ``Reranker`` keyword arguments (none
     for the default torch fp32 runtime)."""
-    runtime, int8 = getattr(args, "runtime", "torch"), getattr(args, "int8", False)
-    if runtime == "torch" and not int8:
+    if args.runtime == "torch" and not args.int8:
         return {}
-    return {"runtime": runtime, "quantize": "int8" if int8 else None}
+    return {"runtime": args.runtime, "quantize": "int8" if args.int8 else None}
+
+
+def _load(make: Any, what: str, hint: str) -> Any:
+    """``make()``; a runtime option or a missing extra is one line as it is, any other load
+    failure one line with ``hint`` (how to load a model offline)."""
+    from m3_rag.runtime import MissingExtraError, RuntimeOptionError
+
+    try:
+        return make()
+    except (RuntimeOptionError, MissingExtraError) as e:
+        raise CliError(f"cannot load {what}: {one_line(str(e))}") from None
+    except _LOAD_ERRORS as e:
+        raise CliError(f"cannot load {what}: {one_line(str(e))}; {hint}") from None
 
 
 def _encoder(args: argparse.Namespace, model: str, batch_size: int = 32) -> Any:
@@ -90,11 +102,11 @@ def _encoder(args: argparse.Namespace, model: str, batch_size: int = 32) -> Any:
 
     device = args.device
     _check_device(device)
-    try:
-        return M3Encoder(model, device=device, batch_size=batch_size, **runtime_kwargs(args))
-    except _LOAD_ERRORS as e:
-        msg = f"cannot load model {model!r}: {one_line(str(e))}; {OFFLINE_HINT}"
-        raise CliError(msg) from None
+    return _load(
+        lambda: M3Encoder(model, device=device, batch_size=batch_size, **runtime_kwargs(args)),
+        f"model {model!r}",
+        OFFLINE_HINT,
+    )
 
 
 def _weights(text: str | None) -> tuple[float, float, float] | None:
@@ -285,12 +297,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     enc = _encoder(args, model)
     reranker = None
     if args.rerank:
-        try:
-            reranker = Reranker(args.rerank, device=args.device, **runtime_kwargs(args))
-        except _LOAD_ERRORS as e:
-            raise CliError(
-                f"cannot load reranker {args.rerank!r}: {one_line(str(e))}; {RERANKER_HINT}"
-            ) from None
+        reranker = _load(
+            lambda: Reranker(args.rerank, device=args.device, **runtime_kwargs(args)),
+            f"reranker {args.rerank!r}",
+            RERANKER_HINT,
+        )
     try:
         r = HybridRetriever.load(
             args.index, enc, reranker, allow_model_mismatch=args.model is not None
