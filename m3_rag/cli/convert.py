@@ -1,5 +1,5 @@
 """``m3-rag convert``: its arguments and its handler (the conversion is
-:mod:`m3_rag.convert`, imported only when the command runs)."""
+:mod:`m3_rag.convert`, imported only when the command runs; it never imports the CLI)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,22 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from m3_rag.convert import run_from_args
+    """Convert ``SRC`` to the other layout; print what was written.
 
-    return run_from_args(args)
+    Raises:
+        CliError: ``SRC`` is missing or neither layout, a file in it is unreadable, or
+            ``OUT`` exists and is not empty (one line, exit code 2).
+    """
+    from m3_rag.cli.commands import CliError
+    from m3_rag.convert import convert_checkpoint
+    from m3_rag.errors import CheckpointError
+
+    try:
+        written = convert_checkpoint(
+            args.src, args.out, sentence_transformers=args.sentence_transformers
+        )
+    except (OSError, CheckpointError) as e:
+        raise CliError(str(e)) from None
+    extra = " + sentence-transformers files" if args.sentence_transformers else ""
+    print(f"wrote the {written} layout{extra} to {args.out}")
+    return 0

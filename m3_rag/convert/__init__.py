@@ -4,6 +4,5 @@
 from __future__ import annotations
 
 from m3_rag.convert.layouts import convert_checkpoint
-from m3_rag.convert.run import run_from_args
 
-__all__ = ["convert_checkpoint", "run_from_args"]
+__all__ = ["convert_checkpoint"]
