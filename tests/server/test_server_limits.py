@@ -114,8 +114,17 @@ def test_disconnect_while_the_model_runs_leaves_it_healthy(small: Server) -> Non
         sock.close()  # before the answer
     _until(lambda: small.metric("m3rag_queue_depth") == 0, "every request finished")
     assert small.client.get("/health").json()["status"] == "ok"
-    resp = small.post("/v1/encode", {"input": ["after"]})
-    assert resp.status_code == 200 and resp.json()["data"][0]["tokens"] > 0
+    # a closed connection may still be admitted after the depth read 0 (its bytes wait in
+    # the accept queue): this server admits one request, so a 503 until then is right
+    answers: list[int] = []
+
+    def served() -> bool:
+        resp = small.post("/v1/encode", {"input": ["after"]})
+        answers.append(resp.status_code)
+        return resp.status_code == 200 and resp.json()["data"][0]["tokens"] > 0
+
+    _until(served, "a 200 after the disconnects")
+    assert set(answers) <= {200, 503}, answers
     assert 'status="5' not in small.client.get("/metrics").text.replace('status="503"', "")
 
 
