@@ -21,7 +21,7 @@ import numpy as np
 from m3_rag import scoring
 from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
 from m3_rag.encoder import EncodeOutput
-from m3_rag.rerank import RerankResult
+from m3_rag.rerank import RerankResult, check_rerank_input, ranked
 
 __all__ = [
     "RemoteEncoder",
@@ -423,15 +423,6 @@ class RemoteReranker:
         normalize: bool = False,
     ) -> list[RerankResult]:
         """Rank ``texts`` for ``query``, best first (up to ``top_n``)."""
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a str, got {type(query).__name__}")
-        items = check_texts(texts)
-        if top_n is not None and (
-            isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0
-        ):
-            raise ValueError(f"top_n must be a non-negative int or None, got {top_n!r}")
+        items = check_rerank_input(query, texts, top_n)
         scores = self._scores(query, items, normalize) if items else []
-        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-        if top_n is not None:
-            order = order[:top_n]
-        return [RerankResult(int(i), scores[int(i)]) for i in order]
+        return ranked(scores, top_n)

@@ -29,6 +29,29 @@ class RerankResult(NamedTuple):
     score: float
 
 
+def check_rerank_input(query: object, texts: object, top_n: object) -> list[str]:
+    """The texts of a ``rerank(query, texts, top_n)`` call, checked.
+
+    Raises:
+        TypeError: ``query`` is not a ``str``, or ``texts`` not a list of them.
+        ValueError: ``top_n`` is not a non-negative int or ``None``.
+    """
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, got {type(query).__name__}")
+    items = check_texts(texts)
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        raise ValueError(f"top_n must be a non-negative int or None, got {top_n!r}")
+    return items
+
+
+def ranked(scores: list[float], top_n: int | None) -> list[RerankResult]:
+    """``(index, score)`` best first (stable on ties), the first ``top_n`` (all: ``None``)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    if top_n is not None:
+        order = order[:top_n]
+    return [RerankResult(int(i), scores[int(i)]) for i in order]
+
+
 class Reranker:
     """Cross-encoder reranker.
 
@@ -155,18 +178,9 @@ class Reranker:
         Returns:
             Up to ``top_n`` :class:`RerankResult` ``(index, score)`` tuples (all when ``None``).
         """
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a str, got {type(query).__name__}")
-        items = check_texts(texts)
-        if top_n is not None and (
-            isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0
-        ):
-            raise ValueError(f"top_n must be a non-negative int or None, got {top_n!r}")
+        items = check_rerank_input(query, texts, top_n)
         scores = self.compute_score([(query, t) for t in items], normalize=normalize)
-        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-        if top_n is not None:
-            order = order[:top_n]
-        return [RerankResult(int(i), scores[int(i)]) for i in order]
+        return ranked(scores, top_n)
 
     def _encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """Token ids and token type ids of each joined pair (id-level, no text round trip)."""
