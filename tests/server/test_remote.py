@@ -121,7 +121,10 @@ def test_hybrid_retriever_over_the_server(
     lexical: str,
     tmp_path: Path,
 ) -> None:
-    kwargs = {"lexical": lexical, "analyzer": "model"}
+    # float32 ColBERT storage: this checks the transport, at 1e-5. Under the int8 default a
+    # 1e-7 float difference (the remote encodes in requests of 8, the local in one batch plan)
+    # can move a value across a rounding step, which moves a ColBERT score by ~2e-5 (CI saw it).
+    kwargs = {"lexical": lexical, "analyzer": "model", "colbert_dtype": "float32"}
     mine = HybridRetriever(local, Reranker(tiny_reranker_dir, device="cpu"), **kwargs)
     theirs = HybridRetriever(remote, remote_rr, **kwargs)
     for r in (mine, theirs):
