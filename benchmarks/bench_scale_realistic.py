@@ -35,11 +35,14 @@ How the documents are made (all deterministic, seed 0):
 
 Reported (table and JSON,
 ``benchmarks/results/scale_realistic_<profile>_<n>_<codec>x<pool>.json``): bytes per
-document on disk (and per file kind), peak RSS of this process (``ru_maxrss``: generation
-included) after ingestion, compaction and search, hybrid search p50/p95 warm (all three
-legs, k=10, 100 candidates per leg) and cold (each file of the index dropped from the page
-cache with ``posix_fadvise(DONTNEED)`` before each query: no root needed), the first query
-of a freshly opened index, throughput with 1 and 2 threads, and the lexical leg per query:
+document on disk (and per file kind), peak RSS of this process (generation included) up to
+the end of ingestion, compaction and search, and each phase's own peak (``VmHWM``, reset
+with ``/proc/self/clear_refs`` at the start of each phase: setup, ingestion, compaction,
+warm search, reopen + cold search; ``ru_maxrss`` is reset with it), the index directory's
+largest size and the load average (sampled every 2 s through ingestion and compaction),
+hybrid search p50/p95 warm (all three legs, k=10, 100 candidates per leg) and cold (each
+file of the index dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each
+query: no root needed), the first query of a freshly opened index, throughput with 1 and 2 threads, and the lexical leg per query:
 postings read and time, exhaustive (the engine's ``_lexical_scores`` + ``top_k``) vs
 ``m3_rag.backends.local.pruning.top_n`` called on the built index's segments (checked
 equal), plus the same with BM25 over the same tokens (``--bm25``).
@@ -56,12 +59,14 @@ without the 1M index (``scale_realistic_<profile>_<n>_lexical.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +98,49 @@ SPECIAL = 2  # [CLS] and [SEP]
 
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _hwm_gib() -> float:
+    """Peak RSS of this process since the last :func:`_reset_hwm` (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _reset_hwm() -> None:
+    """Reset ``VmHWM`` to the current RSS (``clear_refs`` 5, Linux >= 4.0, no root needed),
+    so each phase's peak is its own (``ru_maxrss`` only ever grows)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+class Sampler:
+    """Every ``every`` seconds in a thread: the index directory's bytes and the load average
+    (the maximum size on disk, reached while a merge's new segment and its sources coexist)."""
+
+    def __init__(self, path: Path, every: float = 2.0) -> None:
+        self.path, self.every = path, every
+        self.max_bytes, self.loads = 0, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(OSError):  # (a file removed while listed)
+                size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+                self.max_bytes = max(self.max_bytes, size)
+            self.loads.append(os.getloadavg()[0])
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._t.join()
+        return {
+            "index_max_gib_on_disk": round(self.max_bytes / 2**30, 2),
+            "load_avg_1m_mean": round(float(np.mean(self.loads)), 2),
+            "load_avg_1m_max": round(float(np.max(self.loads)), 2),
+        }
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -422,8 +470,17 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     keep_counts = args.bm25
     counts: list[sp.csr_matrix] = []
     tokens_total = vecs_total = 0
+    phase = {"setup": _hwm_gib()}  # tokenizer, corpus model, checkpoint, encoder
+    sampler = Sampler(index)
+    _reset_hwm()
     t0 = time.perf_counter()
     for s in range(0, args.n, args.chunk):
+        if s and s % (args.chunk * 50) == 0:
+            print(
+                f"{s:>9,} docs  {time.perf_counter() - t0:7.0f} s  rss peak {_hwm_gib():.2f} GiB"
+                f"  load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
         m = min(args.chunk, args.n - s)
         c = corpus.chunk(s, m, pooled=not args.pool_in_process)
         tokens_total += int(c["lengths"].sum())
@@ -447,11 +504,16 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             counts.append(c["counts"])
         del c
     ingest_s = time.perf_counter() - t0
-    rss_ingest = _rss_gib()
+    phase["ingest"] = _hwm_gib()
+    print(f"ingested in {ingest_s:.0f} s; compacting", flush=True)
+    _reset_hwm()
     t1 = time.perf_counter()
     backend.compact()
     compact_s = time.perf_counter() - t1
-    rss_compact = _rss_gib()
+    phase["compact"] = _hwm_gib()
+    disk_stats = sampler.stop()
+    print(f"compacted in {compact_s:.0f} s; searching", flush=True)
+    _reset_hwm()
     tree = _tree(index)
     disk = sum(tree.values())
     _search_all(r, queries[:10])  # warm-up
@@ -459,10 +521,12 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     qps1 = _throughput(r, queries, 1)
     qps2 = _throughput(r, queries, 2)
     lex = lexical_leg(backend, queries, r.candidates)
-    rss_search = _rss_gib()
+    phase["search_warm"] = _hwm_gib()
+    print("warm search done; cold", flush=True)
     # cold: a freshly opened index, then every file dropped from the page cache per query
     del r, backend
     _drop_cache(index)
+    _reset_hwm()
     t2 = time.perf_counter()
     backend = LocalBackend(index)
     r = HybridRetriever(enc, colbert_dtype=colbert, pool_factor=pool, backend=backend)
@@ -474,7 +538,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         t = time.perf_counter()
         r.search_encoded(q, k=10)
         cold.append((time.perf_counter() - t) * 1000)
-    rss_all = _rss_gib()
+    phase["open_and_cold"] = _hwm_gib()
+    upto = np.maximum.accumulate(list(phase.values()))  # the peak up to the end of each phase
     row: dict[str, Any] = {
         "profile": args.profile,
         "n": args.n,
@@ -489,10 +554,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "compact_s": round(compact_s, 1),
         "disk_bytes_per_doc": round(disk / args.n),
         "disk_bytes_per_doc_by_file": _by_kind(tree, args.n),
-        "peak_rss_gib_ingest": round(rss_ingest, 2),
-        "peak_rss_gib_compact": round(rss_compact, 2),
-        "peak_rss_gib_search": round(rss_search, 2),
-        "peak_rss_gib_end": round(rss_all, 2),
+        "peak_rss_gib_ingest": round(float(upto[1]), 2),
+        "peak_rss_gib_compact": round(float(upto[2]), 2),
+        "peak_rss_gib_search": round(float(upto[3]), 2),
+        "peak_rss_gib_end": round(float(upto[4]), 2),
+        "peak_rss_gib_by_phase": {k: round(v, 2) for k, v in phase.items()},
         "hybrid_warm_p50_ms": round(float(np.percentile(warm, 50)), 2),
         "hybrid_warm_p95_ms": round(float(np.percentile(warm, 95)), 2),
         "hybrid_cold_p50_ms": round(float(np.percentile(cold, 50)), 2),
@@ -503,6 +569,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "speedup_2_threads": round(qps2 / qps1, 2),
         "lexical_m3": lex,
         "segments": len(backend.segments),
+        **disk_stats,
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(),
     }
