@@ -42,10 +42,11 @@ warm search, reopen + cold search; ``ru_maxrss`` is reset with it), the index di
 largest size and the load average (sampled every 2 s through ingestion and compaction),
 hybrid search p50/p95 warm (all three legs, k=10, 100 candidates per leg) and cold (each
 file of the index dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each
-query: no root needed), the first query of a freshly opened index, throughput with 1 and 2 threads, and the lexical leg per query:
-postings read and time, exhaustive (the engine's ``_lexical_scores`` + ``top_k``) vs
-``m3_rag.backends.local.pruning.top_n`` called on the built index's segments (checked
-equal), plus the same with BM25 over the same tokens (``--bm25``).
+query: no root needed), the first query of a freshly opened index, throughput with 1 and 2
+threads, and the lexical leg per query: postings read and time, exhaustive (the engine's
+``_lexical_scores`` + ``top_k``) vs ``m3_rag.backends.local.pruning.top_n`` called on the
+built index's segments (checked equal), plus the same with BM25 over the same tokens
+(``--bm25``).
 
 ``--lexical-only`` builds only the lexical postings (M3 weights read from ``.npy`` files on
 demand, BM25 counts in RAM) and measures that leg, exhaustive vs pruned: the 1M figure
