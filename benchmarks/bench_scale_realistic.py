@@ -43,10 +43,11 @@ largest size and the load average (sampled every 2 s through ingestion and compa
 hybrid search p50/p95 warm (all three legs, k=10, 100 candidates per leg) and cold (each
 file of the index dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each
 query: no root needed), the first query of a freshly opened index, throughput with 1 and 2
-threads, and the lexical leg per query: postings read and time, exhaustive (the engine's
-``_lexical_scores`` + ``top_k``) vs ``m3_rag.backends.local.pruning.top_n`` called on the
-built index's segments (checked equal), plus the same with BM25 over the same tokens
-(``--bm25``).
+threads, the warm search's stages timed one by one (dense candidates, dense + lexical
+candidates, ColBERT MaxSim, documents), and the lexical leg per query: postings read and
+time, exhaustive (the engine's ``_lexical_scores`` + ``top_k``) vs
+``m3_rag.backends.local.pruning.top_n`` called on the built index's segments (checked
+equal), plus the same with BM25 over the same tokens (``--bm25``).
 
 ``--lexical-only`` builds only the lexical postings (M3 weights read from ``.npy`` files on
 demand, BM25 counts in RAM) and measures that leg, exhaustive vs pruned: the 1M figure
@@ -355,6 +356,34 @@ def lexical_leg(backend: LocalBackend, queries: list[EncodeOutput], n_cand: int)
     }
 
 
+def stages(backend: LocalBackend, queries: list[EncodeOutput], n_cand: int) -> dict[str, Any]:
+    """Where a warm hybrid search's time goes, per query (the calls ``HybridRetriever``
+    makes, timed one by one): dense candidates alone, dense + lexical candidates (both legs'
+    top ``n_cand``, every candidate scored on both), ColBERT MaxSim of the candidates, and
+    reading the top 10's documents. p50 / p95 in ms."""
+    t: dict[str, list[float]] = {"dense": [], "dense_lexical": [], "colbert": [], "docs": []}
+    n_cands = []
+    for q in queries:
+        assert q.dense is not None and q.sparse is not None and q.colbert is not None
+        a = time.perf_counter()
+        backend.candidates(q.dense[0], None, n_cand)
+        b = time.perf_counter()
+        cands = backend.candidates(q.dense[0], q.sparse[0], n_cand)
+        c = time.perf_counter()
+        backend.colbert_scores(q.colbert[0], cands)
+        d = time.perf_counter()
+        backend.documents(cands, np.arange(min(10, len(cands.ids))))
+        e = time.perf_counter()
+        for key, x in zip(t, (b - a, c - b, d - c, e - d), strict=True):
+            t[key].append(x * 1000)
+        n_cands.append(len(cands.ids))
+    out: dict[str, Any] = {"candidates_mean": round(float(np.mean(n_cands)), 1)}
+    for key, v in t.items():
+        out[f"{key}_ms_p50"] = round(float(np.percentile(v, 50)), 2)
+        out[f"{key}_ms_p95"] = round(float(np.percentile(v, 95)), 2)
+    return out
+
+
 def _leg(
     lex: LexicalPostings,
     queries: list[EncodeOutput],
@@ -521,6 +550,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     warm = np.array(_search_all(r, queries)) * 1000
     qps1 = _throughput(r, queries, 1)
     qps2 = _throughput(r, queries, 2)
+    stage = stages(backend, queries, r.candidates)
     lex = lexical_leg(backend, queries, r.candidates)
     phase["search_warm"] = _hwm_gib()
     print("warm search done; cold", flush=True)
@@ -568,6 +598,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "qps_1_thread": round(qps1, 1),
         "qps_2_threads": round(qps2, 1),
         "speedup_2_threads": round(qps2 / qps1, 2),
+        "warm_stages": stage,
         "lexical_m3": lex,
         "segments": len(backend.segments),
         **disk_stats,
