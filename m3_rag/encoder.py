@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from m3_rag import scoring
-from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
+from m3_rag._inputs import check_count, check_texts
+from m3_rag._pairs import PairScoring
 from m3_rag._postprocess import colbert_vectors, plan_batches, pool, sparse_weights
 from m3_rag.loading import (
     load_heads,
@@ -59,7 +59,7 @@ class EncodeOutput:
         return len(self.lengths)
 
 
-class M3Encoder:
+class M3Encoder(PairScoring):
     """BGE-M3 (or any BERT/XLM-R sentence encoder) with all its output heads.
 
     Args:
@@ -337,49 +337,3 @@ class M3Encoder:
         return bool(asked)
 
     # ------------------------------------------------------------------ scoring
-    def compute_score(
-        self,
-        pairs: list[tuple[str, str]] | tuple[str, str],
-        weights: Weights3 | list[float] = (1.0, 1.0, 1.0),
-        *,
-        batch_size: int | None = None,
-        max_query_length: int | None = None,
-        max_passage_length: int | None = None,
-    ) -> dict[str, list[float]]:
-        """Score (query, passage) pairs with every mode, as ``BGEM3FlagModel.compute_score``.
-
-        Args:
-            pairs: ``(query, passage)`` pairs (a single pair is accepted).
-            weights: ``(dense, sparse, colbert)`` weights of the fused scores.
-            batch_size, max_query_length, max_passage_length: encoding options.
-
-        Returns:
-            ``{'dense', 'sparse', 'colbert', 'sparse+dense', 'colbert+sparse+dense'}`` -> one
-            score per pair; a dense-only model returns ``{'dense'}`` only.
-        """
-        items = check_pairs(pairs)
-        w = check_weights(weights)
-        if w[0] + w[1] <= 0:
-            raise ValueError(
-                f"weights {w}: dense + sparse must be > 0 ('sparse+dense' divides by it)"
-            )
-        q = self.encode_queries(
-            [p[0] for p in items],
-            batch_size=batch_size,
-            max_length=max_query_length or self.query_max_length,
-        )
-        d = self.encode_documents(
-            [p[1] for p in items],
-            batch_size=batch_size,
-            max_length=max_passage_length or self.max_length,
-        )
-        assert q.dense is not None and d.dense is not None
-        sparse = colbert = None
-        if (
-            q.sparse is not None
-            and d.sparse is not None
-            and q.colbert is not None
-            and d.colbert is not None
-        ):
-            sparse, colbert = (q.sparse, d.sparse), (q.colbert, d.colbert)
-        return scoring.pair_mode_scores(w, (q.dense, d.dense), sparse, colbert)

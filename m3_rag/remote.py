@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from m3_rag import scoring
-from m3_rag._inputs import check_count, check_pairs, check_texts, check_weights
+from m3_rag._inputs import check_count, check_pairs, check_texts
+from m3_rag._pairs import PairScoring
 from m3_rag.encoder import EncodeOutput
 from m3_rag.rerank import RerankResult, check_rerank_input, ranked
 
@@ -136,7 +136,7 @@ class _RemoteTokenizer:
         return getattr(self._load(), name)
 
 
-class RemoteEncoder:
+class RemoteEncoder(PairScoring):
     """The encoder of an ``m3-rag serve`` server, with :class:`~m3_rag.M3Encoder`'s
     interface: ``encode``, ``encode_queries``, ``encode_documents``, ``compute_score`` and the
     model's settings.
@@ -279,44 +279,6 @@ class RemoteEncoder:
                 f"return_{mode}=False or serve a BGE-M3 checkpoint"
             )
         return available if asked is None else bool(asked)
-
-    def compute_score(
-        self,
-        pairs: list[tuple[str, str]] | tuple[str, str],
-        weights: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0),
-        *,
-        batch_size: int | None = None,
-        max_query_length: int | None = None,
-        max_passage_length: int | None = None,
-    ) -> dict[str, list[float]]:
-        """As :meth:`M3Encoder.compute_score <m3_rag.M3Encoder.compute_score>`: every
-        mode's score of each ``(query, passage)`` pair."""
-        items = check_pairs(pairs)
-        w = check_weights(weights)
-        if w[0] + w[1] <= 0:
-            raise ValueError(
-                f"weights {w}: dense + sparse must be > 0 ('sparse+dense' divides by it)"
-            )
-        q = self.encode_queries(
-            [p[0] for p in items],
-            batch_size=batch_size,
-            max_length=max_query_length or self.query_max_length,
-        )
-        d = self.encode_documents(
-            [p[1] for p in items],
-            batch_size=batch_size,
-            max_length=max_passage_length or self.max_length,
-        )
-        assert q.dense is not None and d.dense is not None
-        sparse = colbert = None
-        if (
-            q.sparse is not None
-            and d.sparse is not None
-            and q.colbert is not None
-            and d.colbert is not None
-        ):
-            sparse, colbert = (q.sparse, d.sparse), (q.colbert, d.colbert)
-        return scoring.pair_mode_scores(w, (q.dense, d.dense), sparse, colbert)
 
 
 def _json_size(text: str) -> int:
