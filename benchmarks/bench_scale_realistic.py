@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -102,19 +103,24 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _hwm_gib() -> float:
-    """Peak RSS of this process since the last :func:`_reset_hwm` (``VmHWM``)."""
+def _status_gib(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
 
-def _reset_hwm() -> None:
+def _hwm_gib() -> float:
+    """Peak RSS of this process since the last :func:`_reset_hwm` (``VmHWM``)."""
+    return _status_gib("VmHWM")
+
+
+def _reset_hwm() -> float:
     """Reset ``VmHWM`` to the current RSS (``clear_refs`` 5, Linux >= 4.0, no root needed),
-    so each phase's peak is its own (``ru_maxrss`` only ever grows)."""
+    so each phase's peak is its own (``ru_maxrss`` only ever grows); returns that RSS."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+    return _status_gib("VmRSS")
 
 
 class Sampler:
@@ -502,7 +508,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     tokens_total = vecs_total = 0
     phase = {"setup": _hwm_gib()}  # tokenizer, corpus model, checkpoint, encoder
     sampler = Sampler(index)
-    _reset_hwm()
+    start = {"ingest": _reset_hwm()}  # RSS carried into each phase
     t0 = time.perf_counter()
     for s in range(0, args.n, args.chunk):
         if s and s % (args.chunk * 50) == 0:
@@ -536,17 +542,19 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     ingest_s = time.perf_counter() - t0
     phase["ingest"] = _hwm_gib()
     print(f"ingested in {ingest_s:.0f} s; compacting", flush=True)
-    _reset_hwm()
+    start["compact"] = _reset_hwm()
     t1 = time.perf_counter()
     backend.compact()
     compact_s = time.perf_counter() - t1
     phase["compact"] = _hwm_gib()
     disk_stats = sampler.stop()
     print(f"compacted in {compact_s:.0f} s; searching", flush=True)
-    _reset_hwm()
+    start["search_warm"] = _reset_hwm()
     tree = _tree(index)
     disk = sum(tree.values())
-    _search_all(r, queries[:10])  # warm-up
+    # the first pass after compaction reads what the page cache lost while the merge wrote
+    # (sources and new segment together exceed the RAM at 1M); the warm pass repeats it
+    first = np.array(_search_all(r, queries)) * 1000
     warm = np.array(_search_all(r, queries)) * 1000
     qps1 = _throughput(r, queries, 1)
     qps2 = _throughput(r, queries, 2)
@@ -556,8 +564,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     print("warm search done; cold", flush=True)
     # cold: a freshly opened index, then every file dropped from the page cache per query
     del r, backend
+    gc.collect()  # (a retriever and its backend are freed by the cyclic collector only)
     _drop_cache(index)
-    _reset_hwm()
+    start["open_and_cold"] = _reset_hwm()
     t2 = time.perf_counter()
     backend = LocalBackend(index)
     r = HybridRetriever(enc, colbert_dtype=colbert, pool_factor=pool, backend=backend)
@@ -590,6 +599,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "peak_rss_gib_search": round(float(upto[3]), 2),
         "peak_rss_gib_end": round(float(upto[4]), 2),
         "peak_rss_gib_by_phase": {k: round(v, 2) for k, v in phase.items()},
+        "rss_gib_at_phase_start": {k: round(v, 2) for k, v in start.items()},
+        "hybrid_first_pass_p50_ms": round(float(np.percentile(first, 50)), 2),
+        "hybrid_first_pass_p95_ms": round(float(np.percentile(first, 95)), 2),
         "hybrid_warm_p50_ms": round(float(np.percentile(warm, 50)), 2),
         "hybrid_warm_p95_ms": round(float(np.percentile(warm, 95)), 2),
         "hybrid_cold_p50_ms": round(float(np.percentile(cold, 50)), 2),
