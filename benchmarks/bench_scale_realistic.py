@@ -51,11 +51,16 @@ equal), plus the same with BM25 over the same tokens (``--bm25``).
 
 ``--lexical-only`` builds only the lexical postings (M3 weights read from ``.npy`` files on
 demand, BM25 counts in RAM) and measures that leg, exhaustive vs pruned: the 1M figure
-without the 1M index (``scale_realistic_<profile>_<n>_lexical.json``).
+without the 1M index (``scale_realistic_<profile>_<n>_lexical.json``). ``--lexical-merge``
+measures the peak RSS of the lexical step of the final ``compact()`` of ``--n`` documents
+alone (``scale_realistic_<profile>_<n>_lexical_merge.json``).
 
     python benchmarks/bench_scale_realistic.py --n 100000 --profile msmarco --bm25
     python benchmarks/bench_scale_realistic.py --n 100000 --profile rag --chunk 1000 --bm25
     python benchmarks/bench_scale_realistic.py --n 1000000 --lexical-only
+    python benchmarks/bench_scale_realistic.py --n 1000000 --profile msmarco --colbert binary \
+        --pool-factor 2 --cold 30 --dir /work/scale1m
+    python benchmarks/bench_scale_realistic.py --n 1000000 --lexical-merge
 """
 
 from __future__ import annotations
@@ -489,6 +494,49 @@ def lexical_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return row
 
 
+def lexical_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """``--lexical-merge``: the peak RSS of the lexical step of the final ``compact()`` alone.
+    ``--n`` documents' M3 weights (the ``--lexical-only`` generator) as five parts, as the
+    merge of five equal segments reads them (``_lexical_rows``), then ``sp.vstack`` and
+    ``LexicalPostings.from_csr``, as ``build_segment`` does."""
+    fix_mmap_threshold()
+    tokens = Tokens()
+    corpus = Corpus(tokens, args.n, args.profile, 1)
+    step = max(1, args.n // 50)
+    parts: list[sp.csr_matrix] = []
+    for p in range(5):
+        chunks = []
+        for s in range(p * args.n // 5, (p + 1) * args.n // 5, step):
+            m = min(step, (p + 1) * args.n // 5 - s)
+            rng = np.random.default_rng([corpus.seed, s, 1])
+            w = corpus.lexical(rng, corpus.lengths(rng, m)[0])
+            w.data = (tokens.term_weight[w.indices] * rng.uniform(0.7, 1.0, w.nnz)).astype(
+                np.float32
+            )
+            chunks.append(w)
+        parts.append(sp.vstack(chunks, format="csr"))
+        del chunks
+    nnz = sum(x.nnz for x in parts)
+    held = sum(x.data.nbytes + x.indices.nbytes + x.indptr.nbytes for x in parts)
+    before = _reset_hwm()
+    t = time.perf_counter()
+    csr = sp.vstack(parts, format="csr")
+    del parts
+    lex = LexicalPostings.from_csr(csr)
+    del csr, lex
+    return {
+        "profile": args.profile,
+        "n": args.n,
+        "lexical_merge": True,
+        "postings": nnz,
+        "parts_gib": round(held / 2**30, 2),
+        "rss_gib_before": round(before, 2),
+        "peak_rss_gib": round(_hwm_gib(), 2),
+        "peak_over_before_gib": round(_hwm_gib() - before, 2),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+
+
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     fix_mmap_threshold()  # an ingestion process, as `m3-rag index`
     colbert = args.colbert or DEFAULT_CODEC
@@ -632,6 +680,9 @@ def main() -> None:
     ap.add_argument("--pool-in-process", action="store_true", help="real Ward pooling (slow)")
     ap.add_argument("--bm25", action="store_true", help="also BM25 pruning figures (RAM)")
     ap.add_argument("--lexical-only", action="store_true", help="only the lexical leg")
+    ap.add_argument(
+        "--lexical-merge", action="store_true", help="only the RSS of the lexical merge step"
+    )
     ap.add_argument("--cold", type=int, default=50, help="cold queries")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the index")
@@ -640,7 +691,10 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     try:
-        row = lexical_only(args, root) if args.lexical_only else run(args, root)
+        if args.lexical_merge:
+            row = lexical_merge(args)
+        else:
+            row = lexical_only(args, root) if args.lexical_only else run(args, root)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -648,7 +702,8 @@ def main() -> None:
     row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for k, v in row.items():
         print(f"{k:>34}  {v}")
-    tag = "_lexical" if args.lexical_only else f"_{row['colbert']}x{row['pool_factor']}"
+    tag = "_lexical" if args.lexical_only else "_lexical_merge" if args.lexical_merge else ""
+    tag = tag or f"_{row['colbert']}x{row['pool_factor']}"
     out = ROOT / "benchmarks" / "results" / f"scale_realistic_{args.profile}_{args.n}{tag}.json"
     out.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
     print(f"-> {out}")
