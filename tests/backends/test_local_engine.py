@@ -470,3 +470,33 @@ def test_a_symlinked_segment_directory_is_refused(tmp_path: Path) -> None:
     seg.symlink_to(moved, target_is_directory=True)
     with pytest.raises(IndexFormatError, match="symlink"):
         _tiny(tmp_path / "idx")
+
+
+def test_the_ann_index_is_streamed_back_from_its_file(tmp_path: Path) -> None:
+    """``ann.npy`` is read into faiss in pieces: the same index back (same answers), and a
+    file that is not exactly one faiss index is a ValueError naming what is wrong."""
+    require("faiss", "pip install -e '.[ann]'")
+    from m3_rag.backends.local.ann import DenseANN
+    from m3_rag.backends.local.segment_io import _read_ann
+
+    docs, queries = _synthetic(2000, 16, 5)
+    ann = DenseANN.build(lambda rows: docs[rows], len(docs), 16, nprobe=4)
+    parts: list[bytes] = []
+    ann.write_to(parts.append)
+    blob = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    path = tmp_path / "ann.npy"
+    np.save(path, blob)
+    with open(path, "rb") as f:
+        back = _read_ann(f, path, 4)
+    assert back.index.ntotal == len(docs)
+    for q in queries:
+        assert back.search(q, 10, None).tolist() == ann.search(q, 10, None).tolist()
+    for bad, why in (
+        (np.append(blob, np.uint8(7)), "1 bytes after the index"),
+        (blob[: len(blob) // 2], None),  # cut short: faiss's own message
+        (np.frombuffer(b"not a faiss index" * 4, dtype=np.uint8), None),
+        (blob.astype(np.int16), "expected a 1-d uint8 array"),
+    ):
+        np.save(path, bad)
+        with open(path, "rb") as f, pytest.raises(ValueError, match=why):
+            _read_ann(f, path, 4)

@@ -22,12 +22,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from m3_rag.backends.local.ann import DenseANN
-from m3_rag.backends.local.diskarray import load_npy, map_npy, open_array
+from m3_rag.backends.local.diskarray import load_npy, map_npy, npy_header, open_array
 from m3_rag.backends.local.segment import ColbertBlock, DocTable, LexicalPostings, Segment
 from m3_rag.codecs import get_codec
 from m3_rag.errors import IndexFormatError
@@ -166,16 +166,44 @@ def open_segment(
     if "ann.npy" in files:
         try:
             with open_plain(d / "ann.npy") as f:
-                serialised = load_npy(f, d / "ann.npy")  # (not ``blob``: docs.jsonl's map)
+                ann = _read_ann(f, d / "ann.npy", opts.ann_nprobe)
         except (OSError, ValueError) as e:
-            raise IndexFormatError(f"{d}/ann.npy is not a readable array: {e}") from None
-        ann = DenseANN.from_array(serialised, opts.ann_nprobe)
+            raise IndexFormatError(f"{d}/ann.npy is not a readable faiss index: {e}") from None
         if ann.index.ntotal != count or ann.index.d != dense.shape[1]:
             raise IndexFormatError(f"{d}/ann.npy does not index this segment's vectors")
     docs = DocTable(blob=blob, offsets=offsets, where=f"{d}/docs.jsonl")
     return Segment(
         name, ids, dense, lexical, colbert, docs, ann, where=str(d), unchecked=frozenset(unchecked)
     )
+
+
+def _read_ann(f: BinaryIO, where: Path, nprobe: int) -> DenseANN:
+    """The faiss index serialised in the ``uint8`` ``.npy`` file ``f``, streamed into faiss
+    (the file's bytes are not held in RAM beside the index).
+
+    Raises:
+        ValueError: not a 1-d uint8 array, a size that does not match its header, not a
+            faiss index, or bytes left after it.
+    """
+    dtype, shape, offset = npy_header(f, where)
+    if dtype != np.uint8 or len(shape) != 1:
+        raise ValueError(f"expected a 1-d uint8 array, got {dtype} {shape}")
+    size = os.fstat(f.fileno()).st_size
+    if size != offset + shape[0]:
+        raise ValueError(f"{size} bytes, its header says {offset + shape[0]}")
+    f.seek(offset)
+    left = shape[0]
+
+    def read(n: int) -> bytes:
+        nonlocal left
+        b = f.read(min(n, left))
+        left -= len(b)
+        return b
+
+    ann = DenseANN.read_from(read, nprobe)
+    if left:
+        raise ValueError(f"{left} bytes after the index")
+    return ann
 
 
 def _mmap(path: Path) -> np.ndarray:
