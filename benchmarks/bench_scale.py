@@ -38,6 +38,7 @@ import numpy as np
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag._memory import fix_mmap_threshold
 from m3_rag.backends.local.engine import LocalBackend
+from m3_rag.backends.local.view import tombstone
 from m3_rag.encoder import EncodeOutput
 from m3_rag.testing import build_m3_checkpoint
 
@@ -188,7 +189,7 @@ def run(n: int, chunk: int, n_queries: int, root: Path) -> dict[str, object]:
     view = backend._view
     for i in range(50, 100):
         t = time.perf_counter()
-        backend._tombstone(view, [f"d{(i * 997) % n}"])
+        tombstone(view, backend._ids, [f"d{(i * 997) % n}"])  # the new view, unpublished
         tomb.append(time.perf_counter() - t)
     return {
         "n": n,
