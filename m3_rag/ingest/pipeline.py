@@ -16,6 +16,9 @@ resumes: passages already committed are skipped.
 (:func:`~m3_rag.ingest.replace.staging_path`) and swaps it in only once it is complete
 (:func:`~m3_rag.ingest.replace.replace_index`): until then the old index is untouched, and
 an interruption or an error removes the half-built one.
+
+(Over 450 lines: the checking pass, the encoding pass, resume and the ``force`` swap share
+one plan, one report and the interruption handling.)
 """
 
 from __future__ import annotations
