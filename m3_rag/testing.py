@@ -8,6 +8,7 @@ corpus, saved as an XLM-R fast tokenizer (``<s>=0, <pad>=1, </s>=2, <unk>=3, <ma
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -82,6 +83,7 @@ def build_tokenizer(
         unk_token="<unk>",
         show_progress=False,
     )
+    sp._tokenizer.model = _canonical_unigram(json.loads(sp._tokenizer.to_str())["model"]["vocab"])
     # XLM-R's template, as transformers' XLMRobertaConverter writes it: transformers 5 adds it
     # by itself, 4.x keeps the bare tokenizer's (none: no <s> </s>, empty text -> 0 tokens)
     sp._tokenizer.post_processor = TemplateProcessing(
@@ -102,6 +104,35 @@ def build_tokenizer(
     tok.model_max_length = 8192
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+def _canonical_unigram(trained: list[list[Any]]) -> Any:
+    """The trained Unigram vocabulary in an order that is the same in every process.
+
+    The trainer breaks ties with a hash map, so from one process to the next the pieces come
+    in another order (other token ids, so another random model) and their scores differ in
+    the last bits. Required characters that training pruned are appended with scores falling
+    by 1e-4 in hash order; that run gets one shared score. The result: specials first, then
+    pieces by rounded score, ties by piece.
+    """
+    from tokenizers.models import Unigram
+
+    pieces = sorted(
+        ((p, round(float(score), 8)) for p, score in trained if p not in _SPECIALS),
+        key=lambda ps: -ps[1],
+    )
+    tail = len(pieces) - 1
+    while tail > 0 and any(
+        abs(pieces[tail - 1][1] - pieces[tail][1] - step) < 1e-7 for step in (0.0, 1e-4)
+    ):
+        tail -= 1
+    if tail < len(pieces) - 1:
+        top = pieces[tail][1]
+        pieces[tail:] = [(p, top) for p, _ in pieces[tail:]]
+    pieces.sort(key=lambda ps: (-ps[1], ps[0]))
+    return Unigram(
+        [(p, 0.0) for p in _SPECIALS] + pieces, unk_id=_SPECIALS.index("<unk>"), byte_fallback=False
+    )
 
 
 def _config(
