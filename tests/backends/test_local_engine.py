@@ -500,3 +500,8 @@ def test_the_ann_index_is_streamed_back_from_its_file(tmp_path: Path) -> None:
         np.save(path, bad)
         with open(path, "rb") as f, pytest.raises(ValueError, match=why):
             _read_ann(f, path, 4)
+    np.save(path, blob)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)  # shorter than its header says
+    with open(path, "rb") as f, pytest.raises(ValueError, match="its header says"):
+        _read_ann(f, path, 4)

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["DiskArray", "load_npy", "map_npy", "npy_header", "open_array"]
+__all__ = ["DiskArray", "check_size", "load_npy", "map_npy", "npy_header", "open_array"]
 
 _MAGIC = b"\x93NUMPY"
 _HEADER = re.compile(
@@ -62,7 +62,9 @@ def npy_header(f: BinaryIO, where: Any) -> tuple[np.dtype[Any], tuple[int, ...],
     return dtype, shape, 8 + size + n
 
 
-def _check_size(where: Any, fd: int, offset: int, nbytes: int) -> None:
+def check_size(where: Any, fd: int, offset: int, nbytes: int) -> None:
+    """Raise ``ValueError`` unless the file ``fd`` is exactly ``offset + nbytes`` long (its
+    ``.npy`` header's data offset plus the bytes the header's shape says)."""
     size = os.fstat(fd).st_size
     if size != offset + nbytes:
         raise ValueError(f"{where} has {size} bytes, its header says {offset + nbytes}")
@@ -76,7 +78,7 @@ def load_npy(f: BinaryIO, where: Any) -> np.ndarray:
     """
     dtype, shape, offset = npy_header(f, where)
     count = int(np.prod(shape, dtype=np.int64))
-    _check_size(where, f.fileno(), offset, count * dtype.itemsize)
+    check_size(where, f.fileno(), offset, count * dtype.itemsize)
     buf = bytearray(count * dtype.itemsize)
     view, got = memoryview(buf), 0
     while got < len(buf):
@@ -91,7 +93,7 @@ def map_npy(path: Any) -> np.memmap:
     """The array of the ``.npy`` file ``path``, memory-mapped read-only."""
     with open(path, "rb") as f:
         dtype, shape, offset = npy_header(f, path)
-        _check_size(path, f.fileno(), offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        check_size(path, f.fileno(), offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
@@ -191,5 +193,5 @@ def open_array(path: Any, fd: int) -> DiskArray:
     with os.fdopen(os.dup(fd), "rb") as f:  # (the descriptor may have been read already)
         dtype, shape, offset = npy_header(f, path)
     arr = DiskArray(fd, offset, dtype, shape)
-    _check_size(path, fd, offset, arr.nbytes)
+    check_size(path, fd, offset, arr.nbytes)
     return arr

@@ -27,7 +27,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from m3_rag.backends.local.ann import DenseANN
-from m3_rag.backends.local.diskarray import load_npy, map_npy, npy_header, open_array
+from m3_rag.backends.local.diskarray import (
+    check_size,
+    load_npy,
+    map_npy,
+    npy_header,
+    open_array,
+)
 from m3_rag.backends.local.segment import ColbertBlock, DocTable, LexicalPostings, Segment
 from m3_rag.codecs import get_codec
 from m3_rag.errors import IndexFormatError
@@ -188,9 +194,7 @@ def _read_ann(f: BinaryIO, where: Path, nprobe: int) -> DenseANN:
     dtype, shape, offset = npy_header(f, where)
     if dtype != np.uint8 or len(shape) != 1:
         raise ValueError(f"expected a 1-d uint8 array, got {dtype} {shape}")
-    size = os.fstat(f.fileno()).st_size
-    if size != offset + shape[0]:
-        raise ValueError(f"{size} bytes, its header says {offset + shape[0]}")
+    check_size(where, f.fileno(), offset, shape[0])
     f.seek(offset)
     left = shape[0]
 
