@@ -1,7 +1,8 @@
 """Subprocess helper of test_persist_faults.py: saves indexes A and B to one directory.
 
 ``python _index_writer.py DIR MODE N``: MODE ``a``/``b`` saves that index N times, ``alt``
-alternates A and B; N = -1 repeats until killed. Prints ``ready`` once imports are done.
+alternates A and B; N = -1 repeats until killed. Prints ``ready`` once imports are done,
+then ``saved a`` or ``saved b`` after each save.
 Each is an in-memory :class:`LocalBackend` written with ``LocalBackend.save`` (format 3).
 """
 
@@ -64,3 +65,4 @@ if __name__ == "__main__":
         if count >= 0 and step >= count:
             break
         backends[which].save(path, settings(which))
+        print(f"saved {which}", flush=True)

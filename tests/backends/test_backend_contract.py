@@ -305,14 +305,27 @@ CODEC_CASES = [("float32", 1), ("float16", 1), ("int8", 1), ("binary", 1), ("bin
 
 
 def _colbert_brute_force(
-    encoder: M3Encoder, texts: dict[str, str], query: str, codec_name: str, pool: int
+    encoder: M3Encoder,
+    texts: dict[str, str],
+    batches: list[list[str]],
+    query: str,
+    codec_name: str,
+    pool: int,
 ) -> dict[str, float]:
     """MaxSim of ``query`` against each text's ColBERT vectors, pooled and coded as an index
-    with ``codec_name`` and ``pool`` stores them, then decoded (numpy, all documents)."""
+    with ``codec_name`` and ``pool`` stores them, then decoded (numpy, all documents).
+
+    The texts are encoded in the ``batches`` they were added in: another batch pads them
+    otherwise, which moves the float vectors by ~1e-7, enough to round a float16 or int8
+    code the other way."""
     codec = get_codec(codec_name)
-    enc = encoder.encode_documents(list(texts.values()))
-    assert enc.colbert is not None and encoder.colbert_dim is not None
-    docs = [pool_tokens(v, pool) for v in enc.colbert]
+    vectors: dict[str, np.ndarray] = {}
+    for batch in batches:
+        enc = encoder.encode_documents(batch)
+        assert enc.colbert is not None
+        vectors.update(zip(batch, enc.colbert, strict=True))
+    assert encoder.colbert_dim is not None
+    docs = [pool_tokens(vectors[t], pool) for t in texts.values()]
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     codes, scales = codec.encode(np.concatenate(docs))
     decoded = codec.decode(codes, scales, encoder.colbert_dim)
@@ -358,18 +371,19 @@ def test_every_codec_scores_its_codes_as_brute_force(codec_run: tuple[Engine, st
     every engine equals MaxSim on the decoded codes of the pooled vectors."""
     make, codec, pool = codec_run
     kw: dict[str, Any] = {"colbert_dtype": codec, "pool_factor": pool}
+    batches = [SAMPLE_TEXTS[:8], SAMPLE_TEXTS[8:], ["a replaced passage about Paris"]]
     r = make(candidates=len(IDS), **kw)
-    r.add_texts(SAMPLE_TEXTS[:8], METAS[:8], IDS[:8])
-    r.add_texts(SAMPLE_TEXTS[8:], METAS[8:], IDS[8:])
+    r.add_texts(batches[0], METAS[:8], IDS[:8])
+    r.add_texts(batches[1], METAS[8:], IDS[8:])
     r.delete([IDS[0], IDS[9]])
-    r.add_texts(["a replaced passage about Paris"], [{}], [IDS[3]])
-    texts = dict(zip(IDS, SAMPLE_TEXTS, strict=True)) | {IDS[3]: "a replaced passage about Paris"}
+    r.add_texts(batches[2], [{}], [IDS[3]])
+    texts = dict(zip(IDS, SAMPLE_TEXTS, strict=True)) | {IDS[3]: batches[2][0]}
     del texts[IDS[0]], texts[IDS[9]]
     reopened = _reopened(make, r, candidates=len(IDS), **kw)
     for x in (r, reopened) if reopened is not None else (r,):
         assert len(x) == len(texts)
         for q in QUERIES[:1]:
-            want = _colbert_brute_force(make.encoder, texts, q, codec, pool)
+            want = _colbert_brute_force(make.encoder, texts, batches, q, codec, pool)
             hits = x.search(q, k=len(IDS), weights=(0, 0, 1), candidates=len(IDS))
             assert {h.id for h in hits} == set(want)
             for h in hits:

@@ -85,19 +85,24 @@ def _only_the_current_commit(path: Path) -> None:
 
 
 def test_killed_saves_leave_old_or_new_index(tmp_path: Path) -> None:
-    """kill -9 a process that saves A and B in turn, at random points, 20 times."""
+    """kill -9 a process that saves A, B, A... in turn, at random points of its first,
+    second or third save, 21 times; the index holds A or B, whole."""
     idx = tmp_path / "idx"
     b = build("b")
     t = time.perf_counter()
     b.save(tmp_path / "timing", settings("b"))  # how long one save takes here
-    span = 3 * (time.perf_counter() - t)  # the writer saves A, then B, then A...
+    span = time.perf_counter() - t
     build("a").save(idx, settings("a"))
     rng = random.Random(1234)
     seen: set[str] = set()
-    for _ in range(20):
+    for i in range(21):
         proc = subprocess.Popen([*WRITER, str(idx), "alt", "-1"], stdout=subprocess.PIPE)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, span))
+        done = [proc.stdout.readline().strip() for _ in range(i % 3)]  # saves committed
+        assert done == [b"saved a", b"saved b"][: i % 3]
+        # the last kill lands as B is committed and the next save has just begun: a "b"
+        # seen whatever the machine's load (the random ones may all fall one way)
+        time.sleep(0.0 if i == 20 else rng.uniform(0.0, span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen.add(_which(idx))
