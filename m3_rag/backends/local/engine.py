@@ -35,7 +35,8 @@ import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ class LocalBackend:
                     self._view = View.empty(spec.lexical == "bm25")
                 self.spec, self.settings = spec, kept
             return self
-        disk = DiskState(self.path, self.segment_options)
+        disk = DiskState(self.path, self._options_for())
         self._take(disk, disk.open(spec, kept, allow_model_mismatch))
         with self._lock:
             self.spec, self.settings = spec, kept
@@ -208,7 +209,7 @@ class LocalBackend:
         """
         if self.path is None:
             raise RuntimeError("read_stored() reads a directory: LocalBackend(path)")
-        disk = DiskState(self.path, self.segment_options)
+        disk = DiskState(self.path, self._options_for())
         stored = disk.load()
         self._take(disk, stored)
         self._stored = stored
@@ -276,6 +277,20 @@ class LocalBackend:
             verify=self.verify,
             io=self.io,
         )
+
+    def _options_for(self) -> Callable[[IndexSpec], SegmentOptions]:
+        """:meth:`segment_options` for the :class:`DiskState` this backend owns, without a
+        reference back to the backend: a cycle would keep a dropped index (its ANN indexes,
+        ~1 GB at 1M rows) in RAM until the garbage collector ran."""
+        ref = weakref.ref(self)
+
+        def options_for(spec: IndexSpec) -> SegmentOptions:
+            backend = ref()
+            if backend is None:
+                raise RuntimeError("the LocalBackend of this index was dropped")
+            return backend.segment_options(spec)
+
+        return options_for
 
     def _need_spec(self) -> IndexSpec:
         if self.spec is None:
