@@ -196,8 +196,8 @@ CORRUPTIONS = {  # file: (colbert dtype, element, value, what reads it)
     "dense.npy inf": ("float16", (2, 3), np.inf, "search export merge"),
     "colbert_vectors.npy nan": ("float16", (7, 1), np.nan, "search export merge"),
     "colbert_scales.npy inf": ("int8", (7,), np.inf, "search export merge"),
-    "lex_tdata.npy nan": ("float16", (0,), np.nan, "search"),  # term-major: searches
-    "lex_data.npy nan": ("float16", (0,), np.nan, "export merge"),  # doc-major: copies
+    "lex_tdata.npy nan": ("float16", (0,), np.nan, "search merge"),  # term-major
+    "lex_data.npy nan": ("float16", (0,), np.nan, "export merge"),  # doc-major
 }
 
 

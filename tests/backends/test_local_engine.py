@@ -530,3 +530,58 @@ def test_a_dropped_index_is_freed_without_the_garbage_collector(tmp_path: Path) 
             assert backend() is None and segment() is None, path
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_merge_streams_the_postings_from_csr_would_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: bool
+) -> None:
+    """The merged segment's postings (streamed a block of terms at a time by lexmerge)
+    equal ``LexicalPostings.from_csr`` of the rows it keeps, array for array: three
+    segments, rows deleted from each, a block of ~40 postings so that terms span blocks."""
+    import scipy.sparse as sp
+
+    from m3_rag.backends.local import lexmerge
+    from m3_rag.backends.local.segment import LexicalPostings
+    from m3_rag.spec import IndexSpec
+
+    monkeypatch.setattr(lexmerge, "_BLOCK", 40)
+    rng = np.random.default_rng(11)
+    vocab = 60
+    spec = IndexSpec("lexmerge", 4, None, "m3", vocab)
+    b = LocalBackend(tmp_path / "idx" if on_disk else None, merge_factor=100).open(spec)
+    rows: dict[str, dict[int, float]] = {}
+    for batch in range(3):
+        ids = [f"b{batch}-{i}" for i in range(30)]
+        lex = []
+        for _ in ids:
+            terms = rng.choice(vocab, size=int(rng.integers(0, 9)), replace=False)
+            lex.append({int(t): float(rng.uniform(0.01, 1)) for t in terms})
+        dense = rng.standard_normal((30, 4)).astype(np.float32)
+        b.add(ids, ids, [{}] * 30, dense, lex, None)
+        rows.update(zip(ids, lex, strict=True))
+    gone = [f"b{batch}-{i}" for batch in range(3) for i in (0, 7, 8, 29)]
+    b.delete(gone)
+    assert len(b.segments) == 3
+    b.compact()
+    (seg,) = b.segments
+    kept = [i for i in rows if i not in gone]
+    assert list(seg.ids) == kept
+    want = LexicalPostings.from_csr(
+        sp.vstack(
+            [
+                sp.csr_matrix(
+                    (list(rows[i].values()), ([0] * len(rows[i]), list(rows[i]))),
+                    shape=(1, vocab),
+                    dtype=np.float32,
+                )
+                for i in kept
+            ],
+            format="csr",
+        )
+    )
+    assert seg.lexical is not None
+    for name in LexicalPostings.NAMES:
+        got, exp = np.asarray(getattr(seg.lexical, name)), getattr(want, name)
+        assert got.dtype == exp.dtype, name
+        np.testing.assert_array_equal(got, exp, err_msg=name)

@@ -24,6 +24,7 @@ import numpy as np
 
 from m3_rag.backends.local.ann import DenseANN
 from m3_rag.backends.local.diskarray import DiskArray
+from m3_rag.backends.local.lexmerge import can_stream, stream_postings
 from m3_rag.backends.local.segment import (
     ColbertBlock,
     DocTable,
@@ -223,17 +224,22 @@ def build_segment(
     )
     lexical = None
     if first is not None and first.lexical is not None:
-        import scipy.sparse as sp
+        sources = [(s, rows) for s, rows in parts if s.lexical is not None]
+        if can_stream(sources):  # a bounded piece at a time (lexmerge)
+            stream_postings(sources, sink.array)
+            if directory is None:
+                lexical = LexicalPostings(*(sink.arrays[f"lex_{k}"] for k in LexicalPostings.NAMES))
+        else:  # a migrated format-2 source has doc-major postings only
+            import scipy.sparse as sp
 
-        csr = sp.vstack(
-            [_lexical_rows(s, rows, vocab_size) for s, rows in parts if s.lexical is not None],
-            format="csr",
-        )
-        lexical = LexicalPostings.from_csr(csr)
-        del csr
-        for key, arr in lexical.arrays().items():
-            sink.array(f"lex_{key}", [arr], arr.dtype, arr.shape)
-        del arr  # the postings must be freeable once written
+            pieces = [_lexical_rows(s, rows, vocab_size) for s, rows in sources]
+            csr = sp.vstack(pieces, format="csr")
+            del pieces
+            lexical = LexicalPostings.from_csr(csr)
+            del csr
+            for key, arr in lexical.arrays().items():
+                sink.array(f"lex_{key}", [arr], arr.dtype, arr.shape)
+            del arr  # the postings must be freeable once written
     if first is not None and first.colbert is not None:
         _colbert(sink, parts, opts)
     texts = [s.docs.text(r) for s, rows in parts for r in rows.tolist()]
