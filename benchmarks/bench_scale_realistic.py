@@ -85,10 +85,12 @@ import scipy.sparse as sp
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag._memory import fix_mmap_threshold
 from m3_rag.backends.local import pruning
+from m3_rag.backends.local.build import _Sink
 from m3_rag.backends.local.diskarray import open_array
 from m3_rag.backends.local.engine import LocalBackend
+from m3_rag.backends.local.lexmerge import stream_postings
 from m3_rag.backends.local.search import _lexical_query, _lexical_scores, masks
-from m3_rag.backends.local.segment import LexicalPostings
+from m3_rag.backends.local.segment import DocTable, LexicalPostings, Segment
 from m3_rag.backends.validate import top_k
 from m3_rag.bm25 import BM25Params, BM25Stats, bm25_tf
 from m3_rag.codecs import DEFAULT_CODEC, DEFAULT_POOL_FACTOR
@@ -494,16 +496,21 @@ def lexical_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return row
 
 
-def lexical_merge(args: argparse.Namespace) -> dict[str, Any]:
+def lexical_merge(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """``--lexical-merge``: the peak RSS of the lexical step of the final ``compact()`` alone.
-    ``--n`` documents' M3 weights (the ``--lexical-only`` generator) as five parts, as the
-    merge of five equal segments reads them (``_lexical_rows``), then ``sp.vstack`` and
-    ``LexicalPostings.from_csr``, as ``build_segment`` does."""
+
+    ``--n`` documents' M3 weights (the ``--lexical-only`` generator) as five segments'
+    postings on disk (read with ``pread``, as a merge reads them); then, one after the
+    other from the same sources: the streamed merge ``build_segment`` runs
+    (``lexmerge.stream_postings`` into the segment writer) and the in-RAM rebuild it runs
+    for sources without term-major postings (``sp.vstack`` + ``LexicalPostings.from_csr``).
+    """
     fix_mmap_threshold()
     tokens = Tokens()
     corpus = Corpus(tokens, args.n, args.profile, 1)
     step = max(1, args.n // 50)
-    parts: list[sp.csr_matrix] = []
+    sources: list[tuple[Segment, np.ndarray]] = []
+    nnz = 0
     for p in range(5):
         chunks = []
         for s in range(p * args.n // 5, (p + 1) * args.n // 5, step):
@@ -514,27 +521,61 @@ def lexical_merge(args: argparse.Namespace) -> dict[str, Any]:
                 np.float32
             )
             chunks.append(w)
-        parts.append(sp.vstack(chunks, format="csr"))
+        part = sp.vstack(chunks, format="csr")
         del chunks
-    nnz = sum(x.nnz for x in parts)
-    held = sum(x.data.nbytes + x.indices.nbytes + x.indptr.nbytes for x in parts)
+        nnz += part.nnz
+        d = root / f"part{p}"
+        d.mkdir(parents=True)
+        for name, arr in LexicalPostings.from_csr(part).arrays().items():
+            np.save(d / f"lex_{name}.npy", arr)
+        lex = LexicalPostings(  # as a segment on disk opens them (segment_io)
+            *(
+                open_array(d / f"lex_{n}.npy", os.open(d / f"lex_{n}.npy", os.O_RDONLY))
+                if n in ("indices", "data", "trows", "tdata")
+                else np.load(d / f"lex_{n}.npy")
+                for n in LexicalPostings.NAMES
+            )
+        )
+        rows = part.shape[0]
+        seg = Segment(
+            f"part{p}",
+            [""] * rows,
+            np.zeros((rows, 0), np.float32),
+            lex,
+            None,
+            DocTable(texts=[], metas=[]),
+            where=str(d),
+        )
+        sources.append((seg, np.arange(rows, dtype=np.int64)))
+        del part
+    gc.collect()
+    postings = [(s.lexical, rows) for s, rows in sources if s.lexical is not None]
+    out: dict[str, Any] = {"profile": args.profile, "n": args.n, "lexical_merge": True}
+    out["postings"] = nnz
     before = _reset_hwm()
     t = time.perf_counter()
-    csr = sp.vstack(parts, format="csr")
-    del parts
-    lex = LexicalPostings.from_csr(csr)
-    del csr, lex
-    return {
-        "profile": args.profile,
-        "n": args.n,
-        "lexical_merge": True,
-        "postings": nnz,
-        "parts_gib": round(held / 2**30, 2),
+    (root / "streamed").mkdir()
+    stream_postings(sources, _Sink(root / "streamed").array)
+    out["streamed"] = {
         "rss_gib_before": round(before, 2),
         "peak_rss_gib": round(_hwm_gib(), 2),
         "peak_over_before_gib": round(_hwm_gib() - before, 2),
         "seconds": round(time.perf_counter() - t, 1),
     }
+    shutil.rmtree(root / "streamed")
+    gc.collect()
+    before = _reset_hwm()
+    t = time.perf_counter()
+    csr = sp.vstack([lex.rows_csr(r, len(tokens.term_weight)) for lex, r in postings], format="csr")
+    rebuilt = LexicalPostings.from_csr(csr)
+    del csr, rebuilt
+    out["in_ram_rebuild"] = {
+        "rss_gib_before": round(before, 2),
+        "peak_rss_gib": round(_hwm_gib(), 2),
+        "peak_over_before_gib": round(_hwm_gib() - before, 2),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+    return out
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -692,7 +733,7 @@ def main() -> None:
     t = time.perf_counter()
     try:
         if args.lexical_merge:
-            row = lexical_merge(args)
+            row = lexical_merge(args, root)
         else:
             row = lexical_only(args, root) if args.lexical_only else run(args, root)
     finally:
