@@ -532,13 +532,14 @@ def test_a_dropped_index_is_freed_without_the_garbage_collector(tmp_path: Path) 
         gc.enable()
 
 
-@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize(("on_disk", "spread"), [(False, 1), (True, 1), (True, 30_000_000)])
 def test_a_merge_streams_the_postings_from_csr_would_build(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: bool, spread: int
 ) -> None:
     """The merged segment's postings (streamed a block of terms at a time by lexmerge)
     equal ``LexicalPostings.from_csr`` of the rows it keeps, array for array: three
-    segments, rows deleted from each, a block of ~40 postings so that terms span blocks."""
+    segments, rows deleted from each, a block of ~40 postings so that terms span blocks;
+    term ids ``spread`` apart as BM25's hashed ids are (up to ~2^31)."""
     import scipy.sparse as sp
 
     from m3_rag.backends.local import lexmerge
@@ -547,7 +548,7 @@ def test_a_merge_streams_the_postings_from_csr_would_build(
 
     monkeypatch.setattr(lexmerge, "_BLOCK", 40)
     rng = np.random.default_rng(11)
-    vocab = 60
+    vocab = 60 * spread
     spec = IndexSpec("lexmerge", 4, None, "m3", vocab)
     b = LocalBackend(tmp_path / "idx" if on_disk else None, merge_factor=100).open(spec)
     rows: dict[str, dict[int, float]] = {}
@@ -555,7 +556,7 @@ def test_a_merge_streams_the_postings_from_csr_would_build(
         ids = [f"b{batch}-{i}" for i in range(30)]
         lex = []
         for _ in ids:
-            terms = rng.choice(vocab, size=int(rng.integers(0, 9)), replace=False)
+            terms = rng.choice(60, size=int(rng.integers(0, 9)), replace=False) * spread
             lex.append({int(t): float(rng.uniform(0.01, 1)) for t in terms})
         dense = rng.standard_normal((30, 4)).astype(np.float32)
         b.add(ids, ids, [{}] * 30, dense, lex, None)

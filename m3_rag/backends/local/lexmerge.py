@@ -119,19 +119,21 @@ def _renumbering(parts: Sequence[tuple[Segment, np.ndarray]]) -> list[np.ndarray
 
 
 def _blocks(parts: Sequence[tuple[Segment, np.ndarray]]) -> list[tuple[int, int]]:
-    """Term id ranges ``[t0, t1)`` holding about ``_BLOCK`` source postings each."""
+    """Term id ranges ``[t0, t1)`` holding about ``_BLOCK`` source postings each (over the
+    terms present: BM25's hashed ids are spread over 2^31 values)."""
     terms = np.concatenate([np.asarray(_lex(s).terms, dtype=np.int64) for s, _ in parts])
     sizes = np.concatenate([np.diff(np.asarray(_lex(s).tptr, dtype=np.int64)) for s, _ in parts])
     if len(terms) == 0:
         return []
-    top = int(terms.max()) + 1
-    per_term = np.bincount(terms, weights=sizes, minlength=top)
-    cum = np.cumsum(per_term)
-    edges = [0]
-    while edges[-1] < top:
-        nxt = int(np.searchsorted(cum, (cum[edges[-1] - 1] if edges[-1] else 0) + _BLOCK))
-        edges.append(min(top, max(edges[-1] + 1, nxt)))
-    return list(itertools.pairwise(edges))
+    present, at = np.unique(terms, return_inverse=True)
+    cum = np.cumsum(np.bincount(at.reshape(-1), weights=sizes, minlength=len(present)))
+    edges = [0]  # positions in ``present``
+    while edges[-1] < len(present):
+        start = cum[edges[-1] - 1] if edges[-1] else 0
+        nxt = int(np.searchsorted(cum, start + _BLOCK))
+        edges.append(min(len(present), max(edges[-1] + 1, nxt)))
+    bounds = [int(present[e]) for e in edges[:-1]] + [int(present[-1]) + 1]
+    return list(itertools.pairwise(bounds))
 
 
 def _term_major(
