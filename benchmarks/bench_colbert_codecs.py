@@ -28,6 +28,7 @@ thread) per codec. Prints a table and writes ``benchmarks/results/colbert_codecs
 
     python benchmarks/bench_colbert_codecs.py
     python benchmarks/bench_colbert_codecs.py --collections msmarco --pools 1 2
+    python benchmarks/bench_colbert_codecs.py --speed-only   # the speed again, machine idle
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from m3_rag.scoring import colbert_scores_packed, colbert_scores_rows
 ROOT = Path(__file__).resolve().parents[1]
 BEIR = ROOT.parent / "shared" / "data" / "beir-mini"
 OUT = ROOT / "benchmarks" / "results" / "colbert_codecs.json"
-CODECS = ("float32", "float16", "int8", "binary")
+CODECS = ("float32", "float16", "int8", "binary", "rotated-binary")
 
 
 class MiniLMTokens:
@@ -319,11 +320,23 @@ def main() -> None:
     ap.add_argument(
         "--table", action="store_true", help="print --out as the markdown table of the docs"
     )
+    ap.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="measure the scoring speed alone and write it into --out (on an idle machine)",
+    )
     args = ap.parse_args()
     if args.table:
         print(markdown(json.loads(args.out.read_text())))
         return
     speed = scoring_speed()
+    if args.speed_only:
+        record = json.loads(args.out.read_text())
+        record["scoring_ms_200x80x1024_q32"] = speed
+        record["scoring_date"] = time.strftime("%Y-%m-%d")
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(speed)
+        return
     print("scoring 200 x 80 vectors x 1024 dims, 32 query vectors, 1 thread (ms):", speed)
     torch.set_num_threads(args.threads)
     path = subprocess.run(

@@ -75,9 +75,10 @@ class HybridRetriever(IndexingMixin):
         dense_dtype: ``"float32"`` or ``"float16"`` storage for dense vectors.
         colbert_dtype: ColBERT storage code (:mod:`m3_rag.codecs`): ``"float16"`` (2 bytes
             per dimension), ``"float32"``, ``"int8"`` (1 byte per dimension + a float32
-            scale per vector) or ``"binary"`` (1 bit per dimension, scored against the float
-            query). Recorded in the index; ``None`` (default): the code an existing index
-            records, :data:`m3_rag.codecs.DEFAULT_CODEC` for a new one. See
+            scale per vector), ``"binary"`` (1 bit per dimension, scored against the float
+            query) or ``"rotated-binary"`` (1 bit per dimension of the vector after a fixed
+            orthogonal rotation). Recorded in the index; ``None`` (default): the code an
+            existing index records, :data:`m3_rag.codecs.DEFAULT_CODEC` for a new one. See
             ``docs/colbert.md``.
         pool_factor: Token pooling of documents' ColBERT vectors at index time (1: none,
             ``f``: at most ``t // f`` vectors per document by hierarchical clustering;

@@ -29,7 +29,7 @@ __all__ = [
 LexicalKind = Literal["m3", "bm25"]
 LEXICAL_KINDS: tuple[str, ...] = get_args(LexicalKind)
 DENSE_DTYPES = ("float32", "float16")
-COLBERT_DTYPES = ("float16", "float32", "int8", "binary")  # the built-in codecs
+COLBERT_DTYPES = ("float16", "float32", "int8", "binary", "rotated-binary")  # the built-in codecs
 # what must match for an index to be reopened (the model may differ on request)
 _CHECKED = (
     "dense_dim",

@@ -1,4 +1,5 @@
-"""ColBERT storage codecs (a registry: float32, float16, int8, binary) and token pooling."""
+"""ColBERT storage codecs (a registry: float32, float16, int8, binary, rotated-binary) and token
+pooling."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from m3_rag.codecs.builtin import (
     quantize_int8,
 )
 from m3_rag.codecs.pooling import check_pool_factor, pool_tokens
+from m3_rag.codecs.rotated import RotatedBinaryCodec, rotation
 
 __all__ = [
     "DEFAULT_CODEC",
@@ -27,10 +29,12 @@ __all__ = [
     "Float16Codec",
     "Float32Codec",
     "Int8Codec",
+    "RotatedBinaryCodec",
     "check_pool_factor",
     "codec_names",
     "get_codec",
     "pool_tokens",
     "quantize_int8",
     "register_codec",
+    "rotation",
 ]

@@ -301,7 +301,15 @@ def test_adapters_accept_the_backend(make: Engine, tiny_encoder: M3Encoder) -> N
 
 
 # ------------------------------------------------------------------- every ColBERT codec
-CODEC_CASES = [("float32", 1), ("float16", 1), ("int8", 1), ("binary", 1), ("binary", 2)]
+CODEC_CASES = [
+    ("float32", 1),
+    ("float16", 1),
+    ("int8", 1),
+    ("binary", 1),
+    ("binary", 2),
+    ("rotated-binary", 1),
+    ("rotated-binary", 2),
+]
 
 
 def _colbert_brute_force(
@@ -350,10 +358,13 @@ def _reopened(make: Engine, r: HybridRetriever, **kw: Any) -> HybridRetriever | 
     return HybridRetriever(make.encoder, backend=LocalBackend(backend.path), **kw)
 
 
-# every codec on the reference and on disk; the smallest code on every other engine (their
+# every codec on the reference and on disk; the smallest codes on every other engine (their
 # float16 is every other test's default, int8 is tested in their own files)
 CODEC_RUNS = [(e, c, p) for e in ("memory", "local-disk") for c, p in CODEC_CASES] + [
-    (e, "binary", 2) for e in ENGINES if e not in ("memory", "local-disk")
+    (e, c, 2)
+    for e in ENGINES
+    if e not in ("memory", "local-disk")
+    for c in ("binary", "rotated-binary")
 ]
 
 

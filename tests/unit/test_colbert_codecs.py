@@ -19,6 +19,7 @@ from m3_rag.codecs import (
     get_codec,
     pool_tokens,
     register_codec,
+    rotation,
 )
 
 
@@ -28,10 +29,17 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 def test_builtin_codecs_are_registered_with_their_sizes() -> None:
-    assert codec_names()[:4] == ("float16", "float32", "int8", "binary")
-    sizes = {name: get_codec(name).bytes_per_vector(1024) for name in codec_names()[:4]}
-    assert sizes == {"float16": 2048, "float32": 4096, "int8": 1028, "binary": 128}
-    assert get_codec("binary").width(13) == 2  # ceil(13 / 8) bytes
+    builtin = ("float16", "float32", "int8", "binary", "rotated-binary")
+    assert codec_names()[:5] == builtin
+    sizes = {name: get_codec(name).bytes_per_vector(1024) for name in builtin}
+    assert sizes == {
+        "float16": 2048,
+        "float32": 4096,
+        "int8": 1028,
+        "binary": 128,
+        "rotated-binary": 128,
+    }
+    assert get_codec("binary").width(13) == get_codec("rotated-binary").width(13) == 2
     with pytest.raises(ValueError, match=r"unknown ColBERT codec 'int4'.*binary"):
         get_codec("int4")
 
@@ -50,7 +58,10 @@ def test_binary_codes_are_sign_bits(dim: int) -> None:
     np.testing.assert_array_equal(codec.encode(decoded)[0], codes)
 
 
-@pytest.mark.parametrize("name", ["float32", "float16", "int8", "binary"])
+ALL = ["float32", "float16", "int8", "binary", "rotated-binary"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_decode_is_close_to_the_vectors(name: str) -> None:
     rng = np.random.default_rng(1)
     x = _unit(rng, 50, 32)
@@ -59,7 +70,8 @@ def test_decode_is_close_to_the_vectors(name: str) -> None:
     assert codes.dtype == codec.dtype and (scales is not None) == codec.scaled
     y = codec.decode(codes, scales, 32)
     cos = (x * y).sum(axis=1) / np.linalg.norm(y, axis=1)
-    assert cos.min() > {"float32": 0.9999, "float16": 0.999, "int8": 0.999, "binary": 0.6}[name]
+    floor = {"float32": 0.9999, "float16": 0.999, "int8": 0.999}.get(name, 0.6)
+    assert cos.min() > floor
 
 
 @settings(max_examples=25, deadline=None)
@@ -67,7 +79,7 @@ def test_decode_is_close_to_the_vectors(name: str) -> None:
     lengths=st.lists(st.integers(0, 9), min_size=1, max_size=8),
     q_len=st.integers(1, 6),
     dim=st.sampled_from([5, 8, 16, 24]),
-    name=st.sampled_from(["float32", "float16", "int8", "binary"]),
+    name=st.sampled_from(ALL),
     seed=st.integers(0, 1000),
 )
 def test_scores_on_codes_equal_brute_force_on_decoded(
@@ -90,9 +102,10 @@ def test_scores_on_codes_equal_brute_force_on_decoded(
     np.testing.assert_allclose(got, np.asarray(want)[rows], atol=1e-5)
 
 
-def test_binary_similarities_match_a_matmul_at_1024_dims() -> None:
+@pytest.mark.parametrize("name", ["binary", "rotated-binary"])
+def test_binary_similarities_match_a_matmul_at_1024_dims(name: str) -> None:
     rng = np.random.default_rng(3)
-    codec = get_codec("binary")
+    codec = get_codec(name)
     codes, _ = codec.encode(rng.standard_normal((300, 1024)).astype(np.float32))
     q = _unit(rng, 32, 1024)
     out = torch.empty(300, 32)
@@ -151,3 +164,52 @@ def test_pooling_averages_clusters_of_near_duplicates() -> None:
 def test_a_bad_pool_factor_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="pool_factor must be an int >= 1"):
         pool_tokens(np.zeros((3, 4), np.float32), bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dim", [1, 5, 8, 13, 384, 1024])
+def test_rotation_is_orthogonal_and_fixed(dim: int) -> None:
+    """The rotated-binary codec's matrix is orthogonal at every dimension (a power of two or
+    not), mixes every dimension, and is built again identically."""
+    r = rotation(dim)
+    assert r.shape == (dim, dim) and r.dtype == np.float32 and not r.flags.writeable
+    np.testing.assert_allclose(r @ r.T, np.eye(dim), atol=1e-5)
+    if dim >= 8:
+        assert (np.abs(r) > 1e-6).mean() > 0.9  # dense: no dimension is left as it was
+    rotation.cache_clear()  # built again from scratch
+    np.testing.assert_array_equal(rotation(dim), r)
+    with pytest.raises(ValueError, match="positive integer"):
+        rotation(0)
+
+
+PINNED_16 = [[226, 15], [224, 36]]
+PINNED_1024 = [190, 164, 227, 203, 211, 220, 92, 60]
+
+
+def test_rotated_binary_codes_are_pinned() -> None:
+    """An index records the codec's name, not its matrix: the codes of a fixed vector must
+    never change (a changed rotation would silently mis-score every stored index)."""
+    x = np.cos(np.arange(2 * 16, dtype=np.float32) * 0.7).reshape(2, 16)
+    codes, scales = get_codec("rotated-binary").encode(x)
+    assert scales is None and codes.tolist() == PINNED_16
+    big = np.cos(np.arange(1024, dtype=np.float32) * 0.3)[None]
+    assert get_codec("rotated-binary").encode(big)[0][0, :8].tolist() == PINNED_1024
+
+
+def test_rotated_binary_spreads_concentrated_energy() -> None:
+    """Vectors whose energy sits in a few dimensions (anisotropic token vectors): plain sign
+    bits give those dimensions one bit each, as much as the near-empty others; rotated codes
+    spread it, and their scores follow the exact ones much more closely."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((400, 64)).astype(np.float32)
+    x[:, :8] *= 6.0  # eight dimensions hold ~80% of the energy
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:40] + 0.02 * rng.standard_normal((40, 64)).astype(np.float32)
+    exact = q @ x.T
+    corr = {}
+    for name in ("binary", "rotated-binary"):
+        codec = get_codec(name)
+        decoded = codec.decode(*codec.encode(x), 64)
+        corr[name] = np.mean(
+            [np.corrcoef(a, b)[0, 1] for a, b in zip(exact, q @ decoded.T, strict=True)]
+        )
+    assert corr["rotated-binary"] > 0.9 and corr["binary"] < 0.8, corr

@@ -11,8 +11,9 @@ One collection per retriever. Each point holds three named vectors and a payload
   the stored values are the local engine's int8 codes dequantised and the engine keeps an
   int8 scalar-quantised copy in RAM; with ``colbert_dtype="binary"`` they are the
   ``±1 / sqrt(dim)`` vectors the local engine's sign bits stand for (float32: Qdrant has
-  no 1-bit storage type) with a binary-quantised copy (1 bit per dimension) in RAM
-  (collections made with the former
+  no 1-bit storage type) with a binary-quantised copy (1 bit per dimension) in RAM, and
+  with ``colbert_dtype="rotated-binary"`` the vectors its codes stand for (rotated back),
+  with the same copy (collections made with the former
   ``colbert_quantization="int8"`` switch keep their quantisation and still open);
 - payload ``{"id", "text", "metadata"}`` (point ids are UUIDv5 of the document ids).
 
@@ -90,8 +91,8 @@ class QdrantBackend(ServerEngine):
         exact: Search the dense leg exactly (no HNSW), as the local engine does.
         colbert_on_disk: Keep the ColBERT vectors on disk (they are only read to rescore).
             Their precision is the retriever's ``colbert_dtype`` (``"int8"``: an int8
-            scalar-quantised copy is kept in RAM; ``"binary"``: float32 ``±1 / sqrt(dim)``
-            values and a 1-bit copy in RAM).
+            scalar-quantised copy is kept in RAM; ``"binary"`` and ``"rotated-binary"``: the
+            float32 values the codes stand for and a 1-bit copy in RAM).
         dense_on_disk: Keep the dense vectors on disk.
         indexed_fields: Metadata keys to index for filtering, ``{"lang": "keyword",
             "year": "integer"}`` (``"keyword"``, ``"integer"``, ``"float"``, ``"bool"``).

@@ -3,8 +3,8 @@
 
 Collection formats: 2 (this version) records ``IndexSpec.to_json()``, and its ColBERT
 multivector is int8 scalar-quantised when the spec's ``colbert_dtype`` is ``"int8"``,
-binary-quantised (a 1-bit copy in RAM; the stored values are the ``±1 / sqrt(dim)`` vectors
-the binary codes stand for, float32) when it is ``"binary"``; 1
+binary-quantised (a 1-bit copy in RAM; the stored values are the vectors the binary codes
+stand for, float32) when it is ``"binary"`` or ``"rotated-binary"``; 1
 (earlier versions) recorded the same keys without ``dense_dtype`` and quantised ColBERT on a
 constructor switch (``colbert_quantization="int8"``), which such collections keep. Both open.
 """
@@ -88,7 +88,7 @@ def create_collection(
             quant = models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
             )
-        elif spec.colbert_dtype == "binary":
+        elif spec.colbert_dtype in ("binary", "rotated-binary"):
             quant = models.BinaryQuantization(
                 binary=models.BinaryQuantizationConfig(always_ram=True)
             )
@@ -130,7 +130,8 @@ def to_points(spec: IndexSpec, batch: PreparedBatch, avgdl: float | None) -> lis
 
     Vectors are in the index's storage dtypes already, so Qdrant scores the values the
     local engine stores (ColBERT codes decoded by their codec: int8 codes dequantised,
-    binary codes as ``±1 / sqrt(dim)``). BM25 ``batch.lexical`` is term
+    binary codes as ``±1 / sqrt(dim)``, rotated-binary codes rotated back). BM25
+    ``batch.lexical`` is term
     counts, stored as the document side of BM25 with reference length ``avgdl``.
     """
     from qdrant_client import models
