@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 # what a new index of HybridRetriever stores when no codec is chosen (docs/colbert.md)
-DEFAULT_CODEC = "int8"
-DEFAULT_POOL_FACTOR = 1
+DEFAULT_CODEC = "rotated-binary"
+DEFAULT_POOL_FACTOR = 2
 
 
 class ColbertCodec(ABC):

@@ -194,7 +194,9 @@ def test_migrate_a_format2_snapshot(
     from m3_rag import HybridRetriever, M3Encoder
     from m3_rag.backends.local.engine import LocalBackend
 
-    r = HybridRetriever(M3Encoder(str(tiny_m3_dir), device="cpu"))
+    # format 2 stored float16 or int8 ColBERT vectors, unpooled
+    enc = M3Encoder(str(tiny_m3_dir), device="cpu")
+    r = HybridRetriever(enc, colbert_dtype="float16", pool_factor=1)
     r.add_texts(SAMPLE_TEXTS, [{"n": i} for i in range(len(SAMPLE_TEXTS))], ids=None)
     assert isinstance(r.backend, LocalBackend)
     old, new = tmp_path / "old", tmp_path / "new"
