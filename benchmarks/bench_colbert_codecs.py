@@ -349,7 +349,9 @@ def main() -> None:
         record = json.loads(args.out.read_text())
         record["scoring_ms_200x80x1024_q32"] = speed
         record["scoring_date"] = time.strftime("%Y-%m-%d")
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, args.out)
         print(speed)
         return
     print("scoring 200 x 80 vectors x 1024 dims, 32 query vectors, 1 thread (ms):", speed)

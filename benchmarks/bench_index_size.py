@@ -54,7 +54,7 @@ def _by_kind(path: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     for f in path.rglob("*"):
         if f.is_file():
-            kind = f.name.split(".")[0]
+            kind = f.name.split(".")[0] or f.name  # a dot-file by its whole name
             out[kind] = out.get(kind, 0) + f.stat().st_size
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

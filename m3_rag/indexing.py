@@ -29,7 +29,7 @@ from m3_rag.backends.local import LocalBackend
 from m3_rag.backends.protocol import Backend, DocumentChecking, Exportable
 from m3_rag.backends.validate import check_ids
 from m3_rag.bm25 import BM25Params
-from m3_rag.codecs import DEFAULT_CODEC, DEFAULT_POOL_FACTOR, pool_tokens
+from m3_rag.codecs import DEFAULT_CODEC, default_pool_factor, pool_tokens
 from m3_rag.encoder import EncodeOutput
 from m3_rag.encoding import Encoder
 from m3_rag.errors import IndexMismatchError
@@ -112,7 +112,9 @@ def index_spec(
         vocab_size,
         dense_dtype=dense_dtype,
         colbert_dtype=DEFAULT_CODEC if colbert_dtype is None else colbert_dtype,
-        colbert_pool_factor=DEFAULT_POOL_FACTOR if pool_factor is None else pool_factor,
+        colbert_pool_factor=default_pool_factor(colbert_dtype)
+        if pool_factor is None
+        else pool_factor,
         bm25=bm25,
         analyzer=analyzer_config(lexical, analyzer),
     )

@@ -83,7 +83,8 @@ class HybridRetriever(IndexingMixin):
         pool_factor: Token pooling of documents' ColBERT vectors at index time (1: none,
             ``f``: at most ``t // f`` vectors per document by hierarchical clustering;
             queries are never pooled). Recorded in the index; ``None`` (default): what an
-            existing index records, :data:`m3_rag.codecs.DEFAULT_POOL_FACTOR` for a new one.
+            existing index records; for a new one :data:`m3_rag.codecs.DEFAULT_POOL_FACTOR`
+            when ``colbert_dtype`` is not given either, else 1.
         bm25: BM25 parameters (rank-bm25 ``BM25Okapi`` defaults).
         analyzer: How the BM25 leg turns text into terms: ``"unicode"`` (default: a
             multilingual :class:`~m3_rag.analysis.UnicodeAnalyzer` with an English Snowball
@@ -157,6 +158,7 @@ class HybridRetriever(IndexingMixin):
         self.backend, spec = open_engine(
             make_engine(backend), spec, self._settings(), bool(allow_model_mismatch), unset
         )
+        self.colbert_dtype = spec.colbert_dtype  # what the index stores (given or recorded)
         self.pool_factor = spec.colbert_pool_factor
         self._lock = threading.RLock()  # writes only: searches never wait for it
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -209,6 +210,7 @@ def colbert_scores_rows(
     chunk: int = 256,
     scales: np.ndarray | None = None,
     codec: ColbertCodec | None = None,
+    prepared: Any = None,
 ) -> np.ndarray:
     """MaxSim of one query against some documents of a packed store, without copying them out.
 
@@ -228,6 +230,8 @@ def colbert_scores_rows(
         scales: ``[T]`` per-vector scales of int8 ``packed`` (``None`` for float data).
         codec: How ``packed`` is coded (default: float, or int8 with ``scales``); a binary
             codec scores ``max(chunk, 4096)`` vectors at a time (no float copy is made).
+        prepared: ``codec.prepare(query, d)``, when the caller scores several blocks with
+            one query (computed here otherwise).
 
     Returns:
         ``[c]`` float32 scores; 0 for a document with no vectors.
@@ -245,7 +249,8 @@ def colbert_scores_rows(
     data = torch.from_numpy(np.ascontiguousarray(packed))
     if codec is None:
         codec = get_codec("int8" if scales is not None else "float32")
-    prepared = codec.prepare(query, int(np.shape(query)[1]))
+    if prepared is None:
+        prepared = codec.prepare(query, int(np.shape(query)[1]))
     if codec.dtype.kind == "u":  # bit codes: no float copy of the block is made
         chunk = max(chunk, 4096)
     scale_t = None

@@ -104,7 +104,8 @@ class PreparedBatch:
         lexical: ``[m, vocab_size]`` float32 CSR (weights or term counts, >= 0), or ``None``.
         colbert: ``[T, width]`` packed codes of the codec ``spec.colbert_dtype`` names
             (float vectors for ``"float16"``/``"float32"``, int8 codes for ``"int8"``,
-            ``[T, ceil(dim / 8)]`` sign bits for ``"binary"``), or ``None``.
+            ``[T, ceil(dim / 8)]`` sign bits for ``"binary"`` and ``"rotated-binary"``), or
+            ``None``.
         colbert_offsets: ``[m + 1]`` int64: document ``i`` owns rows ``offsets[i]:offsets[i+1]``.
         colbert_scales: ``[T]`` float32 scales of a scaled codec's codes (int8), else ``None``.
     """

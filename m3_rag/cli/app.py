@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool-factor",
         type=_count(1),
         help="token pooling of each passage's ColBERT vectors: at most t // N vectors are "
-        f"kept (default for a new index: {DEFAULT_POOL_FACTOR}; 1: no pooling; a resumed "
+        f"kept (default for a new index: {DEFAULT_POOL_FACTOR} with the default --colbert, 1 "
+        "with another one; 1: no pooling; a resumed "
         "index keeps its own)",
     )
     p.set_defaults(func=cmd_index)
@@ -202,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage-1 candidates from each of the dense and lexical legs (default %(default)s)",
     )
     p.add_argument("--batch-size", type=_count(1), default=64, help="texts per forward pass (max)")
+    p.add_argument(
+        "--colbert",
+        choices=COLBERT_DTYPES,
+        help=f"the ColBERT code evaluated (default: a new index's, {DEFAULT_CODEC})",
+    )
+    p.add_argument(
+        "--pool-factor",
+        type=_count(1),
+        help="token pooling evaluated (default: a new index's for the code)",
+    )
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
 

@@ -326,7 +326,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not data.corpus:
         raise CliError(f"{args.beir_dir} has an empty corpus")
     enc = _encoder(args, args.model, args.batch_size)
-    r = HybridRetriever(enc, candidates=args.candidates)
+    r = HybridRetriever(
+        enc, candidates=args.candidates, colbert_dtype=args.colbert, pool_factor=args.pool_factor
+    )
     modes = available_modes(r.lexical, enc.has_colbert)
     if args.modes:
         asked = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -363,6 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": enc.model_name,
         "docs": len(ids),
         "queries": len(queries),
+        "colbert": {"codec": r.colbert_dtype, "pool_factor": r.pool_factor},
         "encode": {
             "seconds": encode_s,
             "docs_per_s": len(ids) / encode_s,

@@ -8,6 +8,7 @@ from m3_rag.codecs.base import (
     DEFAULT_POOL_FACTOR,
     ColbertCodec,
     codec_names,
+    default_pool_factor,
     get_codec,
     register_codec,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "RotatedBinaryCodec",
     "check_pool_factor",
     "codec_names",
+    "default_pool_factor",
     "get_codec",
     "pool_tokens",
     "quantize_int8",

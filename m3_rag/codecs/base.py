@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_POOL_FACTOR",
     "ColbertCodec",
     "codec_names",
+    "default_pool_factor",
     "get_codec",
     "register_codec",
 ]
@@ -37,6 +38,13 @@ __all__ = [
 # what a new index of HybridRetriever stores when no codec is chosen (docs/colbert.md)
 DEFAULT_CODEC = "rotated-binary"
 DEFAULT_POOL_FACTOR = 2
+
+
+def default_pool_factor(colbert_dtype: str | None) -> int:
+    """The pool factor of a new index whose pool factor is not given: the default pair's
+    (:data:`DEFAULT_POOL_FACTOR`) when the codec is not given either, else 1 (a codec chosen
+    on its own, e.g. ``"int8"`` for exact scores, keeps every vector)."""
+    return DEFAULT_POOL_FACTOR if colbert_dtype is None else 1
 
 
 class ColbertCodec(ABC):
@@ -69,6 +77,17 @@ class ColbertCodec(ABC):
     def decode(self, codes: np.ndarray, scales: np.ndarray | None, dim: int) -> np.ndarray:
         """The ``[T, dim]`` float32 vectors the codes stand for (what scores are computed
         against)."""
+
+    def float_vectors(self, codes: np.ndarray, scales: np.ndarray | None, dim: int) -> np.ndarray:
+        """``[T, dim]`` float32 vectors an engine that stores floats (Qdrant) keeps for these
+        codes; it scores them by their dot product with :meth:`float_query` of the query,
+        which equals the query's dot product with :meth:`decode` (default: the decoded
+        vectors, and the query itself)."""
+        return self.decode(codes, scales, dim)
+
+    def float_query(self, query: np.ndarray, dim: int) -> np.ndarray:
+        """``[q, dim]`` float32: the query vectors to score :meth:`float_vectors` with."""
+        return np.asarray(query, dtype=np.float32)
 
     def prepare(self, query: np.ndarray, dim: int) -> Any:
         """Whatever :meth:`similarities` needs of one ``[q, dim]`` float32 query, computed

@@ -66,8 +66,9 @@ def rotation(dim: int) -> np.ndarray:
     Raises:
         ValueError: ``dim`` is not a positive integer.
     """
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    dim = int(dim)
     k = 1 << (dim.bit_length() - 1)  # the largest power of two <= dim
     y = np.eye(dim, dtype=np.float64)  # row i: the image of e_i, built one round at a time
     for r in range(_ROUNDS):
@@ -86,6 +87,18 @@ def _rotation_t(dim: int) -> np.ndarray:
     matrix = np.ascontiguousarray(rotation(dim).T)
     matrix.setflags(write=False)
     return matrix
+
+
+def _rotated(query: np.ndarray, dim: int) -> np.ndarray:
+    """``[q, dim]`` float32 query vectors rotated, ``q @ R.T``.
+
+    Raises:
+        ValueError: not ``[q, dim]``.
+    """
+    q = np.asarray(query, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"expected [q, {dim}] query vectors, got shape {q.shape}")
+    return q @ _rotation_t(dim)
 
 
 class RotatedBinaryCodec(BinaryCodec):
@@ -108,9 +121,17 @@ class RotatedBinaryCodec(BinaryCodec):
     def decode(self, codes: np.ndarray, scales: np.ndarray | None, dim: int) -> np.ndarray:
         return super().decode(codes, scales, dim) @ rotation(dim)
 
+    def float_vectors(self, codes: np.ndarray, scales: np.ndarray | None, dim: int) -> np.ndarray:
+        """The codes' own ``±1 / sqrt(dim)`` values (not rotated back): an engine's binary
+        quantisation of them gives back exactly the stored bits."""
+        return super().decode(codes, scales, dim)
+
+    def float_query(self, query: np.ndarray, dim: int) -> np.ndarray:
+        """The rotated query ``R q``."""
+        return _rotated(query, dim)
+
     def prepare(self, query: np.ndarray, dim: int) -> Any:
-        q = np.asarray(query, dtype=np.float32).reshape(-1, dim)
-        return super().prepare(q @ _rotation_t(dim), dim)
+        return super().prepare(_rotated(query, dim), dim)
 
 
 register_codec(RotatedBinaryCodec())

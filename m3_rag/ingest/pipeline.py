@@ -272,8 +272,9 @@ def run_index(
         progress: A progress bar on stderr.
         on_info: Called with a line when resuming.
         colbert, pool_factor: The ColBERT code and token pooling of a new index
-            (``None``: :data:`~m3_rag.codecs.DEFAULT_CODEC`,
-            :data:`~m3_rag.codecs.DEFAULT_POOL_FACTOR`); a resumed index keeps what it
+            (``None``: :data:`~m3_rag.codecs.DEFAULT_CODEC`, and
+            :func:`~m3_rag.codecs.default_pool_factor` of the code given); a resumed index
+            keeps what it
             records, and refuses another value given here.
 
     Raises:

@@ -20,6 +20,7 @@ from conftest import require
 
 from m3_rag import HybridRetriever, M3Encoder
 from m3_rag.bm25 import BM25Params, bm25_tf
+from m3_rag.codecs import get_codec, pool_tokens
 from m3_rag.errors import IndexFormatError, IndexMismatchError
 from m3_rag.spec import IndexSpec
 from m3_rag.testing import SAMPLE_TEXTS, CountingClient
@@ -343,6 +344,31 @@ def test_options_reach_the_collection(tiny_encoder: M3Encoder) -> None:
     binary.add_texts(SAMPLE_TEXTS[:2], METAS[:2], IDS[:2])
     quant = client.get_collection("bits").config.params.vectors["colbert"].quantization_config
     assert quant is not None and quant.binary.always_ram is True  # a 1-bit copy in RAM
+    # rotated-binary: the stored values are the codes' own ±1/sqrt(d) (Qdrant's 1-bit copy of
+    # them is exactly the codes), searched with the rotated query: the local engine's scores
+    rotated = HybridRetriever(
+        tiny_encoder,
+        colbert_dtype="rotated-binary",
+        pool_factor=2,
+        backend=QdrantBackend(client=client, collection="rbits"),
+    )
+    rotated.add_texts(SAMPLE_TEXTS[:4], METAS[:4], IDS[:4])
+    quant = client.get_collection("rbits").config.params.vectors["colbert"].quantization_config
+    assert quant is not None and quant.binary.always_ram is True
+    dim = tiny_encoder.colbert_dim
+    assert dim is not None
+    point = client.retrieve("rbits", [point_id(IDS[0])], with_vectors=["colbert"])[0]
+    stored = np.asarray(point.vector["colbert"], np.float32)  # type: ignore[index]
+    np.testing.assert_allclose(np.abs(stored), 1 / np.sqrt(dim), rtol=1e-6)
+    vectors = tiny_encoder.encode_documents(SAMPLE_TEXTS[:4]).colbert  # the batch added
+    assert vectors is not None
+    codes, _ = get_codec("rotated-binary").encode(pool_tokens(vectors[0], 2))
+    np.testing.assert_array_equal(np.packbits(stored > 0, axis=1), codes)
+    local = HybridRetriever(tiny_encoder, colbert_dtype="rotated-binary", pool_factor=2)
+    local.add_texts(SAMPLE_TEXTS[:4], METAS[:4], IDS[:4])
+    for x, y in zip(local.search("capital", k=4), rotated.search("capital", k=4), strict=True):
+        assert x.id == y.id
+        assert y.scores["colbert"] == pytest.approx(x.scores["colbert"], rel=1e-5, abs=1e-5)
     with pytest.raises(TypeError):  # the one switch is the retriever's colbert_dtype
         QdrantBackend(":memory:", colbert_quantization="int8")  # type: ignore[call-arg]
     with pytest.raises(TypeError):  # the option is the retriever's (Backend.open), not ours

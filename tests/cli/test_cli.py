@@ -157,6 +157,12 @@ def test_eval_prints_table_and_json(
     by_mode = {m["mode"]: m for m in result["modes"]}
     assert by_mode["dense"]["mrr@10"] == 1.0 and by_mode["colbert"]["mrr@10"] == 1.0
     assert by_mode["lexical"]["recall@100"] == 1.0
+    assert result["colbert"] == {"codec": "rotated-binary", "pool_factor": 2}  # a new index's
+    args = ["eval", str(beir), "--model", str(tiny_m3_dir), "--modes", "colbert"]
+    assert main([*args, "--colbert", "float32", "--json", str(tmp_path / "f.json")]) == 0
+    exact = json.loads((tmp_path / "f.json").read_text())
+    assert exact["colbert"] == {"codec": "float32", "pool_factor": 1}  # the model's own MaxSim
+    assert exact["modes"][0]["mrr@10"] == 1.0
 
 
 def test_eval_rejects_modes_the_model_lacks(

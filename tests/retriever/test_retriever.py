@@ -674,3 +674,13 @@ def test_adapters_pass_the_colbert_code_and_pool_factor_through(tiny_encoder: M3
     for core in cores:
         spec = core.backend.spec
         assert (spec.colbert_dtype, spec.colbert_pool_factor, core.pool_factor) == ("binary", 2, 2)
+
+
+def test_new_index_defaults_and_a_codec_chosen_alone(tiny_encoder: M3Encoder) -> None:
+    """A new index stores the default pair (rotated-binary, pooled x2); a codec given without
+    a pool factor keeps every vector (int8 for exact scores is not pooled behind one's back)."""
+    spec = HybridRetriever(tiny_encoder).backend.spec  # type: ignore[attr-defined]
+    assert (spec.colbert_dtype, spec.colbert_pool_factor) == ("rotated-binary", 2)
+    for codec in ("int8", "rotated-binary"):
+        spec = HybridRetriever(tiny_encoder, colbert_dtype=codec).backend.spec  # type: ignore[attr-defined]
+        assert (spec.colbert_dtype, spec.colbert_pool_factor) == (codec, 1)

@@ -213,3 +213,30 @@ def test_rotated_binary_spreads_concentrated_energy() -> None:
             [np.corrcoef(a, b)[0, 1] for a, b in zip(exact, q @ decoded.T, strict=True)]
         )
     assert corr["rotated-binary"] > 0.9 and corr["binary"] < 0.8, corr
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float_vectors_score_as_the_decoded_codes(name: str) -> None:
+    """What a float-storing engine (Qdrant) keeps and the query it sends score as MaxSim on
+    the decoded codes; a binary code's float values give back its own bits."""
+    rng = np.random.default_rng(4)
+    codec = get_codec(name)
+    codes, scales = codec.encode(_unit(rng, 30, 24))
+    q = _unit(rng, 5, 24)
+    want = q @ codec.decode(codes, scales, 24).T
+    got = codec.float_query(q, 24) @ codec.float_vectors(codes, scales, 24).T
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    if codec.dtype == np.uint8:
+        np.testing.assert_array_equal(
+            np.packbits(codec.float_vectors(codes, None, 24) > 0, 1), codes
+        )
+    if name == "rotated-binary":
+        with pytest.raises(ValueError, match=r"\[q, 24\]"):
+            codec.float_query(q[:, :12], 24)
+
+
+def test_a_codec_chosen_alone_is_unpooled() -> None:
+    from m3_rag.codecs import DEFAULT_POOL_FACTOR, default_pool_factor
+
+    assert default_pool_factor(None) == DEFAULT_POOL_FACTOR == 2
+    assert default_pool_factor("int8") == default_pool_factor("rotated-binary") == 1

@@ -215,14 +215,19 @@ def colbert_scores(query: np.ndarray, cands: Candidates) -> np.ndarray:
     if not np.isfinite(query).all():
         raise ValueError("the ColBERT query holds NaN or inf")
     seg_of, local = view.locate(cands.rows)
+    prepared: dict[str, Any] = {}  # per codec (one per index): the query prepared once
     for i in np.unique(seg_of).tolist():
         seg = view.segments[i]
         col = seg.colbert
         if col is None:
             raise ValueError("this index has no ColBERT vectors")
+        coder = col.coder
+        if coder.name not in prepared:
+            prepared[coder.name] = coder.prepare(query, int(query.shape[1]))
         at = np.flatnonzero(seg_of == i)
         file = "colbert_vectors.npy" if col.scales is None else "colbert_scales.npy"
-        out[at] = check_finite(col.scores(query, local[at]), seg.file(file))
+        scores = col.scores(query, local[at], prepared[coder.name])
+        out[at] = check_finite(scores, seg.file(file))
     return out
 
 

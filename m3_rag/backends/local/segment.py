@@ -159,8 +159,9 @@ class ColbertBlock:
         """The codec that scores and decodes ``vectors``."""
         if self.codec is not None:
             return self.codec
-        kind = {"i": "int8", "u": "binary"}.get(self.vectors.dtype.kind, "float32")
-        return get_codec(kind)
+        if self.vectors.dtype.kind == "u":  # bit codes: binary or rotated, not to be guessed
+            raise ValueError("a ColBERT block of bit codes needs its codec")
+        return get_codec("int8" if self.vectors.dtype.kind == "i" else "float32")
 
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Vectors of the given rows, copied out -> ``(packed, offsets [len(rows)+1], scales)``."""
@@ -170,11 +171,14 @@ class ColbertBlock:
         scales = None if self.scales is None else read_ranges(self.scales, starts, lengths)
         return read_ranges(self.vectors, starts, lengths), offsets, scales
 
-    def scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """MaxSim of ``query [q, dim]`` with the given rows -> ``[len(rows)]`` float32."""
+    def scores(self, query: np.ndarray, rows: np.ndarray, prepared: Any = None) -> np.ndarray:
+        """MaxSim of ``query [q, dim]`` with the given rows -> ``[len(rows)]`` float32
+        (``prepared``: ``self.coder.prepare`` of the query, made once per search)."""
         packed, offsets, scales = self.gather(rows)
         local = np.arange(len(rows), dtype=np.int64)
-        return colbert_scores_rows(query, packed, offsets, local, scales=scales, codec=self.coder)
+        return colbert_scores_rows(
+            query, packed, offsets, local, scales=scales, codec=self.coder, prepared=prepared
+        )
 
 
 def check_finite(values: np.ndarray, where: str) -> np.ndarray:

@@ -12,8 +12,8 @@ One collection per retriever. Each point holds three named vectors and a payload
   int8 scalar-quantised copy in RAM; with ``colbert_dtype="binary"`` they are the
   ``±1 / sqrt(dim)`` vectors the local engine's sign bits stand for (float32: Qdrant has
   no 1-bit storage type) with a binary-quantised copy (1 bit per dimension) in RAM, and
-  with ``colbert_dtype="rotated-binary"`` the vectors its codes stand for (rotated back),
-  with the same copy (collections made with the former
+  with ``colbert_dtype="rotated-binary"`` the same for its codes, searched with the rotated
+  query (collections made with the former
   ``colbert_quantization="int8"`` switch keep their quantisation and still open);
 - payload ``{"id", "text", "metadata"}`` (point ids are UUIDv5 of the document ids).
 
@@ -63,6 +63,7 @@ from m3_rag.backends.qdrant.schema import (
 )
 from m3_rag.backends.server import ServerEngine, check_record
 from m3_rag.backends.validate import check_ids, prepare_batch
+from m3_rag.codecs import get_codec
 from m3_rag.filters import Filter
 
 __all__ = ["COUNT_ABOVE", "QdrantBackend", "point_id"]
@@ -455,7 +456,7 @@ class QdrantBackend(ServerEngine):
         if lq is not None:
             reqs.append(request(lq, "lexical", False))
         if use_colbert:
-            cq = np.asarray(colbert_query, np.float32)
+            cq = self._colbert_query(spec, colbert_query)  # type: ignore[arg-type]
             reqs.append(request(cq.tolist(), "colbert", False))
         replies = self.client.query_batch_points(self.collection, reqs)
         points = replies[0].points
@@ -486,6 +487,12 @@ class QdrantBackend(ServerEngine):
             colbert=colbert,
         )
 
+    @staticmethod
+    def _colbert_query(spec: IndexSpec, query: np.ndarray) -> np.ndarray:
+        """The ColBERT query in the space of the stored values (``float_query`` of the
+        index's codec: the query itself, or rotated for rotated-binary codes)."""
+        return get_codec(spec.colbert_dtype).float_query(query, int(spec.colbert_dim or 0))
+
     def colbert_scores(self, query: np.ndarray, cands: Candidates) -> np.ndarray:
         """ColBERT MaxSim of the candidates -> ``[c]``, one request restricted to them (the
         retriever calls it only when ``candidates`` did not score them already)."""
@@ -494,7 +501,7 @@ class QdrantBackend(ServerEngine):
         spec = self._spec()
         if not spec.colbert_dim:
             raise ValueError("this index has no ColBERT vectors")
-        q = np.asarray(query, np.float32)
+        q = self._colbert_query(spec, query)
         pids: list[Any] = [point_id(i) for i in cands.ids]
         res = self.client.query_points(
             self.collection,

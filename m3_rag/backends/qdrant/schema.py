@@ -3,8 +3,9 @@
 
 Collection formats: 2 (this version) records ``IndexSpec.to_json()``, and its ColBERT
 multivector is int8 scalar-quantised when the spec's ``colbert_dtype`` is ``"int8"``,
-binary-quantised (a 1-bit copy in RAM; the stored values are the vectors the binary codes
-stand for, float32) when it is ``"binary"`` or ``"rotated-binary"``; 1
+binary-quantised (a 1-bit copy in RAM, the codes' own bits; the stored values are the
+codes' ``±1 / sqrt(dim)`` float32 values, ``ColbertCodec.float_vectors``) when it is
+``"binary"`` or ``"rotated-binary"`` (whose queries are rotated, ``float_query``); 1
 (earlier versions) recorded the same keys without ``dense_dtype`` and quantised ColBERT on a
 constructor switch (``colbert_quantization="int8"``), which such collections keep. Both open.
 """
@@ -129,8 +130,9 @@ def to_points(spec: IndexSpec, batch: PreparedBatch, avgdl: float | None) -> lis
     metadata checked by :func:`check_payload`) as ``PointStruct`` s (nothing is written).
 
     Vectors are in the index's storage dtypes already, so Qdrant scores the values the
-    local engine stores (ColBERT codes decoded by their codec: int8 codes dequantised,
-    binary codes as ``±1 / sqrt(dim)``, rotated-binary codes rotated back). BM25
+    local engine stores (ColBERT codes as their codec's ``float_vectors``: int8 codes
+    dequantised, binary and rotated-binary codes as ``±1 / sqrt(dim)``, the latter scored
+    with the rotated query). BM25
     ``batch.lexical`` is term
     counts, stored as the document side of BM25 with reference length ``avgdl``.
     """
@@ -139,7 +141,8 @@ def to_points(spec: IndexSpec, batch: PreparedBatch, avgdl: float | None) -> lis
     named: list[dict[str, Any]] = [{"dense": v.tolist()} for v in batch.dense.astype(np.float32)]
     if batch.colbert is not None and batch.colbert_offsets is not None:
         codec = get_codec(spec.colbert_dtype)  # what the local engine scores
-        values = codec.decode(batch.colbert, batch.colbert_scales, int(spec.colbert_dim or 0))
+        dim = int(spec.colbert_dim or 0)
+        values = codec.float_vectors(batch.colbert, batch.colbert_scales, dim)
         offsets = batch.colbert_offsets
         for v, a, b in zip(named, offsets[:-1], offsets[1:], strict=True):
             if b > a:  # a point without ColBERT vectors scores 0 on that leg
