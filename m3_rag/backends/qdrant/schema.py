@@ -89,7 +89,7 @@ def create_collection(
             quant = models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
             )
-        elif spec.colbert_dtype in ("binary", "rotated-binary"):
+        elif get_codec(spec.colbert_dtype).dtype.kind == "u":  # bit codes: binary, rotated-binary
             quant = models.BinaryQuantization(
                 binary=models.BinaryQuantizationConfig(always_ram=True)
             )
